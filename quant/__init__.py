@@ -1,0 +1,1 @@
+"""Quantized weight types and the passes that make them (see DESIGN.md)."""

@@ -1,0 +1,360 @@
+"""Checkpoint I/O: diffusers folders and single-file (CompVis/LDM) checkpoints, streamed.
+
+Every tensor is read, converted to sdjax layout and dtype, and handed to JAX one at a
+time, so peak memory is the final params plus one tensor. Keys and shapes are checked
+against the config from the file headers before any tensor data is read, and every
+problem is reported at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import clip, configs as cfgs, unet, vae
+from .nn import flatten, unflatten
+from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_to_sdjax
+from .safetensors_io import Lazy, Reader, SafetensorsError, write
+
+MODELS = {"text_encoder": clip, "unet": unet, "vae": vae}
+WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+CLASS_NAMES = {"text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
+               "vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
+                   "tokenizer.json", "added_tokens.json")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What a checkpoint holds: params and configs per component, and the pipeline's files."""
+    params: dict
+    configs: dict
+    tokenizer_dir: str | None = None
+    scheduler_config: dict | None = None
+    model_index: dict | None = None
+    source: str = ""
+
+
+# --- tensor sources -------------------------------------------------------------------
+
+class TorchPickle:
+    """A .ckpt/.bin through ``torch.load(weights_only=True)``: PyTorch's restricted unpickler,
+    which builds only tensors and plain containers, never arbitrary objects."""
+
+    def __init__(self, path):
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{path}: reading a pickled checkpoint needs PyTorch "
+                                  "(pip install torch==2.13.0), or convert it to .safetensors") from None
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for corrupt zips and refused globals
+            raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+        self.path = path
+        self.tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def get(self, key):
+        t = self.tensors[key]
+        import torch
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def close(self):
+        self.tensors = {}
+
+
+class Sharded:
+    """Several safetensors shards behind one ``*.safetensors.index.json``."""
+
+    def __init__(self, index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+        folder = os.path.dirname(index_path)
+        self.readers = {name: open_source(os.path.join(folder, name)) for name in sorted(set(weight_map.values()))}
+        self.where = {}
+        for name, r in self.readers.items():
+            for k in r.keys():
+                self.where[k] = r
+        missing = [k for k, shard in weight_map.items() if k not in self.where]
+        if missing:
+            raise CheckpointError(f"{index_path}: keys listed in the index but in no shard: {missing[:8]}")
+
+    def keys(self):
+        return list(self.where)
+
+    def shape(self, key):
+        return self.where[key].shape(key)
+
+    def get(self, key):
+        return self.where[key].get(key)
+
+    def close(self):
+        for r in self.readers.values():
+            r.close()
+
+
+def open_source(path):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    if path.endswith(".index.json"):
+        return Sharded(path)
+    if path.endswith(".safetensors"):
+        try:
+            return Reader(path)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+    return TorchPickle(path)
+
+
+def _find_weights(folder, component, variant):
+    stem = WEIGHT_STEMS[component]
+    suffixes = [".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"]
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        for suf in suffixes:
+            name = f"{stem}.{v}{suf}" if v else f"{stem}{suf}"
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise CheckpointError(f"{folder}: no weights file for {component} (looked for "
+                          f"{stem}[.{variant or 'fp16'}].safetensors, sharded index, .bin)")
+
+
+# --- key normalisation ----------------------------------------------------------------
+
+_VAE_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def normalize_key(component, key):
+    """The sdjax name of a diffusers/transformers key, or None for buffers we do not keep."""
+    if component == "text_encoder":
+        if key.endswith("position_ids"):
+            return None
+        return key[len("text_model."):] if key.startswith("text_model.") else key
+    if component == "vae" and ".attentions." in key:
+        # diffusers < 0.14 named the VAE attention query/key/value/proj_attn (1x1 convs)
+        head, _, leaf = key.rpartition(".")
+        mod_head, _, mod = head.rpartition(".")
+        if mod in _VAE_LEGACY:
+            return f"{mod_head}.{_VAE_LEGACY[mod]}.{leaf}"
+    return key
+
+
+def _sdjax_shape(name, shape):
+    return torch_to_sdjax(name, np.broadcast_to(np.empty((), bool), _squeeze_1x1(name, shape))).shape
+
+
+def _squeeze_1x1(name, shape):
+    # attention projections stored as 1x1 convs (old VAE checkpoints) are linear layers
+    if len(shape) == 4 and shape[2:] == (1, 1) and ".attentions." in name and ".to_" in name:
+        return shape[:2]
+    return shape
+
+
+def _convert(name, a, dtype):
+    a = a.reshape(_squeeze_1x1(name, a.shape))
+    return jax.numpy.asarray(np.ascontiguousarray(torch_to_sdjax(name, a), dtype=dtype))
+
+
+def _stream(entries, dtype, source, progress):
+    """entries: list of (sdjax_name, fetch) with fetch() -> torch-layout array. -> flat params."""
+    flat = {}
+    for name, fetch in tqdm(entries, desc=f"loading {os.path.basename(source)}", unit="tensor",
+                            disable=not progress, leave=False):
+        flat[name] = _convert(name, fetch(), dtype)
+    return flat
+
+
+def load_component(folder, component, dtype="float32", variant=None, progress=True):
+    """(params, config) of one component folder of a diffusers pipeline."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: missing {component} folder")
+    config = cfgs.read(component, os.path.join(folder, "config.json"))
+    path = _find_weights(folder, component, variant)
+    src = open_source(path)
+    try:
+        names = {}
+        for k in src.keys():
+            n = normalize_key(component, k)
+            if n is not None:
+                names[n] = k
+        check_shapes({n: _sdjax_shape(n, tuple(src.shape(k))) for n, k in names.items()},
+                     MODELS[component].param_shapes(config), path)
+        dt = canonical_dtype(dtype)
+        flat = _stream([(n, (lambda k=k: src.get(k))) for n, k in names.items()], dt, path, progress)
+    finally:
+        src.close()
+    return unflatten(flat), config
+
+
+def load_folder(path, dtype="float32", variant=None, progress=True) -> Checkpoint:
+    index_path = os.path.join(path, "model_index.json")
+    model_index = None
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                model_index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    elif not os.path.isdir(os.path.join(path, "unet")):
+        raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json, no unet/)")
+    params, configs = {}, {}
+    for comp in MODELS:
+        params[comp], configs[comp] = load_component(os.path.join(path, comp), comp, dtype, variant, progress)
+    sched = None
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.exists(sched_path):
+        try:
+            with open(sched_path) as f:
+                sched = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{sched_path}: not valid JSON ({e})") from None
+    tok = os.path.join(path, "tokenizer")
+    return Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, model_index, path)
+
+
+def load_single_file(path, dtype="float32", configs=None, progress=True) -> Checkpoint:
+    """A CompVis/LDM single file (.safetensors or .ckpt); architecture inferred from shapes.
+
+    ``configs`` may override the inferred config dicts per component (e.g. attention heads,
+    which shapes cannot tell)."""
+    from . import convert_ldm
+    src = open_source(path)
+    try:
+        shapes = {k: tuple(src.shape(k)) for k in src.keys()}
+        inferred, mapping, _skipped = convert_ldm.plan(shapes)
+        kind = inferred.pop("kind", None)
+        for comp, override in (configs or {}).items():
+            inferred[comp] = {**inferred[comp], **override}
+        conf = {c: cfgs.READERS[c](inferred[c], source=f"{path} ({c}, inferred)") for c in MODELS}
+        # a mapping entry may fan one ldm tensor out to several params (packed qkv)
+        per_comp = {c: {} for c in MODELS}
+        found = {c: {} for c in MODELS}
+        for ldm_key, targets in mapping:
+            for comp, dkey, fn in targets:
+                n = normalize_key(comp, dkey)
+                if n is None:
+                    continue
+                found[comp][n] = (ldm_key, dkey, fn)
+        for comp in MODELS:
+            expected = MODELS[comp].param_shapes(conf[comp])
+            got = {}
+            for n, (ldm_key, dkey, fn) in found[comp].items():
+                got[n] = _sdjax_shape(n, tuple(fn(np.broadcast_to(np.zeros((), np.float32), shapes[ldm_key])).shape))
+            check_shapes(got, expected, f"{path} ({comp})")
+        dt = canonical_dtype(dtype)
+        cache = {}
+
+        def fetch(ldm_key, fn):
+            # keep a packed tensor only until all of its parts are taken
+            if ldm_key not in cache:
+                cache.clear()
+                cache[ldm_key] = src.get(ldm_key)
+            return fn(cache[ldm_key])
+
+        params = {}
+        for comp in MODELS:
+            entries = sorted(found[comp].items(), key=lambda kv: kv[1][0])
+            flat = _stream([(n, (lambda lk=lk, fn=fn: fetch(lk, fn))) for n, (lk, _, fn) in entries],
+                           dt, f"{path} {comp}", progress)
+            params[comp] = unflatten(flat)
+        cache.clear()
+    finally:
+        src.close()
+    sched = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "epsilon",
+             "clip_sample": False}
+    tok_dir = convert_ldm.tokenizer_dir(kind) if hasattr(convert_ldm, "tokenizer_dir") else None
+    return Checkpoint(params, conf, tok_dir, sched, None, path)
+
+
+def load(path, dtype="float32", variant=None, configs=None, progress=True) -> Checkpoint:
+    """A diffusers folder or a single-file checkpoint, dispatched on what ``path`` is."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return load_folder(path, dtype, variant, progress)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.endswith(SINGLE_FILE_SUFFIXES):
+        return load_single_file(path, dtype, configs, progress)
+    raise CheckpointError(f"{path}: not a diffusers folder nor a single-file checkpoint "
+                          f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+
+
+# --- saving ---------------------------------------------------------------------------
+
+def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True):
+    """Write a diffusers-layout folder (safetensors) that diffusers' from_pretrained reads.
+
+    Written under a temporary name and renamed when complete."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        index = dict(ckpt.model_index or {"_class_name": "StableDiffusionPipeline",
+                                          "requires_safety_checker": False,
+                                          "safety_checker": [None, None], "feature_extractor": [None, None]})
+        for comp in MODELS:
+            d = os.path.join(tmp, comp)
+            os.makedirs(d)
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(cfgs.to_dict(ckpt.configs[comp]), f, indent=2)
+            flat = flatten(ckpt.params[comp])
+            bad = [k for k, v in flat.items() if not hasattr(v, "dtype") or not np.issubdtype(
+                np.dtype(v.dtype), np.floating) and np.dtype(v.dtype).name != "bfloat16"]
+            if bad:
+                raise CheckpointError(f"{comp}: cannot save non-float weights as a diffusers "
+                                      f"checkpoint: {bad[:5]} (quantized models have their own format)")
+            prefix = "text_model." if comp == "text_encoder" else ""  # read by transformers v4 and v5
+            tensors = {}
+            for k, v in flat.items():
+                shape = sdjax_to_torch(k, np.broadcast_to(np.empty((), bool), v.shape)).shape
+                tensors[prefix + k] = Lazy(shape, v.dtype, lambda k=k, v=v: np.ascontiguousarray(
+                    sdjax_to_torch(k, np.asarray(v))))
+            write(os.path.join(d, f"{WEIGHT_STEMS[comp]}.safetensors"), tensors, {"format": "pt"})
+            index[comp] = CLASS_NAMES[comp]
+        if ckpt.tokenizer_dir:
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for name in TOKENIZER_FILES:
+                src = os.path.join(ckpt.tokenizer_dir, name)
+                if os.path.exists(src):
+                    shutil.copy(src, os.path.join(tmp, "tokenizer", name))
+            index["tokenizer"] = CLASS_NAMES["tokenizer"]
+        if ckpt.scheduler_config:
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+                json.dump(ckpt.scheduler_config, f, indent=2)
+            index["scheduler"] = ["diffusers", ckpt.scheduler_config.get("_class_name", "PNDMScheduler")]
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,245 @@
+"""Model configs: frozen dataclasses read from each component's own ``config.json``.
+
+Field names are diffusers'/transformers' own, so a config.json maps onto them directly.
+Options the model code does not implement are refused by name unless they hold their
+default value: a config is never silently half-honoured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config the models cannot honour (names the file and the option)."""
+
+
+def _norm(v):
+    return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _build(cls, d: dict, unsupported: dict, source: str, ignore_unknown: bool):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs, errors = {}, []
+    for key, value in d.items():
+        if key.startswith("_"):
+            continue
+        if key in fields:
+            kwargs[key] = _norm(value)
+        elif key in unsupported:
+            if _norm(value) != _norm(unsupported[key]):
+                errors.append(f"option {key}={value!r} is not implemented by sdjax "
+                              f"(only the default {unsupported[key]!r})")
+        elif not ignore_unknown:
+            errors.append(f"unknown option {key}={value!r}")
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    try:
+        cfg = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    cfg.validate(source)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: Any = None
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Any = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0  # inference only: dropout is the identity
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: Any = 1
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False  # sdjax always computes scores and softmax in float32
+    resnet_out_scale_factor: float = 1.0
+    only_cross_attention: Any = False
+    addition_embed_type_num_heads: int = 64  # unused without addition_embed_type
+
+    def _per_block(self, v, name):
+        v = (v,) * len(self.down_block_types) if not isinstance(v, tuple) else v
+        if len(v) != len(self.down_block_types):
+            raise ConfigError(f"{name} has {len(v)} entries for {len(self.down_block_types)} blocks")
+        return v
+
+    @property
+    def heads(self):
+        # diffusers' historical naming: `attention_head_dim` holds the number of heads
+        # when `num_attention_heads` is unset.
+        n = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return self._per_block(n, "num_attention_heads")
+
+    @property
+    def transformer_layers(self):
+        return self._per_block(self.transformer_layers_per_block, "transformer_layers_per_block")
+
+    @property
+    def layers(self):
+        return self._per_block(self.layers_per_block, "layers_per_block")
+
+    @property
+    def time_embed_dim(self):
+        return self.block_out_channels[0] * 4
+
+    def validate(self, source):
+        errs = []
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            errs.append("down_block_types, up_block_types and block_out_channels differ in length")
+        for t in self.down_block_types:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+                errs.append(f"down block type {t!r} is not implemented")
+        for t in self.up_block_types:
+            if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
+                errs.append(f"up block type {t!r} is not implemented")
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+            errs.append(f"mid_block_type {self.mid_block_type!r} is not implemented")
+        if self.act_fn not in ("silu", "swish"):
+            errs.append(f"act_fn {self.act_fn!r} is not implemented")
+        oca = self.only_cross_attention
+        if oca is True or (isinstance(oca, tuple) and any(oca)):
+            errs.append("only_cross_attention is not implemented")
+        if isinstance(self.cross_attention_dim, tuple):
+            errs.append("a per-block cross_attention_dim list is not implemented")
+        try:
+            self.heads, self.transformer_layers, self.layers
+        except ConfigError as e:
+            errs.append(str(e))
+        if errs:
+            raise ConfigError(f"{source}: " + "; ".join(errs))
+
+
+UNET_UNSUPPORTED = dict(
+    dual_cross_attention=False, class_embed_type=None, addition_embed_type=None, num_class_embeds=None,
+    resnet_time_scale_shift="default", resnet_skip_time_act=False, time_embedding_type="positional",
+    time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
+    conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
+    mid_block_only_cross_attention=None, cross_attention_norm=None, encoder_hid_dim=None,
+    encoder_hid_dim_type=None, reverse_transformer_layers_per_block=None, addition_time_embed_dim=None,
+    projection_class_embeddings_input_dim=None,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: Any = 32
+    scaling_factor: float = 0.18215
+    shift_factor: Any = None
+    latents_mean: Any = None
+    latents_std: Any = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def validate(self, source):
+        errs = []
+        if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
+            errs.append(f"down_block_types {self.down_block_types} (only DownEncoderBlock2D)")
+        if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
+            errs.append(f"up_block_types {self.up_block_types} (only UpDecoderBlock2D)")
+        if self.act_fn not in ("silu", "swish"):
+            errs.append(f"act_fn {self.act_fn!r} is not implemented")
+        if errs:
+            raise ConfigError(f"{source}: not implemented: " + "; ".join(errs))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+    bos_token_id: int = 49406
+    pad_token_id: Any = 1
+    projection_dim: Any = None  # only used by CLIPTextModelWithProjection
+
+    def validate(self, source):
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"{source}: hidden_act {self.hidden_act!r} is not implemented "
+                              "(quick_gelu, gelu)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{source}: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+
+
+CLIP_ARCHITECTURES = ("CLIPTextModel",)
+
+
+def unet_config(d: dict, source: str = "unet config") -> UNetConfig:
+    return _build(UNetConfig, d, UNET_UNSUPPORTED, source, ignore_unknown=False)
+
+
+def vae_config(d: dict, source: str = "vae config") -> VAEConfig:
+    return _build(VAEConfig, d, {}, source, ignore_unknown=False)
+
+
+def clip_config(d: dict, source: str = "text_encoder config") -> CLIPConfig:
+    arch = d.get("architectures") or ["CLIPTextModel"]
+    if any(a not in CLIP_ARCHITECTURES for a in arch):
+        raise ConfigError(f"{source}: architecture {arch} is not implemented (only CLIPTextModel)")
+    if d.get("model_type", "clip_text_model") != "clip_text_model":
+        raise ConfigError(f"{source}: model_type {d['model_type']!r} is not a CLIP text model")
+    # transformers configs carry dozens of generic generation/runtime keys: only the
+    # architecture's own are read.
+    return _build(CLIPConfig, d, {}, source, ignore_unknown=True)
+
+
+READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config}
+
+
+def read(component: str, path: str):
+    """Read ``path`` (a config.json) as the config of ``component``."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing config file for {component}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return READERS[component](d, source=path)
+
+
+def to_dict(cfg) -> dict:
+    """The config as diffusers/transformers would write it (lists, not tuples)."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, tuple) else v
+    d = {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    if isinstance(cfg, UNetConfig):
+        d["_class_name"] = "UNet2DConditionModel"
+    elif isinstance(cfg, VAEConfig):
+        d["_class_name"] = "AutoencoderKL"
+    else:
+        d.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    return d

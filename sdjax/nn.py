@@ -1,0 +1,197 @@
+"""Primitives the models are written in: linear, conv2d, norms, attention.
+
+Arrays are NHWC. A weight is either a float array or a quantized weight type; the
+primitives reach a quantized weight only through a small protocol so this module
+never needs to know which quantization methods exist:
+
+- ``w.dequantize(dtype)`` -> float array in sdjax layout (required);
+- ``w.linear(x)`` / ``w.conv2d(x, stride, padding)`` (optional) for weight types with
+  their own integer compute path; when present they replace dequantize-then-float.
+
+Layouts: linear weights are ``(in, out)``, conv weights ``HWIO``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Queries per attention chunk: at 512x512 (4096 tokens) the (batch*heads, 1024, 4096)
+# float32 score chunk is 4x smaller than the full tensor, and CPU throughput is unchanged.
+ATTENTION_QUERY_CHUNK = 1024
+
+
+def _dense(w, dtype):
+    """The float value of a weight (a no-op for float arrays)."""
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    return w.astype(dtype) if w.dtype != dtype else w
+
+
+def linear(x, p):
+    """``x @ W + b`` with ``p = {"weight": (in, out), "bias": (out,) optional}``."""
+    w = p["weight"]
+    if hasattr(w, "linear"):
+        y = w.linear(x)
+    else:
+        y = jnp.matmul(x, _dense(w, x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def conv2d(x, p, stride=1, padding=None):
+    """2-D convolution, NHWC input, HWIO weight. ``padding`` defaults to 'same' for odd kernels.
+
+    ``padding`` is an int (symmetric) or ``((top, bottom), (left, right))``.
+    """
+    w = p["weight"]
+    if padding is None:
+        kh = w.shape[0]
+        padding = kh // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    if hasattr(w, "conv2d"):
+        y = w.conv2d(x, stride, padding)
+    else:
+        y = jax.lax.conv_general_dilated(
+            x, _dense(w, x.dtype), window_strides=(stride, stride), padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def group_norm(x, p, groups, eps):
+    """GroupNorm over NHWC (statistics in float32, like torch's upcast on half inputs)."""
+    n, h, w, c = x.shape
+    xf = x.astype(jnp.float32).reshape(n, h * w, groups, c // groups)
+    mean = xf.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+    xf = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
+    y = xf * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def layer_norm(x, p, eps):
+    """LayerNorm over the last axis, statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def silu(x):
+    return x * jax.nn.sigmoid(x)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch's default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"silu": silu, "swish": silu, "quick_gelu": quick_gelu, "gelu": gelu,
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def activation(name):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def attention(q, k, v, heads, mask=None, query_chunk=ATTENTION_QUERY_CHUNK):
+    """Multi-head scaled dot-product attention.
+
+    q: (B, Lq, D), k/v: (B, Lk, D) -> (B, Lq, D). ``mask`` is additive, broadcastable to
+    (B, heads, Lq, Lk). Scores and softmax are float32 whatever the input dtype; queries
+    are processed ``query_chunk`` at a time (sequentially, under ``lax.map``) so the full
+    (B*heads, Lq, Lk) score tensor is never alive at once.
+    """
+    b, lq, d = q.shape
+    lk = k.shape[1]
+    hd = d // heads
+    scale = 1.0 / np.sqrt(hd)
+    q = q.reshape(b, lq, heads, hd)
+    k = k.reshape(b, lk, heads, hd)
+    v = v.reshape(b, lk, heads, hd)
+
+    def block(qc, mc):  # qc: (B, c, H, hd) -> (B, c, H, hd)
+        s = jnp.einsum("bqhd,bkhd->bhqk", qc, k, preferred_element_type=jnp.float32) * scale
+        if mc is not None:
+            s = s + mc
+        pr = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", pr, v)
+
+    if lq <= query_chunk:
+        out = block(q, mask)
+    else:
+        if mask is not None:
+            raise NotImplementedError("query-chunked attention with a mask")
+        n = -(-lq // query_chunk)
+        pad = n * query_chunk - lq
+        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        qp = qp.reshape(b, n, query_chunk, heads, hd).swapaxes(0, 1)
+        out = jax.lax.map(lambda qc: block(qc, None), qp)
+        out = out.swapaxes(0, 1).reshape(b, n * query_chunk, heads, hd)[:, :lq]
+    return out.reshape(b, lq, d)
+
+
+def upsample_nearest(x, size):
+    """Nearest-neighbour resize of NHWC to ``size=(H, W)`` with torch's index rule floor(i*in/out)."""
+    n, h, w, c = x.shape
+    oh, ow = size
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (np.arange(oh) * h) // oh
+    cols = (np.arange(ow) * w) // ow
+    return x[:, rows][:, :, cols]
+
+
+def timestep_embedding(t, dim, flip_sin_to_cos, freq_shift, max_period=10000.0):
+    """Sinusoidal embedding of (B,) timesteps, float32 (diffusers' get_timestep_embedding)."""
+    half = dim // 2
+    exponent = -np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    e = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    e = jnp.concatenate([jnp.cos(e), jnp.sin(e)] if flip_sin_to_cos else [jnp.sin(e), jnp.cos(e)], -1)
+    if dim % 2:
+        e = jnp.pad(e, ((0, 0), (0, 1)))
+    return e
+
+
+def child(p, path):
+    """``child(p, "down_blocks.0.resnets")`` -> the nested dict at that dotted path."""
+    for part in path.split("."):
+        p = p[part]
+    return p
+
+
+def flatten(tree, prefix=""):
+    """Nested dict -> {"dotted.path": leaf}."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat):
+    """{"dotted.path": leaf} -> nested dict."""
+    tree = {}
+    for key, v in flat.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = v
+    return tree

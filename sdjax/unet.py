@@ -1,0 +1,195 @@
+"""UNet2DConditionModel (SD 1.x / 2.x, inpainting included) as a pure function, NHWC.
+
+Parameter names are diffusers' module names; ``param_shapes`` lists them all for a config
+and is the single statement of the architecture's parameters (init, load checks).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from . import nn
+from .configs import UNetConfig
+from .params import make_params, conv_shape as _conv, linear_shape as _lin, norm_shape as _norm
+
+
+# --- blocks ---------------------------------------------------------------------------
+
+def resnet(x, p, temb, groups, eps, out_scale=1.0):
+    """ResnetBlock2D: GN-SiLU-conv, + time projection, GN-SiLU-conv, + (1x1 conv) shortcut."""
+    h = nn.conv2d(nn.silu(nn.group_norm(x, p["norm1"], groups, eps)), p["conv1"])
+    if temb is not None:
+        h = h + nn.linear(nn.silu(temb), p["time_emb_proj"])[:, None, None, :]
+    h = nn.conv2d(nn.silu(nn.group_norm(h, p["norm2"], groups, eps)), p["conv2"])
+    if "conv_shortcut" in p:
+        x = nn.conv2d(x, p["conv_shortcut"], padding=0)
+    out = x + h
+    return out / out_scale if out_scale != 1.0 else out
+
+
+def _attn(x, ctx, p, heads):
+    q, k, v = nn.linear(x, p["to_q"]), nn.linear(ctx, p["to_k"]), nn.linear(ctx, p["to_v"])
+    return nn.linear(nn.attention(q, k, v, heads), p["to_out"]["0"])
+
+
+def transformer_block(x, ctx, p, heads):
+    """BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward (pre-LN)."""
+    h = nn.layer_norm(x, p["norm1"], 1e-5)
+    x = x + _attn(h, h, p["attn1"], heads)
+    x = x + _attn(nn.layer_norm(x, p["norm2"], 1e-5), ctx, p["attn2"], heads)
+    h = nn.linear(nn.layer_norm(x, p["norm3"], 1e-5), p["ff"]["net"]["0"]["proj"])
+    h, gate = jnp.split(h, 2, axis=-1)
+    return x + nn.linear(h * nn.gelu(gate), p["ff"]["net"]["2"])
+
+
+def transformer_2d(x, ctx, p, heads, layers, groups, linear_projection):
+    """Transformer2DModel: GroupNorm, project in, transformer blocks over the H*W tokens, project out."""
+    n, h, w, c = x.shape
+    res = x
+    x = nn.group_norm(x, p["norm"], groups, 1e-6)
+    if linear_projection:
+        x = nn.linear(x.reshape(n, h * w, c), p["proj_in"])
+    else:
+        x = nn.conv2d(x, p["proj_in"], padding=0)
+        x = x.reshape(n, h * w, x.shape[-1])
+    for i in range(layers):
+        x = transformer_block(x, ctx, p["transformer_blocks"][str(i)], heads)
+    if linear_projection:
+        x = nn.linear(x, p["proj_out"]).reshape(n, h, w, c)
+    else:
+        x = nn.conv2d(x.reshape(n, h, w, x.shape[-1]), p["proj_out"], padding=0)
+    return x + res
+
+
+# --- the model ------------------------------------------------------------------------
+
+def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
+    """Noise (or v) prediction.
+
+    sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
+    (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in the params' dtype.
+    """
+    cfg = config
+    dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
+    lin = cfg.use_linear_projection
+    b = sample.shape[0]
+    x = sample.astype(dtype)
+    if cfg.center_input_sample:
+        x = 2 * x - 1.0
+    ctx = encoder_hidden_states.astype(dtype)
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
+
+    temb = nn.timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    te = params["time_embedding"]
+    temb = nn.linear(nn.silu(nn.linear(temb.astype(dtype), te["linear_1"])), te["linear_2"])
+
+    x = nn.conv2d(x, params["conv_in"])
+    skips = [x]
+    for i, kind in enumerate(cfg.down_block_types):
+        p = params["down_blocks"][str(i)]
+        for j in range(layers[i]):
+            x = resnet(x, p["resnets"][str(j)], temb, groups, eps, cfg.resnet_out_scale_factor)
+            if kind == "CrossAttnDownBlock2D":
+                x = transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], tlayers[i], groups, lin)
+            skips.append(x)
+        if "downsamplers" in p:
+            pad = cfg.downsample_padding or ((0, 1), (0, 1))  # diffusers pads right/bottom when 0
+            x = nn.conv2d(x, p["downsamplers"]["0"]["conv"], stride=2, padding=pad)
+            skips.append(x)
+
+    p = params["mid_block"]
+    x = resnet(x, p["resnets"]["0"], temb, groups, eps, cfg.resnet_out_scale_factor)
+    x = transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], tlayers[-1], groups, lin)
+    x = resnet(x, p["resnets"]["1"], temb, groups, eps, cfg.resnet_out_scale_factor)
+
+    up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
+    for i, kind in enumerate(cfg.up_block_types):
+        p = params["up_blocks"][str(i)]
+        for j in range(up_layers[i] + 1):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = resnet(x, p["resnets"][str(j)], temb, groups, eps, cfg.resnet_out_scale_factor)
+            if kind == "CrossAttnUpBlock2D":
+                x = transformer_2d(x, ctx, p["attentions"][str(j)], up_heads[i], up_tlayers[i], groups, lin)
+        if "upsamplers" in p:
+            # upsample to the size of the skip it meets next (odd latent sizes round up there)
+            size = skips[-1].shape[1:3] if skips else (2 * x.shape[1], 2 * x.shape[2])
+            x = nn.conv2d(nn.upsample_nearest(x, size), p["upsamplers"]["0"]["conv"])
+
+    x = nn.silu(nn.group_norm(x, params["conv_norm_out"], groups, eps))
+    return nn.conv2d(x, params["conv_out"])
+
+
+# --- parameters -----------------------------------------------------------------------
+
+def resnet_shapes(s, name, cin, cout, temb_dim):
+    _norm(s, f"{name}.norm1", cin)
+    _conv(s, f"{name}.conv1", cin, cout)
+    if temb_dim:
+        _lin(s, f"{name}.time_emb_proj", temb_dim, cout)
+    _norm(s, f"{name}.norm2", cout)
+    _conv(s, f"{name}.conv2", cout, cout)
+    if cin != cout:
+        _conv(s, f"{name}.conv_shortcut", cin, cout, k=1)
+
+
+def _transformer_shapes(s, name, c, ctx_dim, layers, linear_projection):
+    _norm(s, f"{name}.norm", c)
+    proj = _lin if linear_projection else (lambda s, n, a, b: _conv(s, n, a, b, k=1))
+    proj(s, f"{name}.proj_in", c, c)
+    for i in range(layers):
+        b = f"{name}.transformer_blocks.{i}"
+        for n in ("norm1", "norm2", "norm3"):
+            _norm(s, f"{b}.{n}", c)
+        for attn, kv in (("attn1", c), ("attn2", ctx_dim)):
+            _lin(s, f"{b}.{attn}.to_q", c, c, bias=False)
+            _lin(s, f"{b}.{attn}.to_k", kv, c, bias=False)
+            _lin(s, f"{b}.{attn}.to_v", kv, c, bias=False)
+            _lin(s, f"{b}.{attn}.to_out.0", c, c)
+        _lin(s, f"{b}.ff.net.0.proj", c, 8 * c)
+        _lin(s, f"{b}.ff.net.2", 4 * c, c)
+    proj(s, f"{name}.proj_out", c, c)
+
+
+def param_shapes(config: UNetConfig) -> dict:
+    """{dotted diffusers name: shape} of every parameter, in sdjax layout."""
+    cfg, s = config, {}
+    ch, td, ctx = cfg.block_out_channels, cfg.time_embed_dim, cfg.cross_attention_dim
+    tl, layers, lin = cfg.transformer_layers, cfg.layers, cfg.use_linear_projection
+    _conv(s, "conv_in", cfg.in_channels, ch[0])
+    _lin(s, "time_embedding.linear_1", ch[0], td)
+    _lin(s, "time_embedding.linear_2", td, td)
+    cout = ch[0]
+    for i, kind in enumerate(cfg.down_block_types):
+        cin, cout = cout, ch[i]
+        for j in range(layers[i]):
+            resnet_shapes(s, f"down_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout, td)
+            if kind == "CrossAttnDownBlock2D":
+                _transformer_shapes(s, f"down_blocks.{i}.attentions.{j}", cout, ctx, tl[i], lin)
+        if i < len(ch) - 1:
+            _conv(s, f"down_blocks.{i}.downsamplers.0.conv", cout, cout)
+    resnet_shapes(s, "mid_block.resnets.0", ch[-1], ch[-1], td)
+    _transformer_shapes(s, "mid_block.attentions.0", ch[-1], ctx, tl[-1], lin)
+    resnet_shapes(s, "mid_block.resnets.1", ch[-1], ch[-1], td)
+    rch, rtl, rlayers = ch[::-1], tl[::-1], layers[::-1]
+    prev = rch[0]
+    for i, kind in enumerate(cfg.up_block_types):
+        cout = rch[i]
+        skip_in = rch[min(i + 1, len(ch) - 1)]
+        for j in range(rlayers[i] + 1):
+            skip = skip_in if j == rlayers[i] else cout
+            cin = prev if j == 0 else cout
+            resnet_shapes(s, f"up_blocks.{i}.resnets.{j}", cin + skip, cout, td)
+            if kind == "CrossAttnUpBlock2D":
+                _transformer_shapes(s, f"up_blocks.{i}.attentions.{j}", cout, ctx, rtl[i], lin)
+        if i < len(ch) - 1:
+            _conv(s, f"up_blocks.{i}.upsamplers.0.conv", cout, cout)
+        prev = cout
+    _norm(s, "conv_norm_out", ch[0])
+    _conv(s, "conv_out", ch[0], cfg.out_channels)
+    return s
+
+
+def init_params(config: UNetConfig, seed: int = 0, dtype="float32"):
+    """Random parameters for ``config`` (full-size SD 1.5 included)."""
+    return make_params(param_shapes(config), seed, dtype)
