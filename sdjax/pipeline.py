@@ -1,0 +1,69 @@
+"""The pipeline object ``sdjax.load`` returns: params, configs, tokenizer, scheduler config."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+
+from . import checkpoint, clip
+from .params import CheckpointError, canonical_dtype
+from .tokenizer import Tokenizer
+
+REFERENCE_MODEL_DIR = os.path.join(os.path.dirname(__file__), "reference_model")
+
+
+def reference_model_path() -> str:
+    """Folder of the embedded reference model (diffusers layout)."""
+    if not os.path.exists(os.path.join(REFERENCE_MODEL_DIR, "model_index.json")):
+        raise CheckpointError(
+            f"{REFERENCE_MODEL_DIR}: the embedded reference model is not in this build of sdjax yet; "
+            "pass a diffusers folder or a .safetensors/.ckpt file")
+    return REFERENCE_MODEL_DIR
+
+
+@dataclasses.dataclass
+class Pipeline:
+    params: dict        # {"text_encoder", "unet", "vae"} -> parameter pytrees
+    configs: dict       # the same keys -> frozen config dataclasses
+    tokenizer: Tokenizer | None
+    scheduler_config: dict
+    dtype: object
+    source: str = ""
+
+    def encode_prompt(self, prompts, clip_skip: int = 0):
+        """Prompts -> CLIP hidden states for cross-attention (B, 77, D).
+
+        ``clip_skip`` as diffusers: 0 uses the last layer; k > 0 takes the output k layers
+        before it, through the final layer norm."""
+        if self.tokenizer is None:
+            raise CheckpointError(f"{self.source}: this checkpoint has no tokenizer")
+        ids = jnp.asarray(self.tokenizer(prompts))
+        last, hidden, _ = clip.apply(self.params["text_encoder"], self.configs["text_encoder"], ids)
+        if not clip_skip:
+            return last
+        from .nn import layer_norm
+        cfg = self.configs["text_encoder"]
+        if not 0 < clip_skip < cfg.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip} must be in [0, {cfg.num_hidden_layers - 1}]")
+        return layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
+                          cfg.layer_norm_eps)
+
+    def save(self, out_dir, overwrite=False):
+        """Write this pipeline as a diffusers folder (safetensors)."""
+        ckpt = checkpoint.Checkpoint(self.params, self.configs,
+                                     self.tokenizer.folder if self.tokenizer else None,
+                                     self.scheduler_config, None, self.source)
+        return checkpoint.save(ckpt, out_dir, overwrite=overwrite)
+
+
+def load(path=None, dtype="float32", variant=None, configs=None, progress=True) -> Pipeline:
+    """Load a diffusers folder or single .safetensors/.ckpt; ``None`` is the embedded model.
+
+    ``dtype`` ("float32", "bfloat16", "float16") is the params' and compute dtype.
+    ``configs`` overrides inferred single-file config fields per component."""
+    dt = canonical_dtype(dtype)
+    path = reference_model_path() if path is None else os.fspath(path)
+    ckpt = checkpoint.load(path, dt, variant=variant, configs=configs, progress=progress)
+    tok = Tokenizer(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
+    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path)

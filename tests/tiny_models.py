@@ -1,0 +1,126 @@
+"""Tiny random Stable Diffusion pipelines built with diffusers/transformers and saved with
+``save_pretrained``: the oracle side of every parity test. Nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def _bytes_to_unicode():
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "large", "photo", "of", "the", "cat"]
+
+
+def write_tokenizer(folder, pad_token="<|endoftext|>"):
+    """A CLIP BPE tokenizer in the openai/clip format, with merges that make WORDS single tokens."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            m = f"{parts[0]} {parts[1]}"
+            if m not in merges:
+                merges.append(m)
+                vocab.append(merged)
+            parts = [merged] + parts[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
+                   "do_lower_case": True}, f)
+    return len(vocab)
+
+
+STYLES = {
+    # SD 1.x: conv projection, quick_gelu, 8 heads everywhere, epsilon
+    "sd1": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+                          attention_head_dim=8, norm_num_groups=8, sample_size=16,
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+                clip=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                          hidden_act="quick_gelu"),
+                pad_token="<|endoftext|>", prediction_type="epsilon"),
+    # SD 2.x: linear projection, per-block head list, upcast_attention, gelu, v-prediction
+    "sd2": dict(unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=48,
+                          attention_head_dim=(2, 4, 4), norm_num_groups=8, sample_size=16,
+                          use_linear_projection=True, upcast_attention=True,
+                          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+                clip=dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                          hidden_act="gelu"),
+                pad_token="!", prediction_type="v_prediction"),
+}
+STYLES["inpaint"] = dict(STYLES["sd1"], unet=dict(STYLES["sd1"]["unet"], in_channels=9))
+
+
+def build_pipeline(folder, style="sd1", seed=0):
+    """Save a tiny random diffusers StableDiffusionPipeline of ``style`` into ``folder``.
+
+    Weights get extra noise on top of diffusers' init so no layer is an identity
+    (zero-initialised output convs would hide errors)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    s = STYLES[style]
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(folder, "_tok")
+    n_vocab = write_tokenizer(tok_dir, s["pad_token"])
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, bos_token_id=n_vocab - 2,
+                                                eos_token_id=n_vocab - 1, pad_token_id=1,
+                                                max_position_embeddings=77, **s["clip"]))
+    unet = UNet2DConditionModel(**s["unet"])
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=32)
+    with torch.no_grad():
+        for m in (unet, vae, text_encoder):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=s["prediction_type"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe.to(torch.float32)
+
+
+def nchw(a):
+    return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+def nhwc(a):
+    return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+def rel_err(got, ref):
+    """max|got - ref| / max|ref|: the issue's parity measure."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
