@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import clip, configs as cfgs, unet, vae
 from .nn import flatten, unflatten
-from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_to_sdjax
+from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_shape, torch_to_sdjax
 from .safetensors_io import Lazy, Reader, SafetensorsError, write
 
 MODELS = {"text_encoder": clip, "unet": unet, "vae": vae}
@@ -162,8 +162,8 @@ def normalize_key(component, key):
     return key
 
 
-def _sdjax_shape(name, shape):
-    return torch_to_sdjax(name, np.broadcast_to(np.empty((), bool), _squeeze_1x1(name, shape))).shape
+def _expected_torch_shapes(component, config):
+    return {n: torch_shape(n, s) for n, s in MODELS[component].param_shapes(config).items()}
 
 
 def _squeeze_1x1(name, shape):
@@ -200,8 +200,8 @@ def load_component(folder, component, dtype="float32", variant=None, progress=Tr
             n = normalize_key(component, k)
             if n is not None:
                 names[n] = k
-        check_shapes({n: _sdjax_shape(n, tuple(src.shape(k))) for n, k in names.items()},
-                     MODELS[component].param_shapes(config), path)
+        check_shapes({n: _squeeze_1x1(n, tuple(src.shape(k))) for n, k in names.items()},
+                     _expected_torch_shapes(component, config), path)
         dt = canonical_dtype(dtype)
         flat = _stream([(n, (lambda k=k: src.get(k))) for n, k in names.items()], dt, path, progress)
     finally:
@@ -259,11 +259,9 @@ def load_single_file(path, dtype="float32", configs=None, progress=True) -> Chec
                     continue
                 found[comp][n] = (ldm_key, dkey, fn)
         for comp in MODELS:
-            expected = MODELS[comp].param_shapes(conf[comp])
-            got = {}
-            for n, (ldm_key, dkey, fn) in found[comp].items():
-                got[n] = _sdjax_shape(n, tuple(fn(np.broadcast_to(np.zeros((), np.float32), shapes[ldm_key])).shape))
-            check_shapes(got, expected, f"{path} ({comp})")
+            got = {n: _squeeze_1x1(n, tuple(fn(np.broadcast_to(np.zeros((), np.float32), shapes[lk])).shape))
+                   for n, (lk, _, fn) in found[comp].items()}
+            check_shapes(got, _expected_torch_shapes(comp, conf[comp]), f"{path} ({comp})")
         dt = canonical_dtype(dtype)
         cache = {}
 
@@ -331,11 +329,8 @@ def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True):
                 raise CheckpointError(f"{comp}: cannot save non-float weights as a diffusers "
                                       f"checkpoint: {bad[:5]} (quantized models have their own format)")
             prefix = "text_model." if comp == "text_encoder" else ""  # read by transformers v4 and v5
-            tensors = {}
-            for k, v in flat.items():
-                shape = sdjax_to_torch(k, np.broadcast_to(np.empty((), bool), v.shape)).shape
-                tensors[prefix + k] = Lazy(shape, v.dtype, lambda k=k, v=v: np.ascontiguousarray(
-                    sdjax_to_torch(k, np.asarray(v))))
+            tensors = {prefix + k: Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
+                sdjax_to_torch(k, np.asarray(v)))) for k, v in flat.items()}
             write(os.path.join(d, f"{WEIGHT_STEMS[comp]}.safetensors"), tensors, {"format": "pt"})
             index[comp] = CLASS_NAMES[comp]
         if ckpt.tokenizer_dir:

@@ -44,6 +44,11 @@ def sdjax_to_torch(name: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def torch_shape(name: str, shape) -> tuple:
+    """The PyTorch-layout shape of a parameter whose sdjax shape is ``shape``."""
+    return sdjax_to_torch(name, np.broadcast_to(np.empty((), bool), tuple(shape))).shape
+
+
 def make_params(shapes: dict, seed: int, dtype="float32"):
     """Random parameters with the given {name: shape}: fan-in scaled normal weights,
     unit norm scales, zero biases. Deterministic from ``seed``; built one tensor at a time."""
