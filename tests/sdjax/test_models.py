@@ -105,17 +105,19 @@ def test_chunked_attention_equals_unchunked():
     q = jax.random.normal(k1, (2, 300, 32))
     k = jax.random.normal(k2, (2, 77, 32))
     v = jax.random.normal(k3, (2, 77, 32))
-    full = nn.attention(q, k, v, heads=4, query_chunk=4096)
-    chunked = nn.attention(q, k, v, heads=4, query_chunk=64)  # 300 is not a multiple of 64
+    full = nn.attention(q, k, v, heads=4, chunk_elements=1 << 30)
+    chunked = nn.attention(q, k, v, heads=4, chunk_elements=8 * 64 * 77)  # 64 queries; 300 is no multiple
+    assert nn.query_chunk(8, 300, 77, 8 * 64 * 77) == 64
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_attention_never_materialises_full_scores():
     """At 4096 tokens the compiled program holds no (B, heads, 4096, 4096) array."""
-    q = jnp.zeros((1, 4096, 64))
+    q = jnp.zeros((2, 4096, 320))
     hlo = jax.jit(lambda q: nn.attention(q, q, q, heads=8)).lower(q).as_text()
-    assert "8x4096x4096" not in hlo and "4096x4096" not in hlo
-    assert f"8x{nn.ATTENTION_QUERY_CHUNK}x4096" in hlo
+    c = nn.query_chunk(16, 4096, 4096)
+    assert c < 4096 and "4096x4096" not in hlo
+    assert f"2x8x{c}x4096" in hlo
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

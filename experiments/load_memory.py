@@ -1,0 +1,91 @@
+"""Peak RSS of loading a full-size SD 1.5 checkpoint, against the bytes of the params loaded.
+
+Writes random full-size SD 1.5 weights once (diffusers folder, float32 safetensors, ~4.3 GB;
+with --single-file also the same weights as one CompVis/LDM .safetensors), then loads them in
+a fresh process and reports peak RSS (VmHWM) / params bytes. Target: <= 1.25.
+
+    python experiments/load_memory.py --workdir /tmp/sd15 [--dtype float16] [--single-file]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
+SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=512)
+
+
+def make(workdir):
+    from sdjax import checkpoint, clip, configs, unet, vae
+    folder = os.path.join(workdir, "sd15")
+    if os.path.exists(os.path.join(folder, "model_index.json")):
+        return folder
+    cfgs = {"unet": configs.unet_config(SD15_UNET), "vae": configs.vae_config(SD15_VAE),
+            "text_encoder": configs.CLIPConfig()}
+    params = {"unet": unet.init_params(cfgs["unet"]), "vae": vae.init_params(cfgs["vae"]),
+              "text_encoder": clip.init_params(cfgs["text_encoder"])}
+    checkpoint.save(checkpoint.Checkpoint(params, cfgs), folder)
+    return folder
+
+
+def make_single(folder, workdir):
+    from safetensors.numpy import load_file
+    from sdjax import convert_ldm, safetensors_io
+    path = os.path.join(workdir, "sd15-single.safetensors")
+    if not os.path.exists(path):
+        sd = {}
+        for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                           ("text_encoder", "model")):
+            sd[comp] = load_file(os.path.join(folder, comp, f"{stem}.safetensors"))
+        safetensors_io.write(path, convert_ldm.diffusers_to_ldm(sd, "sd1"))
+    return path
+
+
+def child(path, dtype):
+    import jax
+    import sdjax
+    from sdjax.nn import flatten
+    from sdjax.memory import peak_rss_bytes
+    base = peak_rss_bytes()
+    t0 = time.perf_counter()
+    pipe = sdjax.load(path, dtype=dtype, progress=False)
+    jax.block_until_ready(pipe.params)
+    secs = time.perf_counter() - t0
+    nbytes = sum(v.nbytes for c in pipe.params.values() for v in flatten(c).values())
+    peak = peak_rss_bytes()
+    print("RESULT " + json.dumps(dict(params_bytes=nbytes, peak_rss=peak, rss_after_imports=base, seconds=secs)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/sdjax-sd15")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--single-file", action="store_true", help="load the CompVis single-file form instead")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.dtype)
+    os.makedirs(args.workdir, exist_ok=True)
+    path = make(args.workdir)
+    if args.single_file:
+        path = make_single(path, args.workdir)
+    out = subprocess.run([sys.executable, __file__, "--child", path, "--dtype", args.dtype],
+                         capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(out.stderr[-3000:])
+    r = json.loads(line[0][7:])
+    gib = 2**30
+    print(f"loaded {path} as {args.dtype} in {r['seconds']:.1f} s")
+    print(f"params {r['params_bytes'] / gib:.2f} GiB, peak RSS {r['peak_rss'] / gib:.2f} GiB "
+          f"(of which {r['rss_after_imports'] / gib:.2f} GiB after imports): "
+          f"peak / params = {r['peak_rss'] / r['params_bytes']:.3f} (target <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()
