@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-SD15 = dict(cross_attention_dim=768, sample_size=64)
 
 
 def peak_rss_gib():
@@ -32,7 +31,7 @@ def run_sdjax(dtype, reps):
     import numpy as np
     from sdjax import configs, unet
 
-    cfg = configs.unet_config(SD15)
+    cfg = configs.preset("sd15")["unet"]
     t0 = time.perf_counter()
     params = unet.init_params(cfg, seed=0, dtype=dtype)
     init_s = time.perf_counter() - t0
@@ -58,7 +57,8 @@ def run_torch(dtype, reps):
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    m = UNet2DConditionModel(**SD15).eval().to(getattr(torch, dtype))
+    from sdjax.configs import PRESETS
+    m = UNet2DConditionModel(**PRESETS["sd15"]["unet"]).eval().to(getattr(torch, dtype))
     init_s = time.perf_counter() - t0
     x = torch.randn(2, 4, 64, 64, dtype=m.dtype)
     ctx = torch.randn(2, 77, 768, dtype=m.dtype)

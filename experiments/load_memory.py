@@ -15,21 +15,13 @@ import subprocess
 import sys
 import time
 
-SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
-SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=512)
 
 
 def make(workdir):
-    from sdjax import checkpoint, clip, configs, unet, vae
+    from sdjax.pipeline import random
     folder = os.path.join(workdir, "sd15")
-    if os.path.exists(os.path.join(folder, "model_index.json")):
-        return folder
-    cfgs = {"unet": configs.unet_config(SD15_UNET), "vae": configs.vae_config(SD15_VAE),
-            "text_encoder": configs.CLIPConfig()}
-    params = {"unet": unet.init_params(cfgs["unet"]), "vae": vae.init_params(cfgs["vae"]),
-              "text_encoder": clip.init_params(cfgs["text_encoder"])}
-    checkpoint.save(checkpoint.Checkpoint(params, cfgs), folder)
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        random("sd15").save(folder)
     return folder
 
 

@@ -22,8 +22,14 @@ def _model_arg(p):
 def cmd_inspect(args):
     import sdjax
     from sdjax.nn import flatten
-    pipe = sdjax.load(args.model if args.model is not None else args.path, dtype=args.dtype,
-                      progress=not args.quiet)
+    if args.random:
+        if args.model or args.path:
+            raise UsageError("give either a model or --random, not both")
+        from sdjax.pipeline import random
+        pipe = random(args.random, dtype=args.dtype)
+    else:
+        pipe = sdjax.load(args.model if args.model is not None else args.path, dtype=args.dtype,
+                          progress=not args.quiet)
     print(f"model: {pipe.source}")
     total = 0
     for comp in ("text_encoder", "unet", "vae"):
@@ -58,6 +64,8 @@ def build_parser():
     p = sub.add_parser("inspect", help="describe a checkpoint: components, sizes, configs")
     p.add_argument("path", nargs="?", default=None, help="checkpoint (same as --model)")
     _model_arg(p)
+    p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21"],
+                   help="a full-size architecture with random weights instead of a checkpoint (sd15, sd21)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every config field")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_inspect)

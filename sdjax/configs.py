@@ -216,6 +216,30 @@ def clip_config(d: dict, source: str = "text_encoder config") -> CLIPConfig:
     return _build(CLIPConfig, d, {}, source, ignore_unknown=True)
 
 
+# Full-size architectures, for speed and memory work with random weights (init_params).
+PRESETS = {
+    "sd15": dict(unet=dict(cross_attention_dim=768, sample_size=64),
+                 vae=dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                          up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=512),
+                 text_encoder=dict()),
+    "sd21": dict(unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+                           upcast_attention=True, sample_size=96),
+                 vae=dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                          up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=768),
+                 text_encoder=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                   num_hidden_layers=23, hidden_act="gelu")),
+}
+
+
+def preset(name: str) -> dict:
+    """{component: config} of a full-size architecture ("sd15", "sd21")."""
+    try:
+        p = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+    return {c: READERS[c](d, source=f"preset {name}") for c, d in p.items()}
+
+
 READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config}
 
 

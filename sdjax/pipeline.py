@@ -57,6 +57,16 @@ class Pipeline:
         return checkpoint.save(ckpt, out_dir, overwrite=overwrite)
 
 
+def random(name="sd15", seed=0, dtype="float32") -> Pipeline:
+    """A full-size architecture ("sd15", "sd21") with random weights: no download, for
+    speed and memory work. It has no tokenizer."""
+    from . import configs as cfgs, unet, vae
+    conf = cfgs.preset(name)
+    models = {"text_encoder": clip, "unet": unet, "vae": vae}
+    params = {c: models[c].init_params(conf[c], seed, dtype) for c in models}
+    return Pipeline(params, conf, None, {}, canonical_dtype(dtype), f"random {name} (seed {seed})")
+
+
 def load(path=None, dtype="float32", variant=None, configs=None, progress=True) -> Pipeline:
     """Load a diffusers folder or single .safetensors/.ckpt; ``None`` is the embedded model.
 

@@ -145,9 +145,8 @@ def test_timestep_embedding_matches_diffusers():
 
 # --- full-size shapes, without allocating them -----------------------------------------
 
-SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
-SD21_UNET = dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
-                 sample_size=96, upcast_attention=True)
+SD15_UNET = configs.PRESETS["sd15"]["unet"]
+SD21_UNET = configs.PRESETS["sd21"]["unet"]
 
 
 def _torch_shapes(module):
@@ -173,8 +172,7 @@ def test_full_size_unet_param_shapes_match_diffusers(kw):
 def test_full_size_vae_and_clip_param_shapes_match():
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
-    vae_kw = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                  up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=512)
+    vae_kw = configs.PRESETS["sd15"]["vae"]
     with torch.device("meta"):
         ref_vae = AutoencoderKL(**vae_kw)
         ref_clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
