@@ -35,7 +35,9 @@ def linear(x, p):
     if hasattr(w, "linear"):
         y = w.linear(x)
     else:
-        y = jnp.matmul(x, _dense(w, x.dtype))
+        # float32 accumulation: more accurate for half inputs, and XLA's CPU bfloat16 dot
+        # with a float32 result runs 2.5x faster than one with a bfloat16 result
+        y = jnp.matmul(x, _dense(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
@@ -57,7 +59,7 @@ def conv2d(x, p, stride=1, padding=None):
     else:
         y = jax.lax.conv_general_dilated(
             x, _dense(w, x.dtype), window_strides=(stride, stride), padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32).astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
