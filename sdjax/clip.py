@@ -37,7 +37,7 @@ def apply(params, config: CLIPConfig, input_ids):
     causal = jnp.where(np.tril(np.ones((length, length), bool)), 0.0, -jnp.inf).astype(jnp.float32)
     hidden_states = [x]
     for i in range(config.num_hidden_layers):
-        x = _layer(x, params["encoder"]["layers"][str(i)], config, causal[None, None])
+        x = _layer(x, params["encoder"]["layers"][str(i)], config, causal)
         hidden_states.append(x)
     last = nn.layer_norm(x, params["final_layer_norm"], config.layer_norm_eps)
     if config.eos_token_id == 2:
