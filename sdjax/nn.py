@@ -51,19 +51,47 @@ def conv2d(x, p, stride=1, padding=None):
     """
     w = p["weight"]
     if padding is None:
-        kh = w.shape[0]
-        padding = kh // 2
+        padding = w.shape[0] // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     if hasattr(w, "conv2d"):
         y = w.conv2d(x, stride, padding)
     else:
-        y = jax.lax.conv_general_dilated(
-            x, _dense(w, x.dtype), window_strides=(stride, stride), padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32).astype(x.dtype)
+        wd = _dense(w, x.dtype)
+        if _im2col_is_faster(x.shape, wd.shape, stride):
+            y = _conv_as_matmul(x, wd, stride, padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, wd, window_strides=(stride, stride), padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        y = y.astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
+
+
+def _im2col_is_faster(x_shape, w_shape, stride):
+    """On CPU, a convolution with few output pixels and many input features runs faster as
+    one matmul over gathered patches than as XLA's convolution (measured on SD's 8x8 and
+    16x16 1280-channel convs: 2.6x and 1.4x), and 1x1 convolutions are matmuls anyway."""
+    if jax.default_backend() != "cpu":
+        return False
+    kh, kw, cin, _ = w_shape
+    if kh == kw == 1 and stride == 1:
+        return True
+    n, h, wd, _ = x_shape
+    return n * (h // stride) * (wd // stride) * 8 <= kh * kw * cin
+
+
+def _conv_as_matmul(x, w, stride, padding):
+    kh, kw, cin, cout = w.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    n, hp, wp, _ = xp.shape
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    cols = [xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+            for dy in range(kh) for dx in range(kw)]
+    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # (N, oh, ow, kh*kw*cin)
+    return jnp.matmul(cols, w.reshape(kh * kw * cin, cout), preferred_element_type=jnp.float32)
 
 
 def group_norm(x, p, groups, eps):

@@ -213,3 +213,16 @@ def test_unknown_block_type_and_option_are_refused():
         configs.clip_config({"hidden_act": "relu"})
     # default values of options we do not implement are fine, as diffusers writes them all
     assert configs.unet_config({"class_embed_type": None, "_diffusers_version": "0.42"}).in_channels == 4
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", [
+    ((2, 8, 8, 64), (3, 3, 64, 32), 1, ((1, 1), (1, 1))),
+    ((2, 9, 7, 64), (3, 3, 64, 32), 2, ((0, 1), (0, 1))),   # VAE downsampler padding, odd sizes
+    ((1, 16, 16, 16), (3, 3, 16, 8), 2, ((1, 1), (1, 1))),
+    ((2, 16, 16, 64), (1, 1, 64, 32), 1, ((0, 0), (0, 0))),
+])
+def test_conv_as_matmul_equals_xla_convolution(x_shape, w_shape, stride, padding):
+    x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), w_shape)
+    want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert rel_err(nn._conv_as_matmul(x, w, stride, padding), want) < 1e-6
