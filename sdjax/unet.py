@@ -62,15 +62,14 @@ def transformer_2d(x, ctx, p, heads, layers, groups, linear_projection):
 
 # --- the model ------------------------------------------------------------------------
 
-def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, compute_dtype=None):
+def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
     """Noise (or v) prediction.
 
     sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
-    (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in ``compute_dtype``,
-    which defaults to the params' dtype (weights are cast to it layer by layer).
+    (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in the params' dtype.
     """
     cfg = config
-    dtype = compute_dtype or params["conv_in"]["bias"].dtype  # biases are never quantized
+    dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
     heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
     lin = cfg.use_linear_projection
