@@ -54,7 +54,12 @@ class TorchPickle:
             raise CheckpointError(f"{path}: reading a pickled checkpoint needs PyTorch "
                                   "(pip install torch==2.13.0), or convert it to .safetensors") from None
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (pre-zip) pickles cannot be memory-mapped
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt zips and refused globals
             raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
