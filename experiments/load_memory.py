@@ -25,16 +25,21 @@ def make(workdir):
     return folder
 
 
-def make_single(folder, workdir):
+def make_single(folder, workdir, suffix=".safetensors"):
     from safetensors.numpy import load_file
     from sdjax import convert_ldm, safetensors_io
-    path = os.path.join(workdir, "sd15-single.safetensors")
+    path = os.path.join(workdir, "sd15-single" + suffix)
     if not os.path.exists(path):
         sd = {}
         for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                            ("text_encoder", "model")):
             sd[comp] = load_file(os.path.join(folder, comp, f"{stem}.safetensors"))
-        safetensors_io.write(path, convert_ldm.diffusers_to_ldm(sd, "sd1"))
+        ldm = convert_ldm.diffusers_to_ldm(sd, "sd1")
+        if suffix == ".ckpt":
+            import torch
+            torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in ldm.items()}}, path)
+        else:
+            safetensors_io.write(path, ldm)
     return path
 
 
@@ -58,6 +63,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/sdjax-sd15")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--single-file", action="store_true", help="load the CompVis single-file form instead")
+    ap.add_argument("--ckpt", action="store_true", help="with --single-file: the pickled .ckpt form")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -65,7 +71,7 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     path = make(args.workdir)
     if args.single_file:
-        path = make_single(path, args.workdir)
+        path = make_single(path, args.workdir, ".ckpt" if args.ckpt else ".safetensors")
     out = subprocess.run([sys.executable, __file__, "--child", path, "--dtype", args.dtype],
                          capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

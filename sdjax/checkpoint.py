@@ -77,15 +77,34 @@ class TorchPickle:
         return tuple(self.tensors[key].shape)
 
     def get(self, key):
-        t = self.tensors[key]
         import torch
+        t = self.tensors[key]
         if t.dtype == torch.bfloat16:
             import ml_dtypes
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+            a = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            a = t.numpy()
+        out = a.copy()
+        _drop_pages(t.data_ptr(), t.numel() * t.element_size())
+        return out
 
     def close(self):
         self.tensors = {}
+
+
+def _drop_pages(address, nbytes):
+    """Tell the kernel this process is done with a memory-mapped tensor's pages: file pages
+    read through torch's mmap otherwise stay in RSS, and a 4 GB .ckpt would cost 8 GB."""
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    start = (address + page - 1) // page * page  # only whole pages inside this tensor
+    end = (address + nbytes) // page * page
+    if end > start:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass
 
 
 class Sharded:
@@ -286,11 +305,14 @@ def load_single_file(path, dtype="float32", configs=None, progress=True) -> Chec
         cache.clear()
     finally:
         src.close()
+    # A single file carries no scheduler: SD's training schedule, and v-prediction for SD 2
+    # as diffusers' single-file loader assumes (SD 2.x-base files need prediction_type="epsilon").
     sched = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-             "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "epsilon",
-             "clip_sample": False}
-    tok_dir = convert_ldm.tokenizer_dir(kind) if hasattr(convert_ldm, "tokenizer_dir") else None
+             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+             "prediction_type": "v_prediction" if kind == "sd2" else "epsilon"}
+    # nor a tokenizer: the vendored CLIP BPE, when the text encoder has CLIP's vocabulary
+    tok_dir = convert_ldm.tokenizer_dir(kind) if conf["text_encoder"].vocab_size == 49408 else None
     return Checkpoint(params, conf, tok_dir, sched, None, path)
 
 
