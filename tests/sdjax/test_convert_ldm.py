@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 
 import ldm_fixtures as fx
@@ -232,3 +233,26 @@ def test_tokenizer_dir_is_written_once(tmp_path, monkeypatch):
     assert convert_ldm.tokenizer_dir("sd2") == d
     assert os.stat(os.path.join(d, "vocab.json")).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path)) == ["clip-tokenizer-sd2"]
+
+
+def test_cli_converts_a_single_file_that_diffusers_then_reads(folders, tmp_path):
+    import subprocess
+    import sys
+    from diffusers import UNet2DConditionModel
+
+    folder = folders("sd1")
+    path = str(tmp_path / "model.safetensors")
+    fx.write_single_file(folder, path)
+    env = dict(os.environ, SDJAX_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "convert", path, "-o", str(tmp_path / "out"), "-q"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    got = UNet2DConditionModel.from_pretrained(str(tmp_path / "out"), subfolder="unet").state_dict()
+    want = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "inspect", path, "-q"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "truncated" in r.stderr and "model.safetensors" in r.stderr
