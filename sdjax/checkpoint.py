@@ -233,28 +233,25 @@ def load_component(folder, component, dtype="float32", variant=None, progress=Tr
     return unflatten(flat), config
 
 
+def _read_json(path):
+    """The JSON at ``path``, or None when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_folder(path, dtype="float32", variant=None, progress=True) -> Checkpoint:
-    index_path = os.path.join(path, "model_index.json")
-    model_index = None
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                model_index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
-    elif not os.path.isdir(os.path.join(path, "unet")):
+    model_index = _read_json(os.path.join(path, "model_index.json"))
+    if model_index is None and not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json, no unet/)")
     params, configs = {}, {}
     for comp in MODELS:
         params[comp], configs[comp] = load_component(os.path.join(path, comp), comp, dtype, variant, progress)
-    sched = None
-    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if os.path.exists(sched_path):
-        try:
-            with open(sched_path) as f:
-                sched = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{sched_path}: not valid JSON ({e})") from None
+    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     tok = os.path.join(path, "tokenizer")
     return Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, model_index, path)
 

@@ -77,15 +77,19 @@ STYLES = {
 STYLES["inpaint"] = dict(STYLES["sd1"], unet=dict(STYLES["sd1"]["unet"], in_channels=9))
 
 
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
+
+
 def build_pipeline(folder, style="sd1", seed=0):
-    """Save a tiny random diffusers StableDiffusionPipeline of ``style`` into ``folder``.
+    """Save a tiny random diffusers StableDiffusionPipeline of ``style`` (a name in STYLES, or
+    such a dict) into ``folder``; returns it.
 
     Weights get extra noise on top of diffusers' init so no layer is an identity
-    (zero-initialised output convs would hide errors)."""
+    (zero-initialised output convs, unit norms) that would hide a swapped tensor."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    s = STYLES[style]
+    s = STYLES[style] if isinstance(style, str) else style
     torch.manual_seed(seed)
     tok_dir = os.path.join(folder, "_tok")
     n_vocab = write_tokenizer(tok_dir, s["pad_token"])
@@ -94,9 +98,10 @@ def build_pipeline(folder, style="sd1", seed=0):
                                                 eos_token_id=n_vocab - 1, pad_token_id=1,
                                                 max_position_embeddings=77, **s["clip"]))
     unet = UNet2DConditionModel(**s["unet"])
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1, sample_size=32)
+    v = s.get("vae", TINY_VAE)
+    n = len(v["block_out_channels"])
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        latent_channels=4, **v)
     with torch.no_grad():
         for m in (unet, vae, text_encoder):
             for p in m.parameters():

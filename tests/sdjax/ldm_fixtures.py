@@ -15,7 +15,7 @@ import torch
 
 from sdjax import convert_ldm
 from sdjax.safetensors_io import Reader, write
-from tiny_models import write_tokenizer
+import tiny_models
 
 STYLES = {
     # SD 1.x: conv projection, 8 heads, quick_gelu CLIP; 3 levels, 2 resnets per level
@@ -48,37 +48,10 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 def build_pipeline(folder, style="sd1", seed=0):
-    """Save a tiny random StableDiffusionPipeline of ``style`` into ``folder``; returns it.
-
-    Weights get extra noise so no tensor is a constant (zero-initialised convs and unit norms
-    would hide swapped tensors)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+    """Save a tiny random StableDiffusionPipeline of ``style`` (a name in STYLES) into ``folder``."""
     s = STYLES[style]
-    torch.manual_seed(seed)
-    tok_dir = os.path.join(folder, "_tok")
-    n_vocab = write_tokenizer(tok_dir, s["pad_token"])
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, bos_token_id=n_vocab - 2,
-                                                eos_token_id=n_vocab - 1, pad_token_id=1,
-                                                max_position_embeddings=77, **s["clip"]))
-    unet = UNet2DConditionModel(norm_num_groups=32, **s["unet"])
-    n = len(s["vae"]["block_out_channels"])
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        latent_channels=4, norm_num_groups=32, **s["vae"])
-    with torch.no_grad():
-        for m in (unet, vae, text_encoder):
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type=s["prediction_type"])
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return pipe
+    return tiny_models.build_pipeline(folder, dict(s, unet=dict(s["unet"], norm_num_groups=32),
+                                                   vae=dict(s["vae"], norm_num_groups=32)), seed)
 
 
 def read_state_dicts(pipe_dir):
