@@ -49,6 +49,24 @@ class Pipeline:
         return layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
                           cfg.layer_norm_eps)
 
+    def generate(self, prompt, negative_prompt="", steps=25, guidance_scale=7.5, sampler="dpmpp_2m",
+                 seed=0, height=None, width=None, latents=None, output_type="pil", **kwargs):
+        """Generate images for a prompt or a list of prompts.
+
+        latents: x_T as NCHW (like diffusers); in img2img the noise added to the encoded image.
+        output_type: "pil" -> list of PIL images, "np" -> float32 NHWC in [0, 1].
+        Further keywords: clip_skip, init_image + strength (img2img), init_image + mask
+        (inpainting: white is repainted), scheduler_overrides (dict of scheduler config
+        fields), loop ("host": one compiled step with a progress bar, or "scan"), progress.
+        """
+        from .generate import run
+        return run(self, prompt, negative_prompt, steps, guidance_scale, sampler, seed, height, width,
+                   latents, output_type, **kwargs)
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.configs["vae"].block_out_channels) - 1)
+
     def save(self, out_dir, overwrite=False):
         """Write this pipeline as a diffusers folder (safetensors)."""
         ckpt = checkpoint.Checkpoint(self.params, self.configs,

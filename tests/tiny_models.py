@@ -113,7 +113,9 @@ def build_pipeline(folder, style="sd1", seed=0):
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
-    return pipe.to(torch.float32)
+    # read back from disk: an in-memory config remembers which keys were defaults and
+    # from_config treats them differently from the saved JSON sdjax reads
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
 def nchw(a):
