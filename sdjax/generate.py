@@ -74,7 +74,8 @@ def denoise_loop(unet_params, config, sampler, plan, state, context, guidance_sc
 
 @functools.partial(jax.jit, static_argnums=1)
 def _encode_latents(params, config, images):
-    mean, _ = vae_model.encode(params, config, images * 2 - 1)
+    """images in [-1, 1] -> scaled latents: the distribution's mean (diffusers samples it)."""
+    mean, _ = vae_model.encode(params, config, images)
     return mean.astype(jnp.float32) * config.scaling_factor
 
 
@@ -146,12 +147,12 @@ def run(pipe, prompt, negative_prompt="", steps=25, guidance_scale=7.5, sampler=
     extra = {}
     start_image = None  # the image latents to noise to the plan's start, or pure noise
     if init_image is not None:
-        img = jnp.asarray(load_rgb(init_image, (height, width)))[None].repeat(b, 0)
+        img = jnp.asarray(load_rgb(init_image, (height, width)) * 2 - 1)[None].repeat(b, 0)  # [-1, 1]
         if mask is not None:
             m = jnp.asarray(load_mask(mask, (height, width)))[None].repeat(b, 0)
             m_lat = nn.upsample_nearest(m, shape[1:3])
             if inpaint_unet:
-                masked = _encode_latents(pipe.params["vae"], vcfg, img * (m < 0.5))
+                masked = _encode_latents(pipe.params["vae"], vcfg, img * (m < 0.5))  # masked -> 0 (grey)
                 extra["cond"] = jnp.concatenate([m_lat, masked], axis=-1)
             image_latents = _encode_latents(pipe.params["vae"], vcfg, img)
             if not inpaint_unet:
