@@ -118,6 +118,16 @@ def build_pipeline(folder, style="sd1", seed=0):
     return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
+# sdjax sampler name -> (diffusers scheduler class, from_config overrides)
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {}),
+}
+
 def nchw(a):
     return np.asarray(a).transpose(0, 3, 1, 2)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import samplers
+from tiny_models import DIFFUSERS_SCHEDULERS
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -22,14 +23,7 @@ SD_CONFIG = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "bet
              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
              "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
              "clip_sample": False}
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {}),
-}
+DIFFUSERS = DIFFUSERS_SCHEDULERS
 SHAPE = (1, 4, 8, 8)
 TOLERANCE = 1e-5
 

@@ -6,17 +6,9 @@ import torch
 
 import sdjax
 from sdjax import generate as gen
-from tiny_models import nchw, nhwc
+from tiny_models import DIFFUSERS_SCHEDULERS, nchw, nhwc
 
 PSNR_MIN = 70.0
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}), "lcm": ("LCMScheduler", {}),
-}
 PROMPTS = ["a red circle", "the small blue square"]
 NEGATIVE = ["green", ""]
 
