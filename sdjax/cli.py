@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -71,6 +72,17 @@ def cmd_generate(args):
             raise UsageError(f"--latents {args.latents}: cannot read a .npy array ({e})") from None
     else:
         latents = None
+    overrides = {}
+    for item in args.scheduler_option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--scheduler-option {item!r}: expected KEY=VALUE, e.g. timestep_spacing=trailing")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string such as trailing or v_prediction
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
     prompts = [args.prompt] * args.batch_size
     try:
@@ -78,8 +90,8 @@ def cmd_generate(args):
                                guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
                                height=args.height, width=args.width, latents=latents, output_type="np",
                                clip_skip=args.clip_skip, init_image=args.init_image, strength=args.strength,
-                               mask=args.mask, progress=not args.quiet)
-    except (GenerationError, ImageError) as e:
+                               mask=args.mask, scheduler_overrides=overrides, progress=not args.quiet)
+    except (GenerationError, ImageError, ValueError) as e:
         raise UsageError(str(e)) from None
     if out.endswith(".npy"):
         save_npy(images, out)
@@ -121,6 +133,9 @@ def build_parser():
                    help="how much of the init image to repaint, in [0, 1] (default 0.8, inpainting 1.0)")
     p.add_argument("--mask", default=None, metavar="IMAGE", help="inpainting mask: white is repainted")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--scheduler-option", action="append", metavar="KEY=VALUE",
+                   help="override a scheduler_config.json field, e.g. timestep_spacing=trailing, "
+                   "prediction_type=v_prediction (repeatable)")
     p.add_argument("--clip-skip", type=int, default=0)
     p.add_argument("--out", "-o", default="out.png", help="FILE.png (one per image: -0, -1, ... when batched) "
                    "or FILE.npy (float32 NHWC in [0, 1])")

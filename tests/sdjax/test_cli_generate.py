@@ -50,6 +50,8 @@ def test_latents_file_and_batch_pngs(pipeline_dirs, tmp_path):
     (["--init-image", "small.png", "--strength", "2"], "strength=2.0"),
     (["--latents", "wrong.npy"], "latents: shape (1, 4, 2, 2)"),
     (["--out", "x.jpg"], "must end in .png"),
+    (["--scheduler-option", "timestep_spacing"], "expected KEY=VALUE"),
+    (["--scheduler-option", "timestep_spacing=sideways"], "timestep_spacing"),
 ])
 def test_usage_errors_exit_2_without_traceback_or_output(pipeline_dirs, tmp_path, extra, message):
     folder, _ = pipeline_dirs("sd1")
