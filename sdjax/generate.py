@@ -86,6 +86,7 @@ def _decode_images(params, config, latents):
 
 
 def vae_scale_factor(vae_config):
+    """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD)."""
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 

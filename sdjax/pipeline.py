@@ -65,7 +65,9 @@ class Pipeline:
 
     @property
     def vae_scale_factor(self):
-        return 2 ** (len(self.configs["vae"].block_out_channels) - 1)
+        """Image pixels per latent pixel (8 for SD)."""
+        from .generate import vae_scale_factor
+        return vae_scale_factor(self.configs["vae"])
 
     def save(self, out_dir, overwrite=False):
         """Write this pipeline as a diffusers folder (safetensors)."""
