@@ -41,3 +41,48 @@ class Tokenizer:
 
     def decode(self, ids):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _byte_alphabet():
+    """The GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256+."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_bpe(folder, words, pad_token="<|endoftext|>", max_length=77) -> int:
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, special tokens) whose merges make each of
+    ``words`` one token; any other text still tokenizes, byte by byte. Returns the vocabulary size."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges, seen = [], set()
+    for w in words:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merged, m = parts[0] + parts[1], f"{parts[0]} {parts[1]}"
+            if m not in seen:
+                seen.add(m)
+                merges.append(m)
+                vocab.append(merged)
+            parts = [merged] + parts[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    import json
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({**special, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
+                   "do_lower_case": True}, f, indent=2)
+    return len(vocab)

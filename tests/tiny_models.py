@@ -8,18 +8,7 @@ import os
 import numpy as np
 import torch
 
-
-def _bytes_to_unicode():
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256+
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from sdjax.tokenizer import write_bpe
 
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "large", "photo", "of", "the", "cat"]
@@ -27,32 +16,7 @@ WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "large", "pho
 
 def write_tokenizer(folder, pad_token="<|endoftext|>"):
     """A CLIP BPE tokenizer in the openai/clip format, with merges that make WORDS single tokens."""
-    os.makedirs(folder, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            m = f"{parts[0]} {parts[1]}"
-            if m not in merges:
-                merges.append(m)
-                vocab.append(merged)
-            parts = [merged] + parts[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
-                   "do_lower_case": True}, f)
-    return len(vocab)
+    return write_bpe(folder, WORDS, pad_token)
 
 
 STYLES = {

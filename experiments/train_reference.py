@@ -1,0 +1,311 @@
+"""Train the embedded reference model: a small Stable Diffusion 1.x that draws the shapes dataset.
+
+    python experiments/train_reference.py                      # train into runs/reference (resumes)
+    python experiments/train_reference.py --ship               # ... then copy the model into sdjax/
+
+Stages (each resumes from its last checkpoint in --out; a finished stage is skipped):
+
+1. VAE (AutoencoderKL, 3 levels = 4x downsampling, 4 latent channels): L2 + L1 reconstruction and a small
+   KL term on 64x64 scenes rendered on the fly (``sdjax.shapes``).
+2. The latent scaling factor, 1 / std of the latents of 2048 scenes (how SD's 0.18215 was chosen).
+3. CLIP text encoder and UNet (SD 1.x block types, cross-attention, epsilon prediction, SD 1.x
+   scaled-linear betas) trained jointly from scratch; 10% of captions dropped to "" so that
+   classifier-free guidance works.
+
+AdamW (optax) with warmup and cosine decay; EMA weights (``optax.incremental_update``) are what is
+exported. Everything derives from --seed: the data of step i is a function of (seed, i), so a resumed
+run gives the same result as an uninterrupted one. The exported folder is a diffusers checkpoint
+(``StableDiffusionPipeline.from_pretrained`` reads it), written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from tqdm import tqdm
+
+from sdjax import checkpoint, clip, shapes, unet, vae
+from sdjax import configs as cfgs
+from sdjax.tokenizer import Tokenizer, write_bpe
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.RESOLUTION,
+    down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8, act_fn="silu",
+    scaling_factor=1.0)  # replaced by the measured factor
+UNET_CONFIG = dict(
+    sample_size=shapes.RESOLUTION // 4, in_channels=4, out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=1, norm_num_groups=8,
+    cross_attention_dim=64)
+CLIP_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
+SCHEDULER_CONFIG = {  # Stable Diffusion 1.5's scheduler
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+    "timestep_spacing": "leading"}
+
+
+def alphas_cumprod():
+    c = SCHEDULER_CONFIG
+    betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"],
+                        dtype=np.float64) ** 2
+    return np.cumprod(1 - betas).astype(np.float32)
+
+
+def optimizer(lr, steps, warmup):
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.99, weight_decay=1e-2))
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def save_state(path, state):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.to_bytes(state))
+    os.replace(tmp, path)
+
+
+def load_state(path, template):
+    with open(path, "rb") as f:
+        return serialization.from_bytes(template, f.read())
+
+
+class Interrupted(RuntimeError):
+    """Raised by --interrupt-after, which simulates a killed run (for testing resumption)."""
+
+
+class Stage:
+    """One optimisation with resumable state {params, opt, ema, step} saved to ``out/<name>.msgpack``."""
+
+    def __init__(self, name, out, params, loss_fn, lr, steps, warmup, ema_decay, save_every):
+        self.name, self.steps, self.save_every = name, steps, save_every
+        self.path = os.path.join(out, f"{name}.msgpack")
+        self.tx = optimizer(lr, steps, warmup)
+        self.state = {"params": params, "opt": self.tx.init(params),
+                      "ema": jax.tree.map(lambda a: jnp.array(a, copy=True), params), "step": 0}
+        if os.path.exists(self.path):
+            self.state = load_state(self.path, self.state)
+            print(f"[{name}] resumed at step {int(self.state['step'])} from {self.path}")
+        tx = self.tx
+
+        def step(state, batch, key):
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key)
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            # EMA with warmup: decay min(ema_decay, (1 + t) / (10 + t)) as in diffusers' EMAModel
+            t = state["step"].astype(jnp.float32) if hasattr(state["step"], "astype") else float(state["step"])
+            decay = jnp.minimum(ema_decay, (1 + t) / (10 + t))
+            ema = optax.incremental_update(params, state["ema"], 1 - decay)
+            return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, loss
+
+        self._step = jax.jit(step, donate_argnums=0)
+
+    @property
+    def done(self):
+        return int(self.state["step"]) >= self.steps
+
+    def run(self, make_batch, seed, interrupt_after=None):
+        start = int(self.state["step"])
+        if start >= self.steps:
+            return self.state
+        self.state["step"] = jnp.asarray(start, jnp.int32)
+        bar = tqdm(range(start, self.steps), desc=self.name, initial=start, total=self.steps,
+                   dynamic_ncols=True, mininterval=2.0)
+        losses = []
+        for i in bar:
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            self.state, loss = self._step(self.state, make_batch(i), key)
+            losses.append(loss)
+            if (i + 1) % 25 == 0:
+                bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.4f}")
+                losses = []
+            if (i + 1) % self.save_every == 0 or i + 1 == self.steps:
+                save_state(self.path, self.state)
+            if interrupt_after is not None and i + 1 - start >= interrupt_after:
+                raise Interrupted(f"{self.name}: stopped after step {i + 1} (--interrupt-after)")
+        return self.state
+
+
+# ------------------------------------------------------------------ stages
+
+def train_vae(args, vcfg):
+    def loss_fn(p, images, key):
+        x = images * 2 - 1
+        mean, logvar = vae.encode(p, vcfg, x)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        rec = vae.decode(p, vcfg, z)
+        n = x.shape[0]
+        kl = 0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar) / n
+        return jnp.mean((rec - x) ** 2) + 0.5 * jnp.mean(jnp.abs(rec - x)) + args.kl_weight * kl / x[0].size
+
+    params = vae.init_params(vcfg, args.seed)
+    stage = Stage("vae", args.out, params, loss_fn, args.vae_lr, args.vae_steps, 200, 0.99, args.save_every)
+    b = args.vae_batch
+    state = stage.run(lambda i: jnp.asarray(shapes.batch(args.seed, i * b, b)[0]), args.seed, args.interrupt_after)
+    return state["ema"]
+
+
+def held_out(args, n, offset=10_000_000):
+    """Scenes far from the training stream (index offset), for measurements."""
+    return shapes.batch(args.seed + 1, offset, n)
+
+
+def vae_psnr(vparams, vcfg, images):
+    enc = jax.jit(lambda x: vae.decode(vparams, vcfg, vae.encode(vparams, vcfg, x)[0]))
+    rec = np.concatenate([np.asarray(enc(jnp.asarray(images[i:i + 64] * 2 - 1)))
+                          for i in range(0, len(images), 64)])
+    rec = np.clip((rec + 1) / 2, 0, 1)
+    mse = np.mean((rec - images) ** 2, axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-12))))
+
+
+def scaling_factor(vparams, vcfg, args):
+    images, _ = shapes.batch(args.seed + 2, 0, 2048)
+    enc = jax.jit(lambda x: vae.encode(vparams, vcfg, x)[0])
+    lat = np.concatenate([np.asarray(enc(jnp.asarray(images[i:i + 128] * 2 - 1))) for i in range(0, 2048, 128)])
+    return float(1.0 / lat.std())
+
+
+def encode_pool(args, vparams, vcfg, n):
+    """Latent distributions (mean, logvar) and token ids of the first n scenes of the UNet's data
+    stream, encoded once: the UNet stage samples a fresh latent from them at every step."""
+    enc = jax.jit(lambda x: vae.encode(vparams, vcfg, x * 2 - 1))
+    stats, captions = [], []
+    for i in tqdm(range(0, n, 256), desc="encode", dynamic_ncols=True, mininterval=2.0):
+        images, caps = shapes.batch(args.seed + 3, i, min(256, n - i))
+        mean, logvar = enc(jnp.asarray(images))
+        stats.append(np.concatenate([np.asarray(mean), np.asarray(logvar)], -1))
+        captions += caps
+    return np.concatenate(stats), captions
+
+
+def train_unet(args, vparams, vcfg, ucfg, ccfg, tok):
+    acp = jnp.asarray(alphas_cumprod())
+    empty = np.asarray(tok([""]))[0]
+    sf = vcfg.scaling_factor
+
+    def loss_fn(p, batch, key):
+        stats, ids = batch
+        k1, k2, k3 = jax.random.split(key, 3)
+        mean, logvar = jnp.split(stats, 2, axis=-1)
+        lat = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k1, mean.shape)) * sf
+        t = jax.random.randint(k2, (lat.shape[0],), 0, acp.shape[0])
+        noise = jax.random.normal(k3, lat.shape)
+        a = acp[t][:, None, None, None]
+        noisy = jnp.sqrt(a) * lat + jnp.sqrt(1 - a) * noise
+        ctx = clip.apply(p["text_encoder"], ccfg, ids)[0]
+        pred = unet.apply(p["unet"], ucfg, noisy, t, ctx)
+        return jnp.mean((pred - noise) ** 2)
+
+    params = {"text_encoder": clip.init_params(ccfg, args.seed + 10), "unet": unet.init_params(ucfg, args.seed + 11)}
+    stage = Stage("unet", args.out, params, loss_fn, args.unet_lr, args.unet_steps, 300, args.ema_decay,
+                  args.save_every)
+    if stage.done:
+        return stage.state["ema"]
+    stats, captions = encode_pool(args, vparams, vcfg, args.pool)
+    ids = np.asarray(tok(captions))
+    b = args.unet_batch
+
+    def make_batch(i):
+        rng = np.random.default_rng([args.seed, 7, i])
+        pick = rng.integers(0, len(stats), b)
+        batch_ids = ids[pick].copy()
+        batch_ids[rng.random(b) < args.caption_dropout] = empty
+        return jnp.asarray(stats[pick]), jnp.asarray(batch_ids)
+
+    return stage.run(make_batch, args.seed, args.interrupt_after)["ema"]
+
+
+def export(args, vparams, vcfg, tparams, ucfg, ccfg, tok_dir, dest):
+    ckpt = checkpoint.Checkpoint(
+        params={"text_encoder": tparams["text_encoder"], "unet": tparams["unet"], "vae": vparams},
+        configs={"text_encoder": ccfg, "unet": ucfg, "vae": vcfg}, tokenizer_dir=tok_dir,
+        scheduler_config=dict(SCHEDULER_CONFIG), source="experiments/train_reference.py")
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    checkpoint.save(ckpt, dest, progress=False)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "reference"), help="checkpoints and exported model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight relative to the summed pixel loss")
+    ap.add_argument("--unet-steps", type=int, default=4200)
+    ap.add_argument("--pool", type=int, default=24_000, help="scenes encoded once for the UNet stage")
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.998, help="UNet/CLIP EMA (the VAE uses 0.99)")
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--save-every", type=int, default=250, help="steps between resumable checkpoints")
+    ap.add_argument("--interrupt-after", type=int, default=None,
+                    help="stop each stage after this many steps, as if killed (to test resuming)")
+    ap.add_argument("--ship", action="store_true", help="copy the exported model into sdjax/reference_model")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    log = {"args": vars(args), "jax": jax.__version__, "devices": str(jax.devices())}
+
+    tok_dir = os.path.join(args.out, "tokenizer")
+    write_bpe(tok_dir, shapes.WORDS)
+    tok = Tokenizer(tok_dir)
+    vocab_size = len(json.load(open(os.path.join(tok_dir, "vocab.json"))))
+    ccfg = cfgs.clip_config({**CLIP_CONFIG, "vocab_size": vocab_size, "bos_token_id": tok._tok.bos_token_id,
+                             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    vcfg = cfgs.vae_config(VAE_CONFIG)
+
+    vparams = train_vae(args, vcfg)
+    log["vae_minutes"] = (time.time() - t0) / 60
+    images, _ = held_out(args, 256)
+    log["vae_psnr_db"] = vae_psnr(vparams, vcfg, images)
+    sf = scaling_factor(vparams, vcfg, args)
+    vcfg = cfgs.vae_config({**VAE_CONFIG, "scaling_factor": sf})
+    log["scaling_factor"] = sf
+    print(f"VAE: held-out PSNR {log['vae_psnr_db']:.2f} dB, scaling factor {sf:.5f}")
+
+    ucfg = cfgs.unet_config(UNET_CONFIG)
+    t1 = time.time()
+    tparams = train_unet(args, vparams, vcfg, ucfg, ccfg, tok)
+    log["unet_minutes"] = (time.time() - t1) / 60
+    log["total_minutes"] = (time.time() - t0) / 60
+
+    dest = os.path.join(args.out, "model")
+    export(args, vparams, vcfg, tparams, ucfg, ccfg, tok_dir, dest)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(json.dumps({k: v for k, v in log.items() if k != "args"}, indent=2))
+    print(f"exported {dest}")
+    if args.ship:
+        ship = os.path.join(REPO, "sdjax", "reference_model")
+        tmp = ship + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(dest, tmp)
+        shutil.copy(os.path.join(args.out, "train_log.json"), os.path.join(tmp, "train_log.json"))
+        shutil.rmtree(ship, ignore_errors=True)
+        os.replace(tmp, ship)
+        print(f"shipped to {ship}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
