@@ -20,8 +20,66 @@ def _model_arg(p):
                    help="parameter and compute dtype (default float32)")
 
 
+def _layer_stats(w):
+    """(absmax, std, fraction of |w| > 6 std) of a weight's float value."""
+    a = np.asarray(w.dequantize(np.float32) if hasattr(w, "dequantize") else w, np.float64)
+    std = float(a.std())
+    return float(np.abs(a).max()), std, float(np.mean(np.abs(a) > 6 * std)) if std > 0 else 0.0
+
+
+def _signal_noise(ref, w):
+    """(|ref|^2, |ref - w|^2) of the weights' float values, for an SQNR."""
+    r = np.asarray(ref.dequantize(np.float32) if hasattr(ref, "dequantize") else ref, np.float64)
+    q = np.asarray(w.dequantize(np.float32) if hasattr(w, "dequantize") else w, np.float64)
+    return float(np.sum(r * r)), float(np.sum((r - q) ** 2))
+
+
+def _db(signal, noise):
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10 * np.log10(signal / noise)
+
+
+def _print_layers(comp, params, against, source):
+    from quant import io as qio
+    from quant.recipes import layers as layer_table
+    table = layer_table(params)
+    ref_table = None
+    if against is not None:
+        ref_table = layer_table(against.params[comp])
+        bad = [f"{n} {tuple(w.shape)} vs {tuple(ref_table[n].shape) if n in ref_table else 'missing'}"
+               for n, w in table.items() if n not in ref_table or tuple(ref_table[n].shape) != tuple(w.shape)]
+        if bad:
+            from .params import CheckpointError
+            raise CheckpointError(f"{against.source}: does not have the layers of {source} ({comp}): "
+                                  + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    width = max([len(n) for n in table] + [5])
+    print(f"  {comp} layers:")
+    print(f"    {'layer':{width}s} {'method':20s} {'bits/w':>6s} {'bytes':>11s} {'absmax':>9s} {'std':>9s} "
+          f"{'>6std':>8s}" + (f" {'SQNR dB':>8s}" if against else ""))
+    sig = noise = 0.0
+    counts, stored, weights = {}, 0, 0
+    for name, w in table.items():
+        counts[qio.method_of(w)] = counts.get(qio.method_of(w), 0) + 1
+        stored, weights = stored + qio.nbytes(w), weights + int(np.prod(w.shape))
+        absmax, std, frac = _layer_stats(w)
+        line = (f"    {name:{width}s} {qio.label(w):20s} {qio.bits_per_weight(w):6.2f} {qio.nbytes(w):11d} "
+                f"{absmax:9.4f} {std:9.5f} {frac:8.2e}")
+        if ref_table is not None:
+            s_, n_ = _signal_noise(ref_table[name], w)
+            sig, noise = sig + s_, noise + n_
+            line += f" {_db(s_, n_):8.2f}"
+        print(line)
+    print(f"    {comp} conv/linear weights: {', '.join(f'{n} {m}' for m, n in counts.items())}; {stored} bytes, "
+          f"{2 * weights / max(stored, 1):.2f}x vs float16, {8 * stored / max(weights, 1):.2f} bits per weight"
+          + (f"; SQNR {_db(sig, noise):.2f} dB (pooled) against {against.source}" if ref_table is not None else ""))
+
+
 def cmd_inspect(args):
     import sdjax
+    from quant import io as qio, size_bytes
     from sdjax.nn import flatten
     if args.random:
         if args.model or args.path:
@@ -31,23 +89,85 @@ def cmd_inspect(args):
     else:
         pipe = sdjax.load(args.model if args.model is not None else args.path, dtype=args.dtype,
                           progress=not args.quiet)
+    against = None
+    if args.against is not None:
+        against = sdjax.load(args.against, dtype="float32", progress=not args.quiet)
     print(f"model: {pipe.source}")
-    total = 0
+    if pipe.quantization:
+        recipe = pipe.quantization.get("recipe") or {}
+        comps = list((pipe.quantization.get("components") or {}).keys()) or recipe.get("components", [])
+        print(f"  quantized     recipe {recipe.get('name', '?')!r} ({', '.join(comps)}; "
+              f"sdjax quantized format v{qio.FORMAT_VERSION})")
+    total = total_params = 0
     for comp in ("text_encoder", "unet", "vae"):
         flat = flatten(pipe.params[comp])
         n = sum(int(np.prod(v.shape)) for v in flat.values())
-        nbytes = sum(int(getattr(v, "nbytes", 0)) for v in flat.values())
+        nbytes = size_bytes(pipe.params[comp])
         total += nbytes
+        total_params += n
         print(f"  {comp:13s} {len(flat):5d} tensors {n / 1e6:9.2f} M params {nbytes / 2**20:9.1f} MiB")
         if args.verbose:
             cfg = pipe.configs[comp]
             for field, value in vars(cfg).items():
                 print(f"      {field} = {value}")
     print(f"  {'total':13s} {'':29s} {total / 2**20:9.1f} MiB ({args.dtype})")
+    print(f"  {'compression':13s} {2 * total_params / max(total, 1):.2f}x vs float16: {total} bytes stored, "
+          f"{2 * total_params} as float16, {8 * total / max(total_params, 1):.2f} bits per parameter")
     sched = pipe.scheduler_config
     if sched:
         print(f"  scheduler     {sched.get('_class_name', '?')}, prediction_type={sched.get('prediction_type', 'epsilon')}")
     print(f"  tokenizer     {pipe.tokenizer.folder if pipe.tokenizer else 'none'}")
+    for comp in ("text_encoder", "unet", "vae"):
+        if args.layers or qio.has_quantized(pipe.params[comp]):
+            _print_layers(comp, pipe.params[comp], against, pipe.source)
+
+
+def cmd_quantize(args):
+    import sdjax
+    import quant
+    from quant import io as qio
+    try:
+        recipe = quant.parse_recipe(args.recipe, select=args.select,
+                                    components=args.components.split(",") if args.components else None)
+    except quant.RecipeError as e:
+        raise UsageError(str(e)) from None
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
+    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    calibration = None
+    if recipe.needs_calibration:
+        calibration = _calibration_run(pipe, args)
+    try:
+        qpipe = pipe.quantize(recipe, calibration=calibration, progress=not args.quiet)
+    except quant.RecipeError as e:
+        raise UsageError(str(e)) from None
+    out = qio.save(qpipe, args.out, recipe=recipe, overwrite=args.overwrite, progress=not args.quiet)
+    for comp in recipe.components:
+        table = quant.recipes.layers(qpipe.params[comp])
+        counts = {}
+        for w in table.values():
+            counts[qio.label(w)] = counts.get(qio.label(w), 0) + 1
+        before, after = quant.size_bytes(pipe.params[comp]), quant.size_bytes(qpipe.params[comp])
+        print(f"{comp}: {', '.join(f'{n} {m}' for m, n in counts.items())}; "
+              f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
+    print(f"wrote {out} (recipe {recipe.name!r}; sdjax format: load it with sdjax, diffusers cannot)")
+
+
+CALIBRATION_PROMPTS = ("a photo of a cat", "a red circle on a blue square", "a landscape painting at sunset",
+                       "a portrait of a person, studio lighting")
+
+
+def _calibration_run(pipe, args):
+    """run(params) for quant.calibrate.observe: guided generation over the calibration prompts."""
+    import dataclasses
+    prompts = args.calibration_prompt or list(CALIBRATION_PROMPTS)
+    if args.calibration_steps < 1:
+        raise UsageError(f"--calibration-steps {args.calibration_steps}: must be >= 1")
+
+    def run(params):
+        probe = dataclasses.replace(pipe, params=params)
+        return probe.generate(prompts, steps=args.calibration_steps, seed=0, output_type="np", progress=False)
+    return run
 
 
 def cmd_convert(args):
@@ -100,7 +220,9 @@ def cmd_generate(args):
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
             "height": images.shape[1], "width": images.shape[2], "dtype": args.dtype,
-            "model": pipe.source, "recipe": "none (float)", "software": f"sdjax {sdjax.__version__}"}
+            "model": pipe.source,
+            "recipe": ((pipe.quantization or {}).get("recipe") or {}).get("name", "?") if pipe.quantization
+            else "none (float)", "software": f"sdjax {sdjax.__version__}"}
     for k in ("init_image", "strength", "mask", "clip_skip"):
         if getattr(args, k) not in (None, 0) and (k != "strength" or args.init_image or args.mask):
             meta[k] = getattr(args, k)
@@ -148,8 +270,39 @@ def build_parser():
     p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21"],
                    help="a full-size architecture with random weights instead of a checkpoint (sd15, sd21)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every config field")
+    p.add_argument("--layers", action="store_true",
+                   help="per-layer table (method, bits per weight with overhead, bytes, absmax, std, fraction "
+                   "|w| > 6 std) for every component; printed anyway for quantized components")
+    p.add_argument("--against", metavar="FLOAT_MODEL", default=None,
+                   help="float model (the quantized model's source) to measure each layer's SQNR against, "
+                   "10 log10(|w|^2 / |w - w_q|^2), as a column of the per-layer tables")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="quantize a model by a recipe into an sdjax quantized folder (diffusers cannot read it)",
+                       description="Quantize a model by a recipe and write it as a folder in the diffusers "
+                       "layout (model_index.json, tokenizer/, scheduler/, config.json files) whose quantized "
+                       "components are sdjax_quantized.safetensors files: packed indices, LUTs, int8 data and "
+                       "scales, with the recipe and per-layer methods in the header. sdjax.load and every sdjax "
+                       "command read it; diffusers and transformers cannot (components left float are ordinary "
+                       "diffusers files).")
+    _model_arg(p)
+    p.add_argument("--recipe", "-r", required=True,
+                   help="a preset (w8-int8conv, w8a8-int8conv, w8-int8, llm-int8, palette-Nbit for N in "
+                   "1,2,3,4,6,8, palette-Nbit-gG with one LUT per G output channels) or a recipe JSON file: sdjax rules ({\"rules\": [{\"pattern\": GLOB, \"method\": ...}]}) "
+                   "or Apple's mixed-bit {layer: nbits} / pre-analysis JSON")
+    p.add_argument("--select", default=None, metavar="NAME",
+                   help="which recipe of an Apple pre-analysis JSON (its \"recipes\" object) to apply")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="comma-separated components to quantize, replacing the recipe's (unet,text_encoder,vae)")
+    p.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
+                   help="prompt to calibrate W8A8 activation scales on (repeatable; default: four built-in prompts)")
+    p.add_argument("--calibration-steps", type=int, default=4,
+                   help="sampler steps per calibration prompt (default 4)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="convert a checkpoint (single file or folder) to a diffusers folder")
     p.add_argument("path", help="source: diffusers folder or single .safetensors/.ckpt")

@@ -30,6 +30,7 @@ class Pipeline:
     scheduler_config: dict
     dtype: object
     source: str = ""
+    quantization: dict | None = None  # {"recipe": recipe dict or None, ...} for a quantized pipeline
 
     def encode_prompt(self, prompts, clip_skip: int = 0):
         """Prompts -> CLIP hidden states for cross-attention (B, 77, D).
@@ -69,8 +70,27 @@ class Pipeline:
         from .generate import vae_scale_factor
         return vae_scale_factor(self.configs["vae"])
 
+    def quantize(self, recipe, calibration=None, select=None, components=None, progress=False) -> "Pipeline":
+        """A new pipeline whose params are quantized by ``recipe`` (a preset name, a JSON file, a
+        dict; see ``quant.recipes``). ``components`` replaces the recipe's components;
+        ``calibration`` as ``quant.apply_recipe``."""
+        import quant
+        r = quant.parse_recipe(recipe, select=select, components=components)
+        params = quant.apply_recipe(self.params, r, calibration, progress=progress)
+        return dataclasses.replace(self, params=params, quantization={"recipe": r.to_json()})
+
+    @property
+    def is_quantized(self):
+        import jax
+        return any(hasattr(w, "dequantize") for w in jax.tree.leaves(self.params,
+                                                                    is_leaf=lambda x: hasattr(x, "dequantize")))
+
     def save(self, out_dir, overwrite=False):
-        """Write this pipeline as a diffusers folder (safetensors)."""
+        """Write this pipeline as a diffusers folder (safetensors). A quantized pipeline is
+        written in sdjax's quantized layout (``quant.io``; diffusers cannot read it)."""
+        if self.is_quantized:
+            from quant import io as qio
+            return qio.save(self, out_dir, overwrite=overwrite)
         ckpt = checkpoint.Checkpoint(self.params, self.configs,
                                      self.tokenizer.folder if self.tokenizer else None,
                                      self.scheduler_config, None, self.source)
@@ -90,10 +110,21 @@ def random(name="sd15", seed=0, dtype="float32") -> Pipeline:
 def load(path=None, dtype="float32", variant=None, configs=None, progress=True) -> Pipeline:
     """Load a diffusers folder or single .safetensors/.ckpt; ``None`` is the embedded model.
 
-    ``dtype`` ("float32", "bfloat16", "float16") is the params' and compute dtype.
-    ``configs`` overrides inferred single-file config fields per component."""
+    A folder written by ``sdjax quantize`` (``quant.io``) is recognised by its quantized
+    components' metadata and loads with the same quantized weight objects.
+    ``dtype`` ("float32", "bfloat16", "float16") is the params' and compute dtype (quantized
+    weights keep their stored dtypes). ``configs`` overrides inferred single-file config fields
+    per component."""
     dt = canonical_dtype(dtype)
     path = reference_model_path() if path is None else os.fspath(path)
-    ckpt = checkpoint.load(path, dt, variant=variant, configs=configs, progress=progress)
+    quantization = None
+    from quant import io as qio
+    if qio.is_quantized_folder(path):
+        ckpt, quantization = qio.load(path, dt, progress=progress)
+    else:
+        if os.path.basename(path) == qio.WEIGHTS_NAME:
+            raise CheckpointError(f"{path}: is one component of an sdjax quantized folder; load the folder "
+                                  f"{os.path.dirname(os.path.dirname(os.path.abspath(path)))}")
+        ckpt = checkpoint.load(path, dt, variant=variant, configs=configs, progress=progress)
     tok = Tokenizer(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
-    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path)
+    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization)

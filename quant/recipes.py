@@ -1,0 +1,583 @@
+"""Recipes: which quantization method each layer gets, by layer name.
+
+A recipe is a JSON object (or the same dict in Python)::
+
+    {"name": "attn-4bit",
+     "components": ["unet"],                  # default ["unet"]; also "text_encoder", "vae"
+     "weight_threshold": 2048,                # default 2048 (see "Small layers")
+     "rules": [
+        {"pattern": "*attn*.to_[qkv]", "method": "palettize", "nbits": 4, "group_size": 16},
+        {"pattern": "*", "kind": "conv", "method": "int8"},
+        {"regex": "up_blocks\\.[01]\\..*", "method": "float"}]}
+
+Layers are the conv and linear weights of a component, named by their diffusers module name
+(the parameter path without ``.weight``: ``down_blocks.0.resnets.0.conv1``); embeddings, norms and
+biases are never quantized.
+
+Patterns: ``pattern`` is a shell-style glob matched against the whole layer name with
+``fnmatch.fnmatchcase`` (``*`` also crosses dots, ``?`` one character, ``[qkv]`` a class);
+``regex`` is a Python regular expression that must match the whole name (``re.fullmatch``).
+A trailing ``.weight`` in a glob is ignored. Optional filters: ``"kind": "conv"`` (4-D HWIO
+weights, 1x1 convs included) or ``"linear"`` (2-D), and ``"component"`` (a name or list)
+restricting the rule to some of the recipe's components.
+
+First match wins: each layer takes the first rule, in order, whose pattern and filters match it;
+a layer no rule matches stays float. A rule whose pattern matches no layer at all (in the
+components it applies to) is an error naming it.
+
+Methods and their options (any other key in a rule is an error naming the rule):
+
+- ``"palettize"``: k-means LUT (``quant.palettize.kmeans``); ``nbits`` (1, 2, 3, 4, 6, 8;
+  required), ``group_size`` (one LUT per that many output channels; must divide the output
+  channels of every layer the rule takes unless ``"indivisible": "per_tensor"``, which gives
+  those layers one LUT), ``per_channel_scale`` (bool).
+- ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
+- ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
+  ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
+  calibration gives statistics rather than scales, ``act_method`` ("max" or "percentile"),
+  ``granularity`` ("tensor" or "channel"), ``percentile`` (default 99.99).
+- ``"llm-int8"``: LLM.int8() (``quant.llm_int8.quantize``); ``threshold`` (default 6.0),
+  ``path``, ``max_outlier_cols``.
+- ``"float"``: keep the float weight (use it to exempt layers from a later rule).
+
+Small layers: a layer with ``weight_threshold`` elements or fewer (default 2048, coremltools'
+``weight_threshold``: only weights with more elements are compressed) stays float even when a
+rule matches it, unless the rule names it exactly (a glob equal to the layer name) or the rule
+sets its own ``weight_threshold``. SD 1.5 then keeps only the VAE's ``quant_conv`` and
+``post_quant_conv`` (64 and 16 weights) float.
+
+Apple's mixed-bit recipes (``python_coreml_stable_diffusion/mixed_bit_compression_pre_analysis.py``)
+are recognised automatically: a flat ``{layer name: nbits}`` object (nbits 1, 2, 3, 4, 6, 8 are
+palettized with one k-means LUT per tensor, 16 or 32 keep the layer float, layers not named stay
+float, as Apple's ``fake_palette_from_recipe``), or the whole pre-analysis JSON whose
+``"recipes"`` object holds such dicts (pick one with ``select=``; one recipe is taken as is).
+Every entry names a layer exactly, so the size threshold does not apply to them.
+
+Presets by name (``PRESETS`` lists them; all for the UNet):
+
+- ``w8-int8conv``: int8 (W8A16) on conv weights, linear layers float;
+- ``w8a8-int8conv``: int8 W8A8 on conv weights (needs calibration), linear layers float;
+- ``w8-int8``: int8 (W8A16) on every conv and linear layer;
+- ``llm-int8``: LLM.int8() (threshold 6) on the linear layers; convolutions stay float, as
+  bitsandbytes replaces only ``nn.Linear`` (a custom rule may still give convs "llm-int8": they
+  run as the same product over im2col patches);
+- ``palette-{8,6,4,3,2,1}bit``: k-means palettization of every conv and linear layer, one LUT
+  per tensor;
+- ``palette-{n}bit-g{G}``: one LUT per G output channels (coremltools' ``per_grouped_channel``);
+  a layer whose output channels G does not divide gets one LUT.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import numbers
+import os
+import re
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdjax import nn
+
+from . import calibrate, int8, llm_int8, palettize
+
+COMPONENTS = ("text_encoder", "unet", "vae")
+DEFAULT_COMPONENTS = ("unet",)
+DEFAULT_WEIGHT_THRESHOLD = 2048
+APPLE_FLOAT_NBITS = (16, 32)
+KINDS = ("conv", "linear")
+
+_REQUIRED = object()
+# method -> {option: default}
+METHODS = {
+    "float": {},
+    "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error"},
+    "int8": {},
+    "int8-w8a8": {"path": "integer", "act_method": "max", "granularity": "tensor",
+                  "percentile": calibrate.DEFAULT_PERCENTILE},
+    "llm-int8": {"threshold": llm_int8.DEFAULT_THRESHOLD, "path": "integer", "max_outlier_cols": 64},
+}
+_RULE_KEYS = {"pattern", "regex", "method", "kind", "component", "components", "weight_threshold", "comment"}
+_RECIPE_KEYS = {"name", "components", "weight_threshold", "rules", "description", "comment", "format", "source"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be applied (names the rule, and the layer where one is at fault)."""
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    index: int                  # 1-based position in the recipe
+    method: str
+    options: dict               # the method's options, defaults filled in
+    pattern: str | None = None  # glob
+    regex: str | None = None
+    kind: str | None = None
+    components: tuple | None = None
+    weight_threshold: int | None = None
+
+    def __str__(self):
+        what = f"pattern {self.pattern!r}" if self.pattern is not None else f"regex {self.regex!r}"
+        return f"rule {self.index} ({what}, method {self.method!r})"
+
+    def matches(self, name, w):
+        if self.kind is not None and len(w.shape) != (4 if self.kind == "conv" else 2):
+            return False
+        if self.pattern is not None:
+            return fnmatch.fnmatchcase(name, self.pattern)
+        return re.fullmatch(self.regex, name) is not None
+
+    def to_json(self):
+        d = {"pattern": self.pattern} if self.pattern is not None else {"regex": self.regex}
+        d["method"] = self.method
+        if self.kind:
+            d["kind"] = self.kind
+        if self.components:
+            d["component"] = list(self.components)
+        if self.weight_threshold is not None:
+            d["weight_threshold"] = self.weight_threshold
+        d.update(self.options)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    components: tuple
+    rules: tuple
+    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
+    source: str = "sdjax"       # "sdjax", "preset", "apple-mixed-bit"
+
+    def to_json(self):
+        """A plain dict that ``parse`` reads back into this recipe."""
+        return {"name": self.name, "components": list(self.components),
+                "weight_threshold": self.weight_threshold, "source": self.source,
+                "rules": [r.to_json() for r in self.rules]}
+
+    @property
+    def needs_calibration(self):
+        return any(r.method == "int8-w8a8" for r in self.rules)
+
+
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_options(where, method, given):
+    spec = METHODS[method]
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        allowed = ", ".join(sorted(spec)) or "none"
+        raise RecipeError(f"{where}: unknown option(s) {unknown} for method {method!r} (its options: {allowed})")
+    opts = {}
+    for key, default in spec.items():
+        if key not in given:
+            if default is _REQUIRED:
+                raise RecipeError(f"{where}: method {method!r} needs {key!r}")
+            opts[key] = default
+        else:
+            opts[key] = given[key]
+    bad = lambda key, what: RecipeError(f"{where}: {key} must be {what}; got {opts[key]!r}")
+    if method == "palettize":
+        if not _is_int(opts["nbits"]) or opts["nbits"] not in palettize.SUPPORTED_NBITS:
+            raise bad("nbits", f"one of {palettize.SUPPORTED_NBITS} (unsupported nbits)")
+        if opts["group_size"] is not None and (not _is_int(opts["group_size"]) or opts["group_size"] < 1):
+            raise bad("group_size", "a positive integer or null")
+        if not isinstance(opts["per_channel_scale"], bool):
+            raise bad("per_channel_scale", "true or false")
+        if opts["indivisible"] not in ("error", "per_tensor"):
+            raise bad("indivisible", "'error' or 'per_tensor'")
+        opts["nbits"] = int(opts["nbits"])
+        opts["group_size"] = None if opts["group_size"] is None else int(opts["group_size"])
+    if "path" in opts and opts["path"] not in int8.PATHS:
+        raise bad("path", f"one of {int8.PATHS}")
+    if method == "int8-w8a8":
+        if opts["act_method"] not in ("max", "percentile"):
+            raise bad("act_method", "'max' or 'percentile'")
+        if opts["granularity"] not in ("tensor", "channel"):
+            raise bad("granularity", "'tensor' or 'channel'")
+        p = opts["percentile"]
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 100:
+            raise bad("percentile", "a number in (0, 100]")
+    if method == "llm-int8":
+        t = opts["threshold"]
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0:
+            raise bad("threshold", "a number > 0")
+        if not _is_int(opts["max_outlier_cols"]) or opts["max_outlier_cols"] < 1:
+            raise bad("max_outlier_cols", "an integer >= 1")
+    return opts
+
+
+def _components(where, value):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) for c in value):
+        raise RecipeError(f"{where}: components must be a name or a non-empty list of names from {COMPONENTS}")
+    bad = [c for c in value if c not in COMPONENTS]
+    if bad:
+        raise RecipeError(f"{where}: unknown component(s) {bad}; choose from {COMPONENTS}")
+    return tuple(dict.fromkeys(value))
+
+
+def _threshold(where, value):
+    if not _is_int(value) or value < 0:
+        raise RecipeError(f"{where}: weight_threshold must be an integer >= 0; got {value!r}")
+    return int(value)
+
+
+def _rule(index, d):
+    where = f"rule {index}"
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: must be an object with a pattern and a method; got {d!r}")
+    has_p, has_r = "pattern" in d, "regex" in d
+    if has_p == has_r:
+        raise RecipeError(f"{where}: give exactly one of 'pattern' (a glob) or 'regex'; got {sorted(d)}")
+    pattern, regex = d.get("pattern"), d.get("regex")
+    if has_p:
+        if not isinstance(pattern, str) or not pattern:
+            raise RecipeError(f"{where}: pattern must be a non-empty string; got {pattern!r}")
+        if pattern.endswith(".weight"):
+            pattern = pattern[:-len(".weight")]
+        where = f"rule {index} (pattern {pattern!r})"
+    else:
+        if not isinstance(regex, str) or not regex:
+            raise RecipeError(f"{where}: regex must be a non-empty string; got {regex!r}")
+        where = f"rule {index} (regex {regex!r})"
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise RecipeError(f"{where}: not a valid regular expression ({e})") from None
+    method = d.get("method")
+    if method not in METHODS:
+        raise RecipeError(f"{where}: unknown method {method!r}; choose from {sorted(METHODS)}")
+    kind = d.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise RecipeError(f"{where}: kind must be 'conv' or 'linear'; got {kind!r}")
+    comps = None
+    if "component" in d or "components" in d:
+        comps = _components(where, d.get("component", d.get("components")))
+    thr = _threshold(where, d["weight_threshold"]) if "weight_threshold" in d else None
+    given = {k: v for k, v in d.items() if k not in _RULE_KEYS}
+    opts = _check_options(where, method, given)
+    return Rule(index, method, opts, pattern if has_p else None, regex, kind, comps, thr)
+
+
+def _from_sdjax(d, name):
+    unknown = sorted(set(d) - _RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(f"recipe {name!r}: unknown key(s) {unknown} (recipe keys: {sorted(_RECIPE_KEYS)})")
+    rules = d["rules"]
+    if not isinstance(rules, list) or not rules:
+        raise RecipeError(f"recipe {name!r}: 'rules' must be a non-empty list")
+    comps = _components(f"recipe {name!r}", d.get("components", list(DEFAULT_COMPONENTS)))
+    thr = _threshold(f"recipe {name!r}", d.get("weight_threshold", DEFAULT_WEIGHT_THRESHOLD))
+    out = Recipe(str(d.get("name", name)), comps, tuple(_rule(i + 1, r) for i, r in enumerate(rules)),
+                 thr, d.get("source", "sdjax"))
+    _check_rule_components(out)
+    return out
+
+
+def _check_rule_components(recipe):
+    for r in recipe.rules:
+        if r.components is not None and not set(r.components) & set(recipe.components):
+            raise RecipeError(f"{r}: its component(s) {list(r.components)} are not among the recipe's "
+                              f"components {list(recipe.components)}")
+
+
+def is_apple_recipe(d):
+    """A flat ``{layer name: nbits}`` dict (Apple's mixed-bit recipe)."""
+    return (isinstance(d, dict) and bool(d) and "rules" not in d
+            and all(isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    for k, v in d.items()))
+
+
+def _from_apple(d, name):
+    rules = []
+    for i, (layer, nbits) in enumerate(d.items()):
+        if nbits in APPLE_FLOAT_NBITS:
+            rules.append({"pattern": layer, "method": "float"})
+        elif nbits in palettize.SUPPORTED_NBITS and float(nbits).is_integer():
+            rules.append({"pattern": layer, "method": "palettize", "nbits": int(nbits)})
+        else:
+            raise RecipeError(f"mixed-bit recipe {name!r}, entry {i + 1} ({layer!r}): unsupported nbits {nbits!r} "
+                              f"(palettized: {palettize.SUPPORTED_NBITS}; float: {APPLE_FLOAT_NBITS})")
+        if any(c in layer for c in "*?["):
+            raise RecipeError(f"mixed-bit recipe {name!r}, entry {i + 1}: {layer!r} is not a layer name")
+    return _from_sdjax({"name": name, "components": ["unet"], "rules": rules, "source": "apple-mixed-bit"}, name)
+
+
+def preset(name):
+    """The recipe dict of a preset name (see the module docstring), or a RecipeError."""
+    conv = {"pattern": "*", "kind": "conv"}
+    table = {
+        "w8-int8conv": [dict(conv, method="int8")],
+        "w8a8-int8conv": [dict(conv, method="int8-w8a8")],
+        "w8-int8": [{"pattern": "*", "method": "int8"}],
+        "llm-int8": [{"pattern": "*", "kind": "linear", "method": "llm-int8", "threshold": 6.0}],
+    }
+    if name in table:
+        rules = table[name]
+    else:
+        m = re.fullmatch(r"palette-(\d+)bit(?:-g(\d+))?", name)
+        if not m or int(m.group(1)) not in palettize.SUPPORTED_NBITS or (m.group(2) and int(m.group(2)) < 1):
+            raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} "
+                              f"(palette-Nbit for N in {palettize.SUPPORTED_NBITS}, -gG for any group size G)")
+        rule = {"pattern": "*", "method": "palettize", "nbits": int(m.group(1))}
+        if m.group(2):
+            rule.update(group_size=int(m.group(2)), indivisible="per_tensor")
+        rules = [rule]
+    return {"name": name, "components": ["unet"], "rules": copy.deepcopy(rules), "source": "preset"}
+
+
+PRESETS = ("w8-int8conv", "w8a8-int8conv", "w8-int8", "llm-int8",
+           "palette-8bit", "palette-6bit", "palette-4bit", "palette-2bit",
+           "palette-8bit-g16", "palette-6bit-g16", "palette-4bit-g16", "palette-2bit-g16",
+           "palette-4bit-g32")
+
+
+def parse(recipe, select=None, components=None) -> Recipe:
+    """A ``Recipe`` from a preset name, a JSON file path, a dict (sdjax rules, Apple's flat
+    ``{layer: nbits}``, or Apple's pre-analysis JSON with ``"recipes"``), or a ``Recipe``.
+
+    ``select``: the recipe's name inside an Apple pre-analysis file. ``components``: replaces the
+    recipe's components (a name or a list)."""
+    name = "recipe"
+    if isinstance(recipe, Recipe):
+        out = recipe
+    else:
+        if isinstance(recipe, (str, os.PathLike)):
+            path = os.fspath(recipe)
+            if path.endswith(".json") or os.path.sep in path or os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        recipe = json.load(f)
+                except FileNotFoundError:
+                    raise RecipeError(f"{path}: recipe file not found") from None
+                except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise RecipeError(f"{path}: cannot read the recipe as JSON ({e})") from None
+                name = os.path.splitext(os.path.basename(path))[0]
+                if isinstance(recipe, dict) and "rules" in recipe:
+                    recipe.setdefault("name", name)
+            else:
+                recipe = preset(path)
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"{name}: a recipe must be a JSON object; got {type(recipe).__name__}")
+        if "recipes" in recipe and "rules" not in recipe:  # Apple's pre-analysis output
+            table = recipe["recipes"]
+            if not isinstance(table, dict) or not table:
+                raise RecipeError(f"{name}: 'recipes' must be a non-empty object of {{layer: nbits}} recipes")
+            if select is None:
+                if len(table) != 1:
+                    raise RecipeError(f"{name}: holds {len(table)} mixed-bit recipes; select one of: "
+                                      f"{', '.join(table)}")
+                select = next(iter(table))
+            if select not in table:
+                raise RecipeError(f"{name}: no recipe {select!r}; it has: {', '.join(table)}")
+            recipe, name, select = table[select], select, None
+        if select is not None:
+            raise RecipeError(f"{name}: select={select!r} applies only to Apple pre-analysis files (with 'recipes')")
+        if "rules" in recipe:
+            out = _from_sdjax(recipe, str(recipe.get("name", name)))
+        elif is_apple_recipe(recipe):
+            out = _from_apple(recipe, name)
+        else:
+            raise RecipeError(f"{name}: not a recipe: expected {{'rules': [...]}} or Apple's mixed-bit "
+                              f"{{layer name: nbits}}; got keys {sorted(recipe)[:8]}")
+    if components is not None:
+        out = dataclasses.replace(out, components=_components(f"recipe {out.name!r}", components))
+        _check_rule_components(out)
+    return out
+
+
+# --- planning -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    method: str
+    options: dict
+    rule: Rule | None
+    note: str = ""              # why float: "no rule", "small (n <= threshold)"
+
+
+def layers(params):
+    """{layer name: weight} of the conv/linear layers of one component's params."""
+    flat = nn.flatten(params)
+    return {n: flat[n + ".weight"] for n in calibrate.layer_names(params)}
+
+
+def _is_pipeline(params):
+    return (isinstance(params, dict) and bool(params) and set(params) <= set(COMPONENTS)
+            and all(isinstance(v, dict) for v in params.values()))
+
+
+def _targets(params, recipe, component):
+    """[(component, component params)] the recipe applies to."""
+    if _is_pipeline(params):
+        missing = [c for c in recipe.components if c not in params]
+        if missing:
+            raise RecipeError(f"recipe {recipe.name!r} quantizes {missing}, which params do not have "
+                              f"(they have {sorted(params)})")
+        return [(c, params[c]) for c in recipe.components], True
+    if component is None:
+        component = recipe.components[0] if len(recipe.components) == 1 else "unet"
+    return [(component, params)], False
+
+
+def plan(params, recipe, component=None, select=None):
+    """{component: {layer: Assignment}} for every conv/linear layer the recipe looks at, after
+    checking every rule (patterns matching nothing, group sizes); nothing is quantized.
+
+    ``params``: a pipeline's ``{"text_encoder", "unet", "vae"}`` params (the recipe's components
+    are used) or one component's params (named by ``component``, default the recipe's single
+    component, else "unet")."""
+    recipe = parse(recipe, select)
+    targets, _ = _targets(params, recipe, component)
+    out, matched, applies = {}, {}, {}
+    for comp, p in targets:
+        rules = [r for r in recipe.rules if r.components is None or comp in r.components]
+        # rules that name one layer exactly (Apple's recipes: hundreds) are looked up, not scanned
+        literal, scanned = {}, []
+        for r in rules:
+            applies[r.index] = True
+            if r.pattern is not None and not any(c in r.pattern for c in "*?["):
+                literal.setdefault(r.pattern, []).append(r)
+            else:
+                scanned.append(r)
+        assign = {}
+        for name, w in layers(p).items():
+            candidates = sorted(scanned + literal.get(name, []), key=lambda r: r.index)
+            hits = [r for r in candidates if r.matches(name, w)]
+            for r in hits:
+                matched[r.index] = True
+            if not hits:
+                assign[name] = Assignment("float", {}, None, "no rule")
+                continue
+            rule = hits[0]  # first match wins
+            size = int(np.prod(w.shape))
+            thr = recipe.weight_threshold if rule.weight_threshold is None else rule.weight_threshold
+            explicit = rule.pattern == name
+            if rule.method != "float" and size <= thr and not explicit:
+                assign[name] = Assignment("float", {}, rule, f"small ({size} <= {thr} weights)")
+                continue
+            opts = dict(rule.options)
+            if rule.method == "palettize" and opts["group_size"] is not None and w.shape[-1] % opts["group_size"]:
+                if opts["indivisible"] == "error":
+                    raise RecipeError(f"{rule}: group_size {opts['group_size']} does not divide the "
+                                      f"{w.shape[-1]} output channels of {comp} layer {name!r} {tuple(w.shape)} "
+                                      f"(set \"indivisible\": \"per_tensor\" to give such layers one LUT)")
+                opts["group_size"] = None
+            assign[name] = Assignment(rule.method, opts, rule)
+        out[comp] = assign
+    for r in recipe.rules:
+        if applies.get(r.index) and not matched.get(r.index):
+            comps = [c for c, _ in targets if r.components is None or c in r.components]
+            sample = next(iter(out[comps[0]]), None) if comps else None
+            raise RecipeError(f"{r}: matches no conv/linear layer of {', '.join(comps)}"
+                              + (f" (kind {r.kind!r})" if r.kind else "")
+                              + (f"; layer names look like {sample!r}" if sample else ""))
+    return out
+
+
+# --- applying -------------------------------------------------------------------------------
+
+def _calibration_scales(calibration, needs, targets, pipeline, params):
+    """{(component, layer): activation scale} for the int8-w8a8 layers in ``needs``."""
+    if not needs:
+        return {}
+    first = next(iter(needs.values()))
+    if calibration is None:
+        raise RecipeError(f"{first.rule}: int8-w8a8 needs activation scales: pass calibration= "
+                          "(a dict of per-layer scales or quant.calibrate statistics, or a function "
+                          "run(params) that drives the model over calibration data)")
+    comps = sorted({c for c, _ in needs})
+    if callable(calibration):
+        names = [f"{c}.{n}" if pipeline else n for c, n in needs]
+        stats = calibrate.observe(params, calibration, names)
+        found = {(c, n): stats.get(f"{c}.{n}" if pipeline else n) for c, n in needs}
+    else:
+        if not isinstance(calibration, dict):
+            raise RecipeError(f"calibration must be a dict or a function; got {type(calibration).__name__}")
+        nested = bool(calibration) and all(k in COMPONENTS and isinstance(v, dict) for k, v in calibration.items())
+        if not nested and len(comps) > 1:
+            raise RecipeError(f"int8-w8a8 layers in {comps}: give calibration as {{component: {{layer: scale}}}}")
+        found = {(c, n): (calibration.get(c, {}) if nested else calibration).get(n) for c, n in needs}
+    missing = [f"{c}:{n}" if len(comps) > 1 else n for (c, n), v in found.items() if v is None]
+    if missing:
+        raise RecipeError(f"{first.rule}: no activation scales for {len(missing)} int8-w8a8 layer(s): "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    out = {}
+    for key, v in found.items():
+        if isinstance(v, calibrate.LayerStats):
+            o = needs[key].options
+            v = calibrate.act_scales({"x": v}, o["act_method"], o["granularity"], o["percentile"])["x"]
+        out[key] = v
+    return out
+
+
+def quantize_weight(w, method, options, act_scale=None):
+    """One weight by one method (options as a rule's, defaults filled in)."""
+    if method == "float":
+        return w
+    if is_quantized(w):  # re-quantizing: start from the value it represents
+        w = w.dequantize(np.float32)
+    if method == "palettize":
+        return palettize.kmeans(np.asarray(w), options["nbits"], options.get("group_size"),
+                                per_channel_scale=options.get("per_channel_scale", False))
+    if method == "int8":
+        return int8.quantize(w)
+    if method == "int8-w8a8":
+        return int8.quantize(w, act_scale=act_scale, path=options.get("path", "integer"))
+    if method == "llm-int8":
+        return llm_int8.quantize(w, options.get("threshold", llm_int8.DEFAULT_THRESHOLD),
+                                 options.get("path", "integer"), options.get("max_outlier_cols", 64))
+    raise RecipeError(f"unknown method {method!r}")
+
+
+def apply_recipe(params, recipe, calibration=None, *, component=None, select=None, progress=False):
+    """Quantize ``params`` by ``recipe`` (see the module docstring) -> new params, same structure.
+
+    ``params``: a pipeline's ``{"text_encoder", "unet", "vae"}`` params (the recipe's components are
+    quantized) or one component's params (``component`` names it; default the recipe's single
+    component, else "unet"). ``recipe``: anything ``parse`` takes.
+
+    ``calibration`` (only for "int8-w8a8" rules): ``{layer: scale}`` with scales from
+    ``quant.calibrate.act_scales`` (a scalar, or ``(in,)`` per input channel); or
+    ``{layer: LayerStats}`` from ``quant.calibrate.observe`` (turned into scales with the rule's
+    ``act_method``/``granularity``/``percentile``); or a function ``run(params)`` driving the model,
+    which is observed on the W8A8 layers (it receives params shaped like ``params``). With pipeline
+    params and W8A8 layers in several components, nest the dict as ``{component: {layer: ...}}``.
+    """
+    recipe = parse(recipe, select)
+    assignments = plan(params, recipe, component)
+    targets, pipeline = _targets(params, recipe, component)
+    needs = {(c, n): a for c, table in assignments.items() for n, a in table.items() if a.method == "int8-w8a8"}
+    scales = _calibration_scales(calibration, needs, targets, pipeline, params)
+    out = dict(params) if pipeline else params
+    for comp, p in targets:
+        flat = nn.flatten(p)
+        todo = [(n, a) for n, a in assignments[comp].items() if a.method != "float"]
+        for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
+            key = name + ".weight"
+            try:
+                flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)))
+            except ValueError as e:
+                raise RecipeError(f"{a.rule}: {comp} layer {name!r} {tuple(flat[key].shape)}: {e}") from None
+        if pipeline:
+            out[comp] = nn.unflatten(flat)
+        else:
+            out = nn.unflatten(flat)
+    return out
+
+
+def is_quantized(x):
+    return hasattr(x, "dequantize")
+
+
+def size_bytes(params):
+    """Bytes of ``params`` as stored: float arrays' ``nbytes`` plus quantized weights' ``.nbytes``."""
+    return int(sum(int(x.nbytes) for x in jax.tree.leaves(params, is_leaf=is_quantized)))
