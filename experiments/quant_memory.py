@@ -1,0 +1,486 @@
+"""Peak memory of one guided UNet evaluation with compressed weights: do they stay compressed?
+
+Full-size SD 1.5 UNet with random weights (``unet.init_params(preset("sd15")["unet"], 0)``, rounded to
+float16), batch 2 (classifier-free guidance), 64x64 latents, 77x768 context. Variants, each measured in
+its own fresh subprocess (peak RSS = VmHWM, ``sdjax.memory.peak_rss_bytes``):
+
+- ``float16``: the baseline, every parameter a float16 array;
+- ``palettized6``: conv/linear weights with >= --min-size elements as 6-bit k-means palettes
+  (``quant.palettize.kmeans``), everything else float16; targets peak <= 50% of float16's;
+- ``int8``: the same weights as W8A16 per-output-channel int8 (``quant.int8.quantize``); target <= 65%.
+
+The weights are drawn one tensor at a time (exactly ``sdjax.params.make_params``' draws), quantized
+tensor by tensor by the parent process (not measured) and saved as .npy files of the packed arrays; a
+measuring process loads only its own variant's arrays, so it never holds a float copy of a quantized model.
+
+Measuring order (``--order``):
+- ``load-first``: load the weights, compile, evaluate (what a script naively does; the compiler's peak
+  sits on top of the weights);
+- ``compile-first``: compile from abstract shapes (``jax.ShapeDtypeStruct``s), return the compiler's
+  freed heap (``malloc_trim``), then load the weights and evaluate; the peak is then the larger of
+  (runtime + compiler) and (runtime + weights + the forward's buffers);
+- ``cached``: a warm-up process compiles (from abstract shapes) into JAX's persistent compilation cache
+  (WORKDIR/jax-cache); the measured process then gets the executable from the cache, as a shipped app
+  with an ahead-of-time compiled model would, and never runs the compiler.
+
+``--stage`` (comma list; each combination is its own run) decides how every conv/linear weight reaches
+its layer: ``none`` is the weight as it is (sdjax/nn.py today). XLA is then free to schedule each
+weight's expansion (dequantization, and even the float16 -> float32 conversion XLA:CPU inserts for every
+float16 matmul/convolution) anywhere before its use, and it hoists them to the program start: the
+compiled program keeps every expanded float32 weight alive at once. ``barrier`` and ``dep`` wrap the
+weights in ``Staged`` (defined here, not in quant/ or sdjax/): ``barrier`` passes the layer input and the
+weight through ``lax.optimization_barrier`` (XLA:CPU drops it without keeping the order: no effect),
+``dep`` adds ``0 * x[first element]`` to the weight's float leaves, a data dependence on the layer input
+that XLA cannot fold away, so each expansion happens just before its layer. ``temp MiB`` in the table
+is the compiled program's temporary buffer size (``compiled.memory_analysis()``), the direct read-out of
+whether expansions pile up. Ratios are taken against the float16 run of the same order and stage.
+
+The output of each variant is compared with the float16 one (max |diff|) as a sanity check.
+
+Measured at full size (jax 0.10.2, XLA:CPU, 2 shared cores; peak RSS MiB, ratio to the float16 run of the
+same order and stage; weights 1639 / 615 / 821 MiB for float16 / palettized6 / int8):
+
+    order          stage  float16  palettized6      int8           temp MiB
+    load-first     none      5566  4558 (0.82)  4740 (0.85)        3332
+    compile-first  none      5733  4536 (0.79)  4755 (0.83)        3332
+    cached         none      5558  4505 (0.81)  4645 (0.84)        3332
+    load-first     dep       2590  1628 (0.63)  1834 (0.71)         335
+    compile-first  dep       2654  1607 (0.61)  1788 (0.67)         335
+    cached         dep       2515  1556 (0.62)  1713 (0.68)         335
+
+With the weights as they are, XLA:CPU hoists every expansion (for float16 too: the float32 copy it makes
+for each float16 matmul/convolution) and keeps all of them alive: 3.3 GB of temporaries. Tied to their
+layer input ("dep") the temporaries are 0.33 GB and the quantized weights stay compressed, but about
+1 GB of the peak does not shrink with the weights (imports ~0.19 GB, the executable ~0.34-0.49 GB,
+activations and one layer's float32 expansion ~0.45 GB), so against a float16 run with the same fix the
+targets (0.50, 0.65) are missed; against the float16 run as sdjax/nn.py is today, they are met (0.28-0.29
+and 0.31-0.33).
+
+    python experiments/quant_memory.py                               # full size, all orders x stages none, dep (~30 min)
+    python experiments/quant_memory.py --config small --reps 1       # a quick check
+    python experiments/quant_memory.py --variants float16,int8 --order cached --stage dep
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+GIB = 2 ** 30
+MIB = 2 ** 20
+VARIANTS = ("float16", "palettized6", "int8")
+ORDERS = ("load-first", "compile-first", "cached")
+STAGES = ("none", "barrier", "dep")
+TARGETS = {"palettized6": 0.50, "int8": 0.65}  # peak RSS / float16 peak RSS
+# size overrides of the sd15 UNet config; latent side; context length
+CONFIGS = {
+    "sd15": (dict(), 64, 77),
+    "small": (dict(block_out_channels=(128, 256, 512, 512), attention_head_dim=8), 32, 77),
+    "tiny": (dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
+                  cross_attention_dim=32, attention_head_dim=2, sample_size=16), 16, 8),
+    "micro": (dict(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                   up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, norm_num_groups=8,
+                   cross_attention_dim=32, attention_head_dim=2, sample_size=8), 8, 8),  # for tests
+}
+
+
+def unet_config(name):
+    from sdjax import configs
+    overrides, _, _ = CONFIGS[name]
+    return dataclasses.replace(configs.preset("sd15")["unet"], **overrides)
+
+
+def inputs(name, cfg):
+    """(sample NHWC, timesteps, context) of one guided evaluation: batch 2, fixed seed."""
+    import jax.numpy as jnp
+    _, side, ctx_len = CONFIGS[name]
+    rng = np.random.default_rng(1234)
+    x = rng.standard_normal((2, side, side, cfg.in_channels), np.float32)
+    ctx = rng.standard_normal((2, ctx_len, cfg.cross_attention_dim), np.float32)
+    return jnp.asarray(x), jnp.asarray([500.0, 500.0], jnp.float32), jnp.asarray(ctx)
+
+
+def current_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# --- prepare: draw, quantize and save tensor by tensor ------------------------------------------
+
+def draw(name, shape, index, seed):
+    """The float32 tensor ``sdjax.params.make_params`` draws for parameter number ``index``."""
+    from sdjax.params import _is_embedding
+    rng = np.random.default_rng([seed, index])
+    if name.endswith("bias"):
+        return np.zeros(shape, np.float32)
+    if len(shape) == 1:
+        return np.ones(shape, np.float32)
+    if _is_embedding(name):
+        return rng.standard_normal(shape, dtype=np.float32) * 0.02
+    fan_in = int(np.prod(shape[:-1]))
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(fan_in))
+
+
+def quantizable(name, shape, min_size):
+    return name.endswith(".weight") and len(shape) in (2, 4) and int(np.prod(shape)) >= min_size
+
+
+def prepare(config, workdir, nbits, min_size, seed=0, progress=True):
+    """Write workdir/<variant>/manifest.json + one .npy per array, for every variant (skipped when a
+    manifest with the same settings exists)."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from quant import int8, palettize
+    from sdjax import unet
+
+    settings = dict(config=config, nbits=nbits, min_size=min_size, seed=seed)
+    done = all(_read_manifest(workdir, v).get("settings") == settings for v in VARIANTS)
+    if done:
+        return
+    shapes = unet.param_shapes(unet_config(config))
+    manifests = {v: dict(settings=settings, entries=[]) for v in VARIANTS}
+    for v in VARIANTS:
+        os.makedirs(os.path.join(workdir, v), exist_ok=True)
+
+    def save(variant, i, key, a):
+        fn = f"{i:04d}.{key}.npy"
+        np.save(os.path.join(workdir, variant, fn), np.asarray(a))
+        return fn
+
+    t0 = time.perf_counter()
+    for i, (name, shape) in enumerate(tqdm(list(shapes.items()), desc="prepare", disable=not progress)):
+        w = draw(name, shape, i, seed)
+        w16 = w.astype(np.float16)
+        dense = dict(name=name, kind="dense", shape=list(shape), files={"value": save("float16", i, "value", w16)})
+        manifests["float16"]["entries"].append(dense)
+        if not quantizable(name, shape, min_size):
+            for v in ("palettized6", "int8"):
+                manifests[v]["entries"].append(dict(dense, files={"value": save(v, i, "value", w16)}))
+            continue
+        pw = palettize.kmeans(w16, nbits)
+        manifests["palettized6"]["entries"].append(dict(
+            name=name, kind="palettized", shape=list(shape), nbits=nbits,
+            files={"packed": save("palettized6", i, "packed", pw.packed), "lut": save("palettized6", i, "lut", pw.lut)}))
+        qw = int8.quantize(w16)
+        jax.block_until_ready(qw.data)
+        manifests["int8"]["entries"].append(dict(
+            name=name, kind="int8", shape=list(shape),
+            files={"data": save("int8", i, "data", qw.data), "scale": save("int8", i, "scale", qw.scale)}))
+        del w, w16, pw, qw
+    for v, m in manifests.items():
+        m["prepare_seconds"] = time.perf_counter() - t0
+        path = os.path.join(workdir, v, "manifest.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(m, f)
+        os.replace(path + ".tmp", path)
+
+
+def _read_manifest(workdir, variant):
+    try:
+        with open(os.path.join(workdir, variant, "manifest.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+# --- the measured process --------------------------------------------------------------------
+
+def _staged_type():
+    import flax.struct
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax import nn
+
+    @flax.struct.dataclass
+    class Staged:
+        """A weight (float array or compressed) whose expansion is tied to its layer's input, so XLA
+        cannot expand it before that input exists: expansions then happen layer by layer instead of
+        all at the program start. ``how``:
+
+        - "barrier": ``lax.optimization_barrier((x, w))`` before expanding. XLA:CPU's
+          OptimizationBarrierExpander removes the barrier without keeping the order, so this does
+          nothing there (measured; kept to show it);
+        - "dep": a data dependence XLA cannot fold away: ``0 * x[first element]`` (not 0 for inf/nan
+          x, so never simplified) is added to the weight's float leaves (a palette's LUT, int8
+          scales, or, for a float array, the array itself, fused into the conversion XLA inserts).
+
+        The change this stands for belongs in ``sdjax/nn.py`` (``linear``/``conv2d``, before
+        ``_dense(w, x.dtype)``)."""
+        inner: object
+        how: str = flax.struct.field(pytree_node=False, default="dep")
+
+        @property
+        def shape(self):
+            return self.inner.shape
+
+        @property
+        def ndim(self):
+            return len(self.inner.shape)
+
+        def dequantize(self, dtype):
+            w = self.inner
+            return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+        def _tied(self, x):
+            if self.how == "barrier":
+                return jax.lax.optimization_barrier((x, self.inner))
+            dep = x.reshape(-1)[0].astype(jnp.float32) * 0
+            tie = lambda a: a + dep.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            return x, jax.tree.map(tie, self.inner)
+
+        def linear(self, x):
+            x, inner = self._tied(x)
+            return nn.linear(x, {"weight": Staged(inner, self.how).dequantize(x.dtype)})
+
+        def conv2d(self, x, stride, padding):
+            x, inner = self._tied(x)
+            return nn.conv2d(x, {"weight": Staged(inner, self.how).dequantize(x.dtype)}, stride, padding)
+
+    return Staged
+
+
+def build_params(workdir, variant, abstract=False, stage="none"):
+    """The variant's UNet params from its manifest: arrays loaded one file at a time, or (abstract)
+    ``jax.ShapeDtypeStruct``s with the same tree, for compiling before anything is loaded."""
+    import jax
+    import jax.numpy as jnp
+
+    from quant.int8 import Int8Weight
+    from quant.palettize import PalettizedWeight
+    from sdjax import nn
+
+    m = _read_manifest(workdir, variant)
+    if not m:
+        raise SystemExit(f"{workdir}/{variant}: no manifest; run prepare first")
+    Staged = _staged_type()
+
+    def get(fn):
+        path = os.path.join(workdir, variant, fn)
+        if abstract:
+            a = np.load(path, mmap_mode="r")  # header only: nothing is read
+            return jax.ShapeDtypeStruct(a.shape, a.dtype)
+        a = np.load(path)
+        out = jnp.asarray(a)
+        del a
+        return out
+
+    flat = {}
+    for e in m["entries"]:
+        f = e["files"]
+        if e["kind"] == "dense":
+            leaf = get(f["value"])
+        elif e["kind"] == "palettized":
+            leaf = PalettizedWeight(packed=get(f["packed"]), lut=get(f["lut"]), shape=tuple(e["shape"]),
+                                    nbits=e["nbits"])
+        else:
+            leaf = Int8Weight(data=get(f["data"]), scale=get(f["scale"]))
+        if stage != "none" and quantizable(e["name"], e["shape"], 0):  # every conv/linear weight
+            leaf = Staged(leaf, stage)
+        flat[e["name"]] = leaf
+    return nn.unflatten(flat)
+
+
+def tree_nbytes(tree):
+    import jax
+    return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def child(config, workdir, variant, order, stage, reps, out_path, warm_only=False):
+    import jax
+
+    from sdjax import unet
+    from sdjax.memory import peak_rss_bytes, release_freed_memory
+
+    if order == "cached":  # the executable comes from the persistent cache a warm-up process filled
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    cfg = unet_config(config)
+    x, t, ctx = inputs(config, cfg)
+    r = dict(variant=variant, order=order, stage=stage, rss_after_imports=peak_rss_bytes())
+    f = jax.jit(unet.apply, static_argnums=1)
+
+    def compile_(params):
+        t0 = time.perf_counter()
+        compiled = f.lower(params, cfg, x, t, ctx).compile()
+        r["compile_s"] = time.perf_counter() - t0
+        try:
+            ma = compiled.memory_analysis()
+            r["temp_bytes"] = int(ma.temp_size_in_bytes)
+            r["generated_code_bytes"] = int(ma.generated_code_size_in_bytes)
+        except Exception:  # not every backend reports it
+            r["temp_bytes"] = None
+        release_freed_memory()
+        r["peak_after_compile"] = peak_rss_bytes()
+        return compiled
+
+    if order in ("compile-first", "cached"):
+        compiled = compile_(build_params(workdir, variant, abstract=True, stage=stage))
+        if warm_only:
+            print("RESULT " + json.dumps(r), flush=True)
+            return
+    t0 = time.perf_counter()
+    params = build_params(workdir, variant, stage=stage)
+    jax.block_until_ready(params)
+    r["load_s"] = time.perf_counter() - t0
+    r["weights_bytes"] = tree_nbytes(params)
+    r["rss_after_load"] = current_rss_bytes()
+    if order == "load-first":
+        compiled = compile_(params)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = compiled(params, x, t, ctx)
+        out.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    r["eval_s"] = min(times)
+    r["times"] = times
+    r["peak_rss"] = peak_rss_bytes()
+    r["rss_end"] = current_rss_bytes()
+    np.save(out_path, np.asarray(out, np.float32))
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def run_child(args, variant, order, stage, warm_only=False):
+    out_path = os.path.join(args.workdir, f"out-{variant}-{order}-{stage}.npy")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--config", args.config,
+           "--workdir", args.workdir, "--order", order, "--reps", str(args.reps), "--out-npy", out_path]
+    cmd += ["--stage", stage]
+    if warm_only:
+        cmd.append("--warm-only")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not line:
+        sys.stderr.write(p.stderr[-4000:])
+        raise SystemExit(f"variant {variant} ({order}) failed with exit code {p.returncode}")
+    r = json.loads(line[-1][7:])
+    r["wall_s"] = time.perf_counter() - t0
+    if warm_only:
+        return r
+    r["out_npy"] = out_path
+    return r
+
+
+def table(results, file=None):
+    p = lambda *a: print(*a, file=file or sys.stdout)
+    p(f"{'variant':<12} {'order':<13} {'stage':>7} {'weights MiB':>11} {'temp MiB':>9} {'compile peak':>12} "
+      f"{'peak RSS MiB':>12} {'/ float16':>9} {'/ f16 none':>10} {'target':>7} {'pass':>5} {'compile s':>9} {'s/eval':>7} {'max|diff|':>10}")
+    for r in results:
+        target = TARGETS.get(r["variant"])
+        ratio = r.get("ratio")
+        ok = "" if target is None or ratio is None else ("PASS" if ratio <= target else "FAIL")
+        temp = "n/a" if r.get("temp_bytes") is None else f"{r['temp_bytes'] / MIB:9.0f}"
+        f16n = "" if r.get("ratio_f16_none") is None else f"{r['ratio_f16_none']:.3f}"
+        diff = "" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.3g}"
+        p(f"{r['variant']:<12} {r['order']:<13} {r['stage']:>7} {r['weights_bytes'] / MIB:11.1f} "
+          f"{temp:>9} {r['peak_after_compile'] / MIB:12.0f} {r['peak_rss'] / MIB:12.0f} "
+          f"{'' if ratio is None else f'{ratio:.3f}':>9} {f16n:>10} {'' if target is None else f'<={target:.2f}':>7} {ok:>5} "
+          f"{r['compile_s']:9.1f} {r['eval_s']:7.2f} {diff:>10}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--order", default="load-first,compile-first,cached",
+                    help="comma list of load-first / compile-first / cached (see the docstring)")
+    ap.add_argument("--stage", default="none,dep",
+                    help="comma list of none / barrier / dep: how conv/linear weights are tied to their layer's "
+                         "input (see the docstring)"),
+    ap.add_argument("--nbits", type=int, default=6)
+    ap.add_argument("--min-size", type=int, default=16384, help="quantize conv/linear weights with >= this many elements")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="prepared weights and outputs (default /tmp/sdjax-quant-memory-CONFIG)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out-npy", help=argparse.SUPPRESS)
+    ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.workdir = args.workdir or f"/tmp/sdjax-quant-memory-{args.config}"
+    if args.child:
+        return child(args.config, args.workdir, args.child, args.order, args.stage, args.reps, args.out_npy,
+                     args.warm_only)
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {VARIANTS}")
+    if "float16" not in variants:
+        variants.insert(0, "float16")  # the reference of every ratio
+    orders = [o for o in args.order.split(",") if o]
+    if not orders or set(orders) - set(ORDERS):
+        ap.error(f"--order: a comma list of {', '.join(ORDERS)}")
+    stages = [t for t in args.stage.split(",") if t]
+    if not stages or set(stages) - set(STAGES):
+        ap.error(f"--stage: a comma list of {', '.join(STAGES)}")
+
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"preparing weights in {args.workdir} ...", file=sys.stderr, flush=True)
+    # here, one tensor at a time: this process never holds more than one float tensor, and its
+    # memory is not what is measured
+    prepare(args.config, args.workdir, args.nbits, args.min_size, progress=not args.no_progress)
+
+    results = []
+    for order in orders:
+        for stage in stages:
+            base = None
+            for variant in variants:
+                print(f"running {variant} ({order}, stage {stage}) ...", file=sys.stderr, flush=True)
+                if order == "cached":
+                    warm = run_child(args, variant, order, stage, warm_only=True)
+                r = run_child(args, variant, order, stage)
+                if order == "cached":
+                    r["warm_compile_s"] = warm["compile_s"]
+                if variant == "float16":
+                    base = r
+                r["ratio"] = r["peak_rss"] / base["peak_rss"]
+                ref, out = np.load(base["out_npy"]), np.load(r["out_npy"])
+                r["max_abs_diff"] = float(np.max(np.abs(out - ref)))
+                r["ref_absmax"] = float(np.max(np.abs(ref)))
+                r["finite"] = bool(np.isfinite(out).all())
+                if variant in TARGETS:
+                    r["target"], r["pass"] = TARGETS[variant], r["ratio"] <= TARGETS[variant]
+                results.append(r)
+    for r in results:  # also against the float16 run as sdjax/nn.py is today (same order, stage none)
+        b = [q for q in results if q["variant"] == "float16" and q["order"] == r["order"] and q["stage"] == "none"]
+        r["ratio_f16_none"] = r["peak_rss"] / b[0]["peak_rss"] if b else None
+
+    _, side, ctx_len = CONFIGS[args.config]
+    cfg = unet_config(args.config)
+    print(f"\n{args.config} UNet (block_out_channels {cfg.block_out_channels}), batch 2, {side}x{side} latents, "
+          f"{ctx_len}x{cfg.cross_attention_dim} context, {os.cpu_count()} CPU cores; palettized {args.nbits}-bit and "
+          f"int8 W8A16 on conv/linear weights >= {args.min_size} elements, the rest float16")
+    table(results)
+    f16 = [r for r in results if r["variant"] == "float16"]
+    if f16:
+        print(f"(float16 reference output max|x| {f16[0]['ref_absmax']:.3g}; RSS after imports "
+              f"{f16[0]['rss_after_imports'] / MIB:.0f} MiB)")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(dict(config=args.config, nbits=args.nbits, min_size=args.min_size, results=results), fh, indent=1)
+        os.replace(tmp, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""experiments/outliers.py and experiments/quant_memory.py run end to end on tiny models and write
+well-formed reports."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+import outliers  # noqa: E402
+import quant_memory  # noqa: E402
+
+
+def test_outliers_report_plot_and_table(pipeline_dirs, tmp_path, capsys):
+    folder, _ = pipeline_dirs("sd1")
+    out = tmp_path / "out"
+    report = outliers.main(["--model", folder, "--prompt", "a red circle", "--prompt", "a small blue cat",
+                            "--steps", "3", "--out", str(out), "--no-progress", "--top", "5"])
+    with open(out / "outliers.json") as f:
+        saved = json.load(f)
+    assert saved["summary"] == json.loads(json.dumps(report["summary"]))
+    assert (out / "outliers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # temporaries renamed away
+
+    assert len(saved["timesteps"]) == 3 and saved["timesteps"][0] > saved["timesteps"][-1]
+    assert saved["clip_texts"] == ["", "a red circle", "a small blue cat"]
+    unet, clip = saved["unet"], saved["text_encoder"]
+    assert unet["conv_in"]["kind"] == "conv" and unet["conv_in"]["in_features"] == 4
+    assert clip["encoder.layers.0.mlp.fc1"]["kind"] == "linear"
+    for comp, calls in ((unet, 3), (clip, 3)):
+        for name, d in comp.items():
+            assert len(d["outlier_cols"]) == calls and len(d["max_abs"]) == calls, name
+            assert all(0 <= c <= d["in_features"] for c in d["outlier_cols"])
+            assert d["outlier_cols_any"] >= max(d["outlier_cols"])
+            # a call with an outlier column has max|x| over the threshold, and conversely
+            assert all((c > 0) == (m >= saved["threshold"]) for c, m in zip(d["outlier_cols"], d["max_abs"]))
+            assert 0 < d["weight_absmax"] == d["weight_top"][0] and d["weight_top"] == sorted(d["weight_top"])[::-1]
+    s = saved["summary"]["unet"]
+    assert s["layers_seen"] == s["layers"] == len(unet)
+    assert 0 <= s["fraction_with_outliers"] <= 1 and len(s["fraction_with_outliers_per_call"]) == 3
+    printed = capsys.readouterr().out
+    assert "have an outlier column" in printed and "weight absmax, conv" in printed
+
+
+def test_outlier_counts_match_a_direct_computation():
+    """summarize_calls counts the columns whose max |x| reaches the threshold, per call."""
+    calls = [{"a": np.array([1.0, 6.0, 7.5, 0.0], np.float32)}, {"a": np.array([6.5, 2.0, 9.0, 5.99], np.float32)}]
+    d = outliers.summarize_calls(calls, 6.0)["a"]
+    assert d["outlier_cols"] == [2, 2] and d["max_abs"] == [7.5, 9.0]
+    assert d["outlier_cols_any"] == 3 and d["columns"] == {"2": 2, "0": 1, "1": 1}
+
+
+def test_quant_memory_draws_match_init_params():
+    from sdjax import nn, unet
+    cfg = quant_memory.unet_config("micro")
+    ref = nn.flatten(unet.init_params(cfg, seed=3))
+    for i, (name, shape) in enumerate(unet.param_shapes(cfg).items()):
+        np.testing.assert_array_equal(quant_memory.draw(name, shape, i, 3), np.asarray(ref[name]), err_msg=name)
+
+
+def test_quant_memory_end_to_end(tmp_path, capsys):
+    js = tmp_path / "r.json"
+    results = quant_memory.main(["--config", "micro", "--workdir", str(tmp_path / "w"), "--min-size", "1024",
+                                 "--order", "compile-first", "--stage", "none", "--reps", "1", "--json", str(js), "--no-progress"])
+    assert [(r["variant"], r["stage"]) for r in results] == [("float16", "none"), ("palettized6", "none"),
+                                                              ("int8", "none")]
+    by = {r["variant"]: r for r in results}
+    f16, pal, i8 = by["float16"], by["palettized6"], by["int8"]
+    assert f16["ratio"] == 1.0 and f16["max_abs_diff"] == 0.0
+    # weights really are compressed in the measured process
+    assert pal["weights_bytes"] < 0.5 * f16["weights_bytes"] and i8["weights_bytes"] < 0.6 * f16["weights_bytes"]
+    for r in (pal, i8):
+        assert r["finite"] and 0 < r["max_abs_diff"] < r["ref_absmax"]  # quantized, yet the same model
+        assert r["peak_rss"] >= r["peak_after_compile"] > r["rss_after_imports"] > 0
+        assert isinstance(r["pass"], bool) and r["target"] == quant_memory.TARGETS[r["variant"]]
+    assert i8["max_abs_diff"] < pal["max_abs_diff"]  # 8 bits per weight beat 6
+    saved = json.loads(js.read_text())
+    assert saved["config"] == "micro" and len(saved["results"]) == 3
+    printed = capsys.readouterr().out
+    assert "peak RSS MiB" in printed and "palettized6" in printed
+
+
+def test_staged_weight_computes_the_same_layer():
+    """Tying a weight to its layer's input changes scheduling only, not values."""
+    import jax.numpy as jnp
+    from quant import int8
+    from sdjax import nn
+    Staged = quant_memory._staged_type()
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((3, 3, 8, 16), np.float32), jnp.asarray(rng.standard_normal((1, 5, 5, 8), np.float32))
+    q = int8.quantize(w)
+    np.testing.assert_array_equal(nn.conv2d(x, {"weight": Staged(q)}), nn.conv2d(x, {"weight": q}))
+    wl, xl = int8.quantize(w.reshape(72, 16)), jnp.asarray(rng.standard_normal((4, 72), np.float32))
+    np.testing.assert_array_equal(nn.linear(xl, {"weight": Staged(wl)}), nn.linear(xl, {"weight": wl}))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_nn_keeps_one_expanded_weight_alive_at_a_time(compress):
+    """XLA:CPU hoists every weight expansion (the float32 copy it makes of a float16 weight for the
+    matmul, or a dequantization) to the program start, so all expanded weights are alive at once:
+    the naive formulation below shows it. sdjax.nn ties each expansion to its layer's input
+    (``nn._after_input``, the "dep" staging measured by quant_memory.py), so it needs about one."""
+    import jax
+    import jax.numpy as jnp
+    from quant import palettize
+    from sdjax import nn
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal((512, 512)) / 20).astype(np.float16) for _ in range(8)]
+    ws = [palettize.kmeans(w, 6) if compress else jnp.asarray(w) for w in ws]
+
+    def naive(params, x):
+        for w in params:
+            wd = w.dequantize(x.dtype) if hasattr(w, "dequantize") else w
+            x = jnp.tanh(jnp.matmul(x, wd, preferred_element_type=jnp.float32).astype(x.dtype))
+        return x
+
+    def f(params, x):
+        for p in params:
+            x = jnp.tanh(nn.linear(x, {"weight": p}))
+        return x
+    x = jnp.ones((4, 512), jnp.float16)
+    one = 512 * 512 * 4  # one expanded float32 weight
+    hoisted = jax.jit(naive).lower(ws, x).compile()
+    staged = jax.jit(f).lower(ws, x).compile()
+    assert hoisted.memory_analysis().temp_size_in_bytes >= 7 * one  # the hoisting nn works around
+    assert staged.memory_analysis().temp_size_in_bytes <= 2 * one
+    np.testing.assert_array_equal(np.asarray(staged(ws, x)), np.asarray(hoisted(ws, x)))
