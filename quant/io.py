@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +49,8 @@ from tqdm.auto import tqdm
 import sdjax
 from sdjax import checkpoint, configs as cfgs
 from sdjax.nn import flatten, unflatten
-from sdjax.params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_shape
-from sdjax.safetensors_io import Lazy, Reader, SafetensorsError, write
+from sdjax.params import CheckpointError, canonical_dtype, check_shapes
+from sdjax.safetensors_io import Reader, SafetensorsError, write
 
 from . import calibrate
 from .int8 import Int8Weight
@@ -208,14 +207,6 @@ def save_component(path, component, params, recipe=None, progress=True):
     return path
 
 
-def _write_float_component(folder, component, params):
-    """A float component as diffusers writes it (as ``sdjax.checkpoint.save`` does)."""
-    prefix = "text_model." if component == "text_encoder" else ""
-    tensors = {prefix + k: Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
-        sdjax_to_torch(k, np.asarray(v)))) for k, v in flatten(params).items()}
-    write(os.path.join(folder, f"{checkpoint.WEIGHT_STEMS[component]}.safetensors"), tensors, {"format": "pt"})
-
-
 def has_quantized(params):
     return any(is_quantized(w) for w in flatten(params).values())
 
@@ -225,60 +216,30 @@ def save(pipe, out_dir, recipe=None, overwrite=False, progress=True):
     ``source``) as a quantized folder; see the module docstring. ``recipe``: recorded in the
     metadata (default: ``pipe.quantization["recipe"]`` when there is one). Written under a
     temporary name and renamed when complete."""
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     if recipe is None:
         recipe = (getattr(pipe, "quantization", None) or {}).get("recipe")
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     src_index = os.path.join(getattr(pipe, "source", "") or "", "model_index.json")
-    try:
-        index = None
-        if os.path.isfile(src_index):
-            with open(src_index) as f:
-                index = json.load(f)
-        index = dict(index or {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                               "safety_checker": [None, None], "feature_extractor": [None, None]})
-        quantized = []
-        for comp in COMPONENTS:
-            d = os.path.join(tmp, comp)
-            os.makedirs(d)
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(cfgs.to_dict(pipe.configs[comp]), f, indent=2)
-            if has_quantized(pipe.params[comp]):
-                save_component(os.path.join(d, WEIGHTS_NAME), comp, pipe.params[comp], recipe, progress)
-                quantized.append(comp)
-            else:
-                _write_float_component(d, comp, pipe.params[comp])
-            index[comp] = checkpoint.CLASS_NAMES[comp]
-        tok = getattr(pipe, "tokenizer", None)
-        tok_dir = getattr(tok, "folder", None) if tok is not None else None
-        if tok_dir:
-            os.makedirs(os.path.join(tmp, "tokenizer"))
-            for name in checkpoint.TOKENIZER_FILES:
-                src = os.path.join(tok_dir, name)
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(tmp, "tokenizer", name))
-            index["tokenizer"] = checkpoint.CLASS_NAMES["tokenizer"]
-        sched = getattr(pipe, "scheduler_config", None)
-        if sched:
-            os.makedirs(os.path.join(tmp, "scheduler"))
-            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-                json.dump(sched, f, indent=2)
-            index["scheduler"] = ["diffusers", sched.get("_class_name", "PNDMScheduler")]
-        # keys starting with "_" are ignored by diffusers; this one is for people reading the file
-        index["_sdjax_quantized"] = {"format_version": FORMAT_VERSION, "components": quantized,
-                                     "weights": WEIGHTS_NAME, "note": "sdjax format: diffusers cannot load "
-                                     "the quantized components; load with sdjax.load"}
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    index = None
+    if os.path.isfile(src_index):
+        with open(src_index) as f:
+            index = json.load(f)
+    index = dict(index or checkpoint.DEFAULT_MODEL_INDEX)
+    quantized = [c for c in COMPONENTS if has_quantized(pipe.params[c])]
+    # keys starting with "_" are ignored by diffusers; this one is for people reading the file
+    index["_sdjax_quantized"] = {"format_version": FORMAT_VERSION, "components": quantized,
+                                 "weights": WEIGHTS_NAME, "note": "sdjax format: diffusers cannot load "
+                                 "the quantized components; load with sdjax.load"}
+
+    def write_weights(folder, comp, params):
+        if comp in quantized:
+            save_component(os.path.join(folder, WEIGHTS_NAME), comp, params, recipe, progress)
+        else:
+            checkpoint.write_float_component(folder, comp, params)
+
+    tok = getattr(pipe, "tokenizer", None)
+    ckpt = checkpoint.Checkpoint(pipe.params, pipe.configs, getattr(tok, "folder", None) if tok is not None else None,
+                                 getattr(pipe, "scheduler_config", None), index, getattr(pipe, "source", ""))
+    return checkpoint.save(ckpt, out_dir, overwrite=overwrite, progress=progress, write_weights=write_weights)
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -328,34 +328,42 @@ def load(path, dtype="float32", variant=None, configs=None, progress=True) -> Ch
 
 # --- saving ---------------------------------------------------------------------------
 
-def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True):
+DEFAULT_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                       "safety_checker": [None, None], "feature_extractor": [None, None]}
+
+
+def write_float_component(folder, comp, params):
+    """One component's float weights as diffusers writes them (PyTorch layouts, safetensors)."""
+    flat = flatten(params)
+    bad = [k for k, v in flat.items() if not hasattr(v, "dtype") or not np.issubdtype(
+        np.dtype(v.dtype), np.floating) and np.dtype(v.dtype).name != "bfloat16"]
+    if bad:
+        raise CheckpointError(f"{comp}: cannot save non-float weights as a diffusers "
+                              f"checkpoint: {bad[:5]} (quantized models have their own format)")
+    prefix = "text_model." if comp == "text_encoder" else ""  # read by transformers v4 and v5
+    tensors = {prefix + k: Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
+        sdjax_to_torch(k, np.asarray(v)))) for k, v in flat.items()}
+    write(os.path.join(folder, f"{WEIGHT_STEMS[comp]}.safetensors"), tensors, {"format": "pt"})
+
+
+def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True, write_weights=write_float_component):
     """Write a diffusers-layout folder (safetensors) that diffusers' from_pretrained reads.
 
-    Written under a temporary name and renamed when complete."""
+    ``write_weights(folder, component, params)`` writes each component's weights (the quantized
+    format passes its own). Written under a temporary name and renamed when complete."""
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        index = dict(ckpt.model_index or {"_class_name": "StableDiffusionPipeline",
-                                          "requires_safety_checker": False,
-                                          "safety_checker": [None, None], "feature_extractor": [None, None]})
+        index = dict(ckpt.model_index or DEFAULT_MODEL_INDEX)
         for comp in MODELS:
             d = os.path.join(tmp, comp)
             os.makedirs(d)
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(cfgs.to_dict(ckpt.configs[comp]), f, indent=2)
-            flat = flatten(ckpt.params[comp])
-            bad = [k for k, v in flat.items() if not hasattr(v, "dtype") or not np.issubdtype(
-                np.dtype(v.dtype), np.floating) and np.dtype(v.dtype).name != "bfloat16"]
-            if bad:
-                raise CheckpointError(f"{comp}: cannot save non-float weights as a diffusers "
-                                      f"checkpoint: {bad[:5]} (quantized models have their own format)")
-            prefix = "text_model." if comp == "text_encoder" else ""  # read by transformers v4 and v5
-            tensors = {prefix + k: Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
-                sdjax_to_torch(k, np.asarray(v)))) for k, v in flat.items()}
-            write(os.path.join(d, f"{WEIGHT_STEMS[comp]}.safetensors"), tensors, {"format": "pt"})
+            write_weights(d, comp, ckpt.params[comp])
             index[comp] = CLASS_NAMES[comp]
         if ckpt.tokenizer_dir:
             os.makedirs(os.path.join(tmp, "tokenizer"))
