@@ -53,3 +53,22 @@ def test_export_is_a_pipeline_sdjax_and_diffusers_load(whole):
     with torch.no_grad():
         img = ref("a large red circle", num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow  # a fresh process (jax must start with 2 host devices): about a minute
+def test_two_device_run_matches_one_device_run(whole, tmp_path):
+    """--devices 2 (what shipped the model) splits each batch over two host devices; it changes only the
+    order of float sums, so after the same steps the weights agree with the one-device run."""
+    import subprocess
+    script = os.path.join(os.path.dirname(train_reference.__file__), "train_reference.py")
+    out = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, script, "--out", str(out), *FAST, "--devices", "2"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (out / "train_log.json").read_text()
+    assert "CpuDevice(id=1)" in log
+    for name in WEIGHTS:
+        a, b = load_file(whole / "model" / name), load_file(out / "model" / name)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-4, err_msg=f"{name}:{k}")
