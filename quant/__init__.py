@@ -1,12 +1,15 @@
 """Quantized weight types and the passes that make them (see DESIGN.md).
 
-    from quant import palettize, int8, llm_int8, calibrate
+    from quant import palettize, int8, llm_int8, calibrate, sensitivity
     import quant
     qparams = quant.apply_recipe(pipe.params, "palette-4bit")     # or a dict / JSON file; see quant.recipes
     quant.size_bytes(qparams["unet"])
+    imp = sensitivity.fisher(pipe, prompts)                        # for {"method": "palettize", "sensitive": true}
+    qparams = quant.apply_recipe(pipe.params, recipe, importance=imp)
     quant.io.save(pipe, "out")                                     # quantized folder; sdjax.load reads it
 """
 from . import calibrate, int8, llm_int8, palettize  # noqa: F401
 from . import recipes  # noqa: F401
 from . import io  # noqa: F401
+from . import sensitivity  # noqa: F401
 from .recipes import PRESETS, Recipe, RecipeError, apply_recipe, parse as parse_recipe, plan, size_bytes  # noqa: F401

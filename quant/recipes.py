@@ -30,7 +30,10 @@ Methods and their options (any other key in a rule is an error naming the rule):
 - ``"palettize"``: k-means LUT (``quant.palettize.kmeans``); ``nbits`` (1, 2, 3, 4, 6, 8;
   required), ``group_size`` (one LUT per that many output channels; must divide the output
   channels of every layer the rule takes unless ``"indivisible": "per_tensor"``, which gives
-  those layers one LUT), ``per_channel_scale`` (bool).
+  those layers one LUT), ``per_channel_scale`` (bool), ``sensitive`` (bool, default false):
+  sensitivity-weighted k-means, minimising ``sum(importance * (w - w_q)**2)`` with per-weight
+  importances (squared gradients of the denoising loss, ``quant.sensitivity.fisher``) that
+  ``apply_recipe`` takes as ``importance=``; a sensitive rule without them is an error.
 - ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
 - ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
   ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
@@ -94,7 +97,8 @@ _REQUIRED = object()
 # method -> {option: default}
 METHODS = {
     "float": {},
-    "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error"},
+    "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error",
+                  "sensitive": False},
     "int8": {},
     "int8-w8a8": {"path": "integer", "act_method": "max", "granularity": "tensor",
                   "percentile": calibrate.DEFAULT_PERCENTILE},
@@ -163,6 +167,11 @@ class Recipe:
     def needs_calibration(self):
         return any(r.method == "int8-w8a8" for r in self.rules)
 
+    @property
+    def needs_importance(self):
+        """Whether a rule is sensitive palettization (``apply_recipe`` then needs ``importance``)."""
+        return any(r.method == "palettize" and r.options.get("sensitive") for r in self.rules)
+
 
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -192,6 +201,8 @@ def _check_options(where, method, given):
             raise bad("per_channel_scale", "true or false")
         if opts["indivisible"] not in ("error", "per_tensor"):
             raise bad("indivisible", "'error' or 'per_tensor'")
+        if not isinstance(opts["sensitive"], bool):
+            raise bad("sensitive", "true or false")
         opts["nbits"] = int(opts["nbits"])
         opts["group_size"] = None if opts["group_size"] is None else int(opts["group_size"])
     if "path" in opts and opts["path"] not in int8.PATHS:
@@ -519,14 +530,44 @@ def _calibration_scales(calibration, needs, targets, pipeline, params):
     return out
 
 
-def quantize_weight(w, method, options, act_scale=None):
-    """One weight by one method (options as a rule's, defaults filled in)."""
+def _importances(importance, needs, pipeline):
+    """{(component, layer): importance array} for the sensitive palettize layers in ``needs``."""
+    if not needs:
+        return {}
+    first = next(iter(needs.values()))
+    if importance is None:
+        raise RecipeError(f"{first.rule}: sensitive palettization needs per-weight importances: pass "
+                          "importance= ({layer: array of the weight's shape}, e.g. from "
+                          "quant.sensitivity.fisher(pipe, prompts); `sdjax quantize` computes them with "
+                          "--sensitivity-prompts)")
+    if not isinstance(importance, dict):
+        raise RecipeError(f"importance must be a dict {{layer: array}} or {{component: {{layer: array}}}}; "
+                          f"got {type(importance).__name__}")
+    comps = sorted({c for c, _ in needs})
+    nested = bool(importance) and all(k in COMPONENTS and isinstance(v, dict) for k, v in importance.items())
+    if not nested and len(comps) > 1:
+        raise RecipeError(f"sensitive palettize layers in {comps}: give importance as "
+                          "{component: {layer: array}}")
+    found = {(c, n): (importance.get(c, {}) if nested else importance).get(n) for c, n in needs}
+    missing = [(c, n) for (c, n), v in found.items() if v is None]
+    if missing:
+        c, n = missing[0]
+        names = [f"{c}:{n}" if len(comps) > 1 else n for c, n in missing]
+        raise RecipeError(f"{needs[missing[0]].rule}: no importance for {len(missing)} sensitive layer(s) of "
+                          f"{c}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    return found
+
+
+def quantize_weight(w, method, options, act_scale=None, importance=None):
+    """One weight by one method (options as a rule's, defaults filled in). ``importance``: per-weight
+    importances for palettization (used whether or not the options say ``sensitive``)."""
     if method == "float":
         return w
     if is_quantized(w):  # re-quantizing: start from the value it represents
         w = w.dequantize(np.float32)
     if method == "palettize":
         return palettize.kmeans(np.asarray(w), options["nbits"], options.get("group_size"),
+                                importance=None if importance is None else np.asarray(importance),
                                 per_channel_scale=options.get("per_channel_scale", False))
     if method == "int8":
         return int8.quantize(w)
@@ -538,7 +579,8 @@ def quantize_weight(w, method, options, act_scale=None):
     raise RecipeError(f"unknown method {method!r}")
 
 
-def apply_recipe(params, recipe, calibration=None, *, component=None, select=None, progress=False):
+def apply_recipe(params, recipe, calibration=None, *, importance=None, component=None, select=None,
+                 progress=False):
     """Quantize ``params`` by ``recipe`` (see the module docstring) -> new params, same structure.
 
     ``params``: a pipeline's ``{"text_encoder", "unet", "vae"}`` params (the recipe's components are
@@ -551,12 +593,20 @@ def apply_recipe(params, recipe, calibration=None, *, component=None, select=Non
     ``act_method``/``granularity``/``percentile``); or a function ``run(params)`` driving the model,
     which is observed on the W8A8 layers (it receives params shaped like ``params``). With pipeline
     params and W8A8 layers in several components, nest the dict as ``{component: {layer: ...}}``.
+
+    ``importance`` (only for ``"sensitive": true`` palettize rules, ignored by the others):
+    ``{layer: array of the weight's shape}`` of nonnegative per-weight importances, from
+    ``quant.sensitivity.fisher``; nested as ``{component: {layer: array}}`` like ``calibration``.
+    A sensitive layer missing from it is an error naming the layer.
     """
     recipe = parse(recipe, select)
     assignments = plan(params, recipe, component)
     targets, pipeline = _targets(params, recipe, component)
     needs = {(c, n): a for c, table in assignments.items() for n, a in table.items() if a.method == "int8-w8a8"}
     scales = _calibration_scales(calibration, needs, targets, pipeline, params)
+    sensitive = {(c, n): a for c, table in assignments.items() for n, a in table.items()
+                 if a.method == "palettize" and a.options.get("sensitive")}
+    imps = _importances(importance, sensitive, pipeline)
     out = dict(params) if pipeline else params
     for comp, p in targets:
         flat = nn.flatten(p)
@@ -564,7 +614,8 @@ def apply_recipe(params, recipe, calibration=None, *, component=None, select=Non
         for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
             key = name + ".weight"
             try:
-                flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)))
+                flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)),
+                                            imps.get((comp, name)))
             except ValueError as e:
                 raise RecipeError(f"{a.rule}: {comp} layer {name!r} {tuple(flat[key].shape)}: {e}") from None
         if pipeline:

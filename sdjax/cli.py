@@ -133,12 +133,14 @@ def cmd_quantize(args):
         raise UsageError(str(e)) from None
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
+    prompts = _sensitivity_prompts(args, recipe)
     pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
     calibration = None
     if recipe.needs_calibration:
         calibration = _calibration_run(pipe, args)
     try:
-        qpipe = pipe.quantize(recipe, calibration=calibration, progress=not args.quiet)
+        importance = None if prompts is None else _sensitivities(pipe, recipe, prompts, args)
+        qpipe = pipe.quantize(recipe, calibration=calibration, importance=importance, progress=not args.quiet)
     except quant.RecipeError as e:
         raise UsageError(str(e)) from None
     out = qio.save(qpipe, args.out, recipe=recipe, overwrite=args.overwrite, progress=not args.quiet)
@@ -151,6 +153,54 @@ def cmd_quantize(args):
         print(f"{comp}: {', '.join(f'{n} {m}' for m, n in counts.items())}; "
               f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
     print(f"wrote {out} (recipe {recipe.name!r}; sdjax format: load it with sdjax, diffusers cannot)")
+
+
+SENSITIVITY_REFERENCE_PROMPTS = 32  # dataset captions used for the embedded reference model by default
+
+
+def _sensitivity_prompts(args, recipe):
+    """The sensitivity calibration prompts when the recipe has sensitive palettize rules, else None."""
+    sensitive = [str(r) for r in recipe.rules if r.method == "palettize" and r.options.get("sensitive")]
+    if args.sensitivity_timesteps < 1:
+        raise UsageError(f"--sensitivity-timesteps {args.sensitivity_timesteps}: must be >= 1")
+    if not sensitive:
+        if args.sensitivity_prompts is not None:
+            raise UsageError(f"--sensitivity-prompts: recipe {recipe.name!r} has no sensitive palettize rule "
+                             "(add \"sensitive\": true to a palettize rule), so it uses no sensitivities")
+        return None
+    if args.sensitivity_prompts is None:
+        if args.model is not None:
+            raise UsageError(f"recipe {recipe.name!r}: {sensitive[0]} is sensitive palettization, which needs "
+                             "calibration prompts for the sensitivities: pass --sensitivity-prompts FILE "
+                             "(one prompt per line)")
+        from . import shapes
+        scenes = shapes.all_scenes()
+        pick = np.random.default_rng([2026, 11]).choice(len(scenes), SENSITIVITY_REFERENCE_PROMPTS, replace=False)
+        return [scenes[i].caption for i in sorted(pick)]
+    try:
+        with open(args.sensitivity_prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--sensitivity-prompts {args.sensitivity_prompts}: cannot read the prompts file ({e})") from None
+    if not prompts:
+        raise UsageError(f"--sensitivity-prompts {args.sensitivity_prompts}: the file has no prompts (one per line)")
+    return prompts
+
+
+def _sensitivities(pipe, recipe, prompts, args):
+    """{component: {layer: importance}} for the components with sensitive palettize layers."""
+    import quant
+    from quant import sensitivity
+    comps = sorted({c for c, table in quant.plan(pipe.params, recipe).items() for a in table.values()
+                    if a.method == "palettize" and a.options.get("sensitive")})
+    out = {}
+    for comp in comps:
+        try:
+            out[comp] = sensitivity.fisher(pipe, prompts, n_timesteps=args.sensitivity_timesteps, component=comp,
+                                           progress=not args.quiet)
+        except ValueError as e:
+            raise UsageError(f"sensitivities of {comp} for recipe {recipe.name!r}: {e}") from None
+    return out
 
 
 CALIBRATION_PROMPTS = ("a photo of a cat", "a red circle on a blue square", "a landscape painting at sunset",
@@ -299,6 +349,14 @@ def build_parser():
                    help="prompt to calibrate W8A8 activation scales on (repeatable; default: four built-in prompts)")
     p.add_argument("--calibration-steps", type=int, default=4,
                    help="sampler steps per calibration prompt (default 4)")
+    p.add_argument("--sensitivity-prompts", default=None, metavar="FILE",
+                   help="for recipes with \"sensitive\": true palettize rules (sensitivity-weighted k-means): "
+                   "a text file of calibration prompts, one per line; the model generates an image for each and "
+                   "the squared gradients of its denoising loss (quant.sensitivity.fisher) weight each layer's "
+                   f"k-means. Default for the embedded reference model: {SENSITIVITY_REFERENCE_PROMPTS} of its "
+                   "dataset's captions; required for other models; an error for recipes without sensitive rules")
+    p.add_argument("--sensitivity-timesteps", type=int, default=8,
+                   help="noise levels per sensitivity prompt (default 8)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
