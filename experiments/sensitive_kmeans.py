@@ -36,6 +36,13 @@ self-generated; 120 other captions for evaluation, 256 SQNR triples, 25 steps dp
         4     16   4.09 |         23.09 24.44 +1.35 |         28.62 28.12 -0.50 | 1.000/1.000 0.908/0.892 0.192/0.175 -0.017
     float model adherence: color 1.000, shape 0.867, all 0.175
 
+One LUT per output channel (SqueezeLLM's granularity; ``--group-size 1``, same calibration and
+evaluation, 634 s on the shared CPU; the LUTs cost extra bits on these small layers):
+
+        2      1   2.37 |         11.86 12.55 +0.69 |         16.96 15.54 -1.41 | 1.000/0.967 0.808/0.708 0.167/0.158 -0.008
+        3      1   3.74 |         17.77 18.73 +0.95 |         23.87 22.92 -0.95 | 0.992/1.000 0.850/0.900 0.167/0.208 +0.042
+        4      1   5.49 |         26.59 27.95 +1.35 |         31.88 32.99 +1.11 | 1.000/1.000 0.875/0.892 0.192/0.175 -0.017
+
 Reading: the weighting lowers what it optimises, the Fisher-weighted weight error, by only 2-10%
 (ratios 0.98, 0.96, 0.95 per tensor and 0.96, 0.93, 0.90 at g16 for 2, 3, 4 bits), because in one
 dimension it only reshapes the value histogram, and a weight's sensitivity here hardly depends on its
