@@ -65,17 +65,9 @@ INT8_CONV = "xla"  # or "im2col"; read when a conv is traced (see the module doc
 _INT32_FAN_IN_LIMIT = (2 ** 31 - 1) // (127 * 127)
 
 
-@flax.struct.dataclass
-class Int8Weight:
-    """int8 weight with per-output-channel float32 scales; see the module docstring."""
-    data: jax.Array                      # int8, sdjax layout
-    scale: jax.Array                     # float32 (out,)
-    act_scale: jax.Array | None = None   # float32 () or (in,); None for W8A16
-    path: str = flax.struct.field(pytree_node=False, default="integer")
-
-    @property
-    def mode(self):
-        return "w8a16" if self.act_scale is None else "w8a8"
+class Int8Data:
+    """``shape``/``ndim`` of the int8 ``data`` array, and ``nbytes`` of every stored array (the
+    int8 data, its scales): shared by the int8 weight types here and in ``quant.llm_int8``."""
 
     @property
     def shape(self):
@@ -88,6 +80,19 @@ class Int8Weight:
     @property
     def nbytes(self):
         return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self))
+
+
+@flax.struct.dataclass
+class Int8Weight(Int8Data):
+    """int8 weight with per-output-channel float32 scales; see the module docstring."""
+    data: jax.Array                      # int8, sdjax layout
+    scale: jax.Array                     # float32 (out,)
+    act_scale: jax.Array | None = None   # float32 () or (in,); None for W8A16
+    path: str = flax.struct.field(pytree_node=False, default="integer")
+
+    @property
+    def mode(self):
+        return "w8a16" if self.act_scale is None else "w8a8"
 
     def dequantize(self, dtype=jnp.float32):
         w = self.data.astype(jnp.float32) * self.scale

@@ -345,16 +345,6 @@ def load_component(folder, component, dtype="float32", progress=True):
     return unflatten(flat), config, meta
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def load(path, dtype="float32", progress=True):
     """(Checkpoint, quantization info) of a quantized folder; float components load as usual.
 
@@ -370,8 +360,8 @@ def load(path, dtype="float32", progress=True):
                 info["recipe"] = meta["recipe"]
         else:
             params[comp], configs[comp] = checkpoint.load_component(folder, comp, dtype, None, progress)
-    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    index = _read_json(os.path.join(path, "model_index.json"))
+    sched = checkpoint.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    index = checkpoint.read_json(os.path.join(path, "model_index.json"))
     tok = os.path.join(path, "tokenizer")
     ckpt = checkpoint.Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, index, path)
     return ckpt, info

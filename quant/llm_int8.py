@@ -42,25 +42,13 @@ DEFAULT_THRESHOLD = 6.0
 
 
 @flax.struct.dataclass
-class LLMInt8Weight:
+class LLMInt8Weight(int8.Int8Data):
     """Column-wise absmax int8 weight for LLM.int8() products; see the module docstring."""
     data: jax.Array     # int8, (in, out) or HWIO
     absmax: jax.Array   # float32 (out,): cw, the column absmax (bitsandbytes' SCB)
     threshold: float = flax.struct.field(pytree_node=False, default=DEFAULT_THRESHOLD)
     path: str = flax.struct.field(pytree_node=False, default="integer")
     max_outlier_cols: int = flax.struct.field(pytree_node=False, default=64)
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def ndim(self):
-        return self.data.ndim
-
-    @property
-    def nbytes(self):
-        return self.data.size * 1 + self.absmax.size * self.absmax.dtype.itemsize
 
     def dequantize(self, dtype=jnp.float32):
         return (self.data.astype(jnp.float32) * (self.absmax / 127)).astype(dtype)

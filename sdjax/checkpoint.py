@@ -233,7 +233,7 @@ def load_component(folder, component, dtype="float32", variant=None, progress=Tr
     return unflatten(flat), config
 
 
-def _read_json(path):
+def read_json(path):
     """The JSON at ``path``, or None when there is no such file."""
     if not os.path.exists(path):
         return None
@@ -245,13 +245,13 @@ def _read_json(path):
 
 
 def load_folder(path, dtype="float32", variant=None, progress=True) -> Checkpoint:
-    model_index = _read_json(os.path.join(path, "model_index.json"))
+    model_index = read_json(os.path.join(path, "model_index.json"))
     if model_index is None and not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json, no unet/)")
     params, configs = {}, {}
     for comp in MODELS:
         params[comp], configs[comp] = load_component(os.path.join(path, comp), comp, dtype, variant, progress)
-    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     tok = os.path.join(path, "tokenizer")
     return Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, model_index, path)
 
