@@ -291,6 +291,13 @@ def main(argv=None):
                          "depends on it only through float summation order)")
     ap.add_argument("--ship", action="store_true", help="copy the exported model into sdjax/reference_model")
     args = ap.parse_args(argv)
+    if args.devices < 1:
+        ap.error(f"--devices {args.devices}: must be >= 1")
+    ndev = len(jax.devices())
+    for name in ("vae_batch", "unet_batch"):
+        if getattr(args, name) % ndev:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a multiple of the {ndev} "
+                     "devices each batch is split over (--devices)")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     log = {"args": vars(args), "jax": jax.__version__, "devices": str(jax.devices())}
