@@ -66,17 +66,25 @@ shared with a training run; RSS does not depend on that):
     int8         cached        821.4       335        347          1704      0.666        0.609
 
 The targets (peak <= 0.50 / 0.65 of float16's) are missed on the whole-process peak and met above the
-floor. What separates them is the part that does not shrink with the weights: the floor (331-397 MiB:
-183 after imports, the rest the executable; palettized code is 66 MiB larger) and the forward's
-temporaries (335 MiB: activations and one layer's float32 expansion). For the palettized peak to reach
-0.50, those would have to fall by 435 MiB in both runs, more than all the temporaries together; tried:
-chunking the GEGLU feed-forward over tokens (diffusers' forward chunking) cut float16's temporaries to
-288 MiB with a cap on im2col sizes, but raised the quantized runs' to 412-429 MiB (both feed-forward
-weights expanded inside the loop body at once), so it was not kept.
+floor. On XLA:CPU the whole-process 0.50 cannot be met by any weight format, because of what every run
+needs besides its weights. If both runs need C MiB besides weights W, the palettized peak is at most
+0.50 of float16's only when C <= (0.50 * 1639 - 615) / 0.50 = 409 MiB (int8: (0.65 * 1639 - 821) / 0.35 =
+698 MiB); the script prints these budgets under its table. Measured, C is 881-919 MiB, and 331-397 of it
+is there before the first weight is loaded: 183 MiB for Python, jax and the initialised CPU backend, the
+rest the loaded executable, which XLA:CPU keeps at about 100 KiB per compiled kernel
+(``--kernel-cost``: 1200 fusion kernels kept 111 MiB; the UNet has about 2150). That leaves 12-78 MiB of
+the 409 for the forward pass itself, whose activations, one layer's expansion and attention block
+alone take 335 MiB. What the method controls is the part above the floor (the weights, their expansion,
+the forward's buffers): 0.494 and 0.609 of float16's. Chunking the GEGLU feed-forward over tokens
+(diffusers' forward chunking) cut float16's temporaries to 288 MiB with a cap on im2col sizes, but raised
+the quantized runs' to 412-429 MiB (both feed-forward weights expanded inside the loop body at once);
+computing convolutions as one matmul per kernel tap instead of over im2col patches left them at
+333-360 MiB (XLA still expands the whole weight) and added 60 MiB of executable. Neither was kept.
 
     python experiments/quant_memory.py                               # full size, all orders x stages none, dep (~30 min)
     python experiments/quant_memory.py --config small --reps 1       # a quick check
     python experiments/quant_memory.py --variants float16,int8 --order cached --stage dep
+    python experiments/quant_memory.py --kernel-cost                 # RSS kept per compiled kernel (~10 s)
 """
 from __future__ import annotations
 
@@ -415,6 +423,61 @@ def table(results, file=None):
           f"{r['compile_s']:9.1f} {r['eval_s']:7.2f} {diff:>10}")
 
 
+def kernel_cost(blocks=(200, 600)):
+    """RSS an XLA:CPU executable keeps per compiled kernel: compile programs of ``blocks`` small
+    matmul + elementwise blocks (each two fusions), return the freed compiler heap, and report
+    the RSS each executable kept, per fusion."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.memory import release_freed_memory
+
+    x = jnp.ones((64, 64), jnp.float32)
+    (x + 1).block_until_ready()
+    rows, keep = [], []
+    for n in blocks:
+        def prog(a, n=n):
+            for i in range(n):
+                a = jnp.tanh(a @ a * (i + 1.5)) + jnp.sin(a) * i
+            return a
+        release_freed_memory()
+        before = current_rss_bytes()
+        compiled = jax.jit(prog).lower(x).compile()
+        release_freed_memory()
+        kept = current_rss_bytes() - before
+        keep.append(compiled)  # alive while the next one is measured
+        fusions = compiled.as_text().count("fusion(")
+        rows.append(dict(blocks=n, fusions=fusions, kept_bytes=kept, per_fusion_bytes=kept / max(fusions, 1)))
+    return rows
+
+
+def budget(weights_q, weights_f16, target):
+    """The most memory, besides its weights, a quantized run may use for its peak to be ``target``
+    times the float16 run's, when both runs need the same memory besides their weights (runtime,
+    executable, activations): ``W_q + C <= target * (W_f16 + C)``."""
+    return (target * weights_f16 - weights_q) / (1 - target)
+
+
+def budget_lines(results):
+    """What a whole-process target leaves for everything that is not a weight, beside what each
+    run used: peak - weights, of which the floor (imports, runtime, executable) is there before a
+    weight is loaded."""
+    out = []
+    for r in results:
+        if r["variant"] not in TARGETS:
+            continue
+        base = [q for q in results if q["variant"] == "float16" and q["order"] == r["order"] and q["stage"] == r["stage"]]
+        if not base:
+            continue
+        b = base[0]
+        allowed = budget(r["weights_bytes"], b["weights_bytes"], TARGETS[r["variant"]])
+        out.append(f"{r['variant']} ({r['order']}, {r['stage']}): peak <= {TARGETS[r['variant']]:.2f} x float16 leaves "
+                   f"{allowed / MIB:.0f} MiB besides the weights; this run used {(r['peak_rss'] - r['weights_bytes']) / MIB:.0f} "
+                   f"(floor {r['rss_before_weights'] / MIB:.0f}), float16 {(b['peak_rss'] - b['weights_bytes']) / MIB:.0f} "
+                   f"(floor {b['rss_before_weights'] / MIB:.0f})")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
@@ -431,11 +494,19 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--kernel-cost", action="store_true",
+                    help="only measure the RSS an XLA:CPU executable keeps per compiled kernel, and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out-npy", help=argparse.SUPPRESS)
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.workdir = args.workdir or f"/tmp/sdjax-quant-memory-{args.config}"
+    if args.kernel_cost:
+        rows = kernel_cost()
+        for r in rows:
+            print(f"{r['blocks']:4d} blocks: {r['fusions']:5d} fusion kernels, executable keeps "
+                  f"{r['kept_bytes'] / MIB:6.1f} MiB ({r['per_fusion_bytes'] / 1024:.0f} KiB per kernel)")
+        return rows
     if args.child:
         return child(args.config, args.workdir, args.child, args.order, args.stage, args.reps, args.out_npy,
                      args.warm_only)
@@ -497,6 +568,8 @@ def main(argv=None):
     if f16:
         print(f"(float16 reference output max|x| {f16[0]['ref_absmax']:.3g}; RSS after imports "
               f"{f16[0]['rss_after_imports'] / MIB:.0f} MiB)")
+    for line in budget_lines(results):
+        print(line)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

@@ -79,6 +79,14 @@ def test_quant_memory_end_to_end(tmp_path, capsys):
     assert saved["config"] == "micro" and len(saved["results"]) == 3
     printed = capsys.readouterr().out
     assert "peak RSS MiB" in printed and "palettized6" in printed
+    assert "leaves" in printed and "besides the weights" in printed
+
+
+@pytest.mark.parametrize("wq,wf,target", [(615.0, 1639.0, 0.5), (821.0, 1639.0, 0.65), (10.0, 100.0, 0.3)])
+def test_budget_is_where_the_ratio_meets_the_target(wq, wf, target):
+    c = quant_memory.budget(wq, wf, target)
+    assert (wq + c) / (wf + c) == pytest.approx(target)
+    assert (wq + c + 1) / (wf + c + 1) > target  # any more and the target is missed
 
 
 def test_staged_weight_computes_the_same_layer():
@@ -126,3 +134,10 @@ def test_nn_keeps_one_expanded_weight_alive_at_a_time(compress):
     assert hoisted.memory_analysis().temp_size_in_bytes >= 7 * one  # the hoisting nn works around
     assert staged.memory_analysis().temp_size_in_bytes <= 2 * one
     np.testing.assert_array_equal(np.asarray(staged(ws, x)), np.asarray(hoisted(ws, x)))
+
+
+def test_kernel_cost_counts_kernels_of_bigger_programs():
+    rows = quant_memory.kernel_cost(blocks=(10, 30))
+    assert [r["blocks"] for r in rows] == [10, 30]
+    assert rows[0]["fusions"] >= 10 and rows[1]["fusions"] > rows[0]["fusions"]
+    assert all(r["per_fusion_bytes"] == r["kept_bytes"] / r["fusions"] for r in rows)
