@@ -579,8 +579,22 @@ def quantize_weight(w, method, options, act_scale=None, importance=None):
     raise RecipeError(f"unknown method {method!r}")
 
 
+def cache_key(component, layer, method, options):
+    """The key ``apply_recipe(cache=...)`` stores a quantized weight under: what determines it
+    (component, layer, method, options with defaults filled in; not how indivisible groups are
+    reported)."""
+    opts = dict(METHODS[method], **options)
+    opts.pop("indivisible", None)
+    return (component, layer, method, tuple(sorted(opts.items())))
+
+
+def _cacheable(method, options):
+    # W8A8 scales come from calibration and sensitive LUTs from importances: not a function of the key
+    return method in ("palettize", "int8", "llm-int8") and not options.get("sensitive")
+
+
 def apply_recipe(params, recipe, calibration=None, *, importance=None, component=None, select=None,
-                 progress=False):
+                 progress=False, cache=None):
     """Quantize ``params`` by ``recipe`` (see the module docstring) -> new params, same structure.
 
     ``params``: a pipeline's ``{"text_encoder", "unet", "vae"}`` params (the recipe's components are
@@ -598,6 +612,10 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, component
     ``{layer: array of the weight's shape}`` of nonnegative per-weight importances, from
     ``quant.sensitivity.fisher``; nested as ``{component: {layer: array}}`` like ``calibration``.
     A sensitive layer missing from it is an error naming the layer.
+
+    ``cache``: a dict shared between calls on the same params (``sdjax eval`` quantizes one model
+    by many recipes): weights quantized with the same method and options (``cache_key``) are
+    reused instead of recomputed. Not for sensitive or W8A8 layers.
     """
     recipe = parse(recipe, select)
     assignments = plan(params, recipe, component)
@@ -613,9 +631,15 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, component
         todo = [(n, a) for n, a in assignments[comp].items() if a.method != "float"]
         for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
             key = name + ".weight"
+            ck = cache_key(comp, name, a.method, a.options) if cache is not None and _cacheable(a.method, a.options) else None
+            if ck is not None and ck in cache:
+                flat[key] = cache[ck]
+                continue
             try:
                 flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)),
                                             imps.get((comp, name)))
+                if ck is not None:
+                    cache[ck] = flat[key]
             except ValueError as e:
                 raise RecipeError(f"{a.rule}: {comp} layer {name!r} {tuple(flat[key].shape)}: {e}") from None
         if pipeline:

@@ -283,6 +283,100 @@ def cmd_generate(args):
         print(f"wrote {path}")
 
 
+EVAL_REFERENCE_PROMPTS = 24  # dataset captions of the default evaluation set (embedded model)
+EVAL_GENERIC_PROMPTS = (    # other models, without --prompts
+    "a photograph of an astronaut riding a horse",
+    "a red sports car parked on a city street at night",
+    "a bowl of fruit on a wooden table, oil painting",
+    "a snowy mountain lake at sunrise",
+    "a portrait of an old fisherman, dramatic lighting",
+    "a cozy living room with a fireplace",
+    "a watercolor painting of a fox in a forest",
+    "a plate of pasta with basil, food photography",
+)
+
+
+def _eval_prompts(args):
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts {args.prompts}: cannot read the prompts file ({e})") from None
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts}: the file has no prompts (one per line)")
+        return prompts[:args.n_prompts] if args.n_prompts else prompts
+    if args.model is None:  # the embedded model's own captions: adherence is measurable on them
+        from . import shapes
+        scenes = shapes.all_scenes()
+        n = args.n_prompts or EVAL_REFERENCE_PROMPTS
+        pick = np.random.default_rng([2026, 6]).choice(len(scenes), min(n, len(scenes)), replace=False)
+        return [scenes[i].caption for i in sorted(pick)]
+    return list(EVAL_GENERIC_PROMPTS[:args.n_prompts or len(EVAL_GENERIC_PROMPTS)])
+
+
+def _int_list(name, text):
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: a comma-separated list of integers") from None
+    if not out:
+        raise UsageError(f"{name}: empty")
+    return out
+
+
+def cmd_eval(args):
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    import sdjax
+    from quant import metrics as qmetrics, sweep
+    from quant.evaluate import Settings
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(sweep.DEFAULT_RECIPES)
+    try:
+        sweep.resolve(names)
+        settings = Settings(prompts=_eval_prompts(args), seeds=_int_list("--seeds", args.seeds), steps=args.steps,
+                            sampler=args.sampler, guidance_scale=args.guidance_scale, batch=args.batch)
+    except (sweep.EvalError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    plugins = []
+    try:
+        for spec in args.metric or ():
+            plugins.append(qmetrics.load_plugin(spec))
+        if args.clip_score_model:
+            plugins.append(qmetrics.clip_score(args.clip_score_model))
+    except (ValueError, ImportError, OSError) as e:
+        raise UsageError(str(e)) from None
+    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    adherence = None
+    if args.model is None:
+        from . import shapes
+        adherence = shapes.score
+    try:
+        results = sweep.run(pipe, names, args.out, settings, adherence=adherence, plugins=plugins,
+                            progress=not args.quiet, fisher=not args.no_fisher,
+                            model_label=args.model or "embedded reference model")
+    except sweep.EvalError as e:
+        raise UsageError(str(e)) from None
+    _print_eval_summary(results)
+    print(f"wrote {os.path.join(args.out, 'report.md')} (and report.json, plots, grids)")
+
+
+def _print_eval_summary(results):
+    def f(v, nd=2):
+        return "-" if v is None else ("inf" if v == float("inf") else f"{v:.{nd}f}")
+    print(f"{'recipe':<22} {'bits':>5} {'UNet MiB':>8} {'1-step dB':>9} {'image dB':>8} {'SSIM':>6} {'noise dB':>8}")
+    for r in results["recipes"]:
+        m = r["metrics"]
+        if not r["finite"]:
+            print(f"{r['name']:<22} {r['avg_bits']:5.2f} {r['bytes']['unet'] / 2**20:8.2f}  NaN/Inf in output ({r['nonfinite']})")
+            continue
+        print(f"{r['name']:<22} {r['avg_bits']:5.2f} {r['bytes']['unet'] / 2**20:8.2f} {f(m.get('latent_psnr_1step_db')):>9} "
+              f"{f(m.get('image_psnr_db')):>8} {f(m.get('ssim'), 3):>6} {f(m.get('noise_psnr_db')):>8}")
+    for t in results.get("targets") or ():
+        print(f"target {'PASS' if t['pass'] else 'FAIL'}: {t['name']}: {t['got']}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion as pure JAX functions: "
                                      "load, quantize, evaluate and export.")
@@ -361,6 +455,43 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="quality vs bits: the float model and every recipe on a fixed prompt x seed set, "
+                       "into a report folder (report.md, report.json, plots, image grids)",
+                       description="Run the float model and every recipe on the same prompts and seeds and compare: "
+                       "noise-prediction PSNR, Apple's one-step latent PSNR, final-image PSNR and SSIM against the "
+                       "float model's image from the same x_T, prompt adherence (embedded model), plug-in metrics. "
+                       "mixed-apple / mixed-sdjax run the per-layer sensitivity analysis and build mixed-bit recipes "
+                       "(Apple's algorithm, and sdjax's allocator at the same sizes). Resumable: rerun the same command "
+                       "after an interruption and only what is missing is computed. Runs the prompt x seed batches "
+                       "on every JAX device (data parallel); on one machine, "
+                       "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
+    _model_arg(p)
+    p.add_argument("--recipes", "-r", default=None, metavar="LIST",
+                   help="comma-separated presets, recipe JSON files, mixed-apple, mixed-sdjax (default: "
+                   "palette-8/6/4/3/2bit, w8-int8conv, w8-int8, llm-int8, mixed-apple, mixed-sdjax)")
+    p.add_argument("-o", "--out", default="eval-out", help="report folder (default eval-out); an existing one "
+                   "of the same model and settings is resumed, another is refused")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts, one per line (default: 24 captions of the embedded model's dataset; 8 generic "
+                   "prompts for other models)")
+    p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--batch", type=int, default=16, help="prompt/seed pairs per batch (default 16)")
+    p.add_argument("--metric", action="append", metavar="MODULE:CALLABLE",
+                   help="a plug-in metric (images, prompts, float images) -> per-image values (repeatable)")
+    p.add_argument("--clip-score-model", default=None, metavar="DIR",
+                   help="add CLIP score, with a CLIP model saved on disk (transformers' save_pretrained folder; "
+                   "needs PyTorch); nothing is downloaded")
+    p.add_argument("--no-fisher", action="store_true",
+                   help="skip the Fisher estimate of layer sensitivity (and its rank agreement with the measured one)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host: every process runs the same command)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert a checkpoint (single file or folder) to a diffusers folder")
     p.add_argument("path", help="source: diffusers folder or single .safetensors/.ckpt")

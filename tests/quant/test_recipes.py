@@ -310,3 +310,25 @@ def test_bad_json_file(tmp_path, unet):
     p.write_text("{not json")
     with pytest.raises(RecipeError, match="bad.json: cannot read the recipe as JSON"):
         quant.apply_recipe(unet, str(p))
+
+
+def test_cache_reuses_weights_quantized_the_same_way(unet):
+    cache = {}
+    a = quant.apply_recipe(unet, "palette-4bit", cache=cache)
+    n = len(cache)
+    assert n == len([w for w in layers(a).values() if isinstance(w, PalettizedWeight)]) > 0
+    # an Apple recipe naming one layer at 4 bits gets the very object the preset made
+    name, w = next((k, v) for k, v in layers(a).items() if isinstance(v, PalettizedWeight))
+    b = quant.apply_recipe(unet, {name: 4}, cache=cache)
+    assert layers(b)[name] is w and len(cache) == n
+    c = quant.apply_recipe(unet, "palette-3bit", cache=cache)
+    assert len(cache) == 2 * n
+    plain = quant.apply_recipe(unet, "palette-3bit")
+    for k, v in layers(plain).items():
+        if isinstance(v, PalettizedWeight):
+            np.testing.assert_array_equal(layers(c)[k].dequantize(np.float32), v.dequantize(np.float32))
+    # sensitive rules depend on importances, not only on the key: never cached
+    imp = {k: np.ones(v.shape, np.float32) for k, v in layers(unet).items()}
+    quant.apply_recipe(unet, {"rules": [{"pattern": "*", "method": "palettize", "nbits": 2, "sensitive": True}]},
+                       importance=imp, cache=cache)
+    assert len(cache) == 2 * n

@@ -1,0 +1,164 @@
+"""sdjax eval's engine (quant.evaluate, quant.sweep) on the embedded reference model: the simulated
+path equals the quantized one, resuming recomputes nothing, bad folders and names are refused, NaN
+is reported, mixed-bit families are built, and 4 host devices give the numbers of 1."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import quant
+import sdjax
+from quant import sweep
+from quant.evaluate import Evaluator, Settings
+from sdjax import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS = ("a large red circle in the center on a white background",
+           "a small blue square at the top left on a black background",
+           "a large green triangle at the bottom right on a gray background")
+SETTINGS = Settings(prompts=PROMPTS, seeds=(0, 1), steps=3, batch=4, n_one_step=4)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdjax.load(None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ev(pipe):
+    return Evaluator(pipe, SETTINGS, progress=False)
+
+
+def test_simulated_path_equals_the_quantized_weights(pipe, ev):
+    """Weight-only types compute their dequantized weights' function: the fast (simulated) path
+    of the sweep gives the metrics of the real quantized model."""
+    q = quant.apply_recipe(pipe.params, "palette-4bit")
+    assert sweep.weight_only(q)
+    real, sim = ev.outputs(q), ev.outputs(sweep.dequantized(q))
+    for k in real:  # the same weights; XLA fuses the dequantization into the layer: float rounding only
+        np.testing.assert_allclose(sim[k], real[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    m_real, m_sim = ev.metrics(real)[0], ev.metrics(sim)[0]
+    for k in ("noise_psnr_db", "latent_psnr_1step_db", "image_psnr_db", "ssim"):
+        assert m_sim[k] == pytest.approx(m_real[k], abs=0.02), k
+    w8a8 = quant.apply_recipe(pipe.params, {"rules": [{"pattern": "*", "kind": "linear", "method": "llm-int8"}]})
+    assert not sweep.weight_only(w8a8)
+
+
+def test_float_model_against_itself_is_perfect_and_quantized_is_worse(pipe, ev):
+    m, bad = ev.metrics(ev.outputs(pipe.params))
+    assert bad is None and m["latent_psnr_1step_db"] == np.inf and m["ssim"] == pytest.approx(1.0)
+    m2, _ = ev.metrics(ev.outputs(sweep.dequantized(quant.apply_recipe(pipe.params, "palette-2bit"))))
+    m4, _ = ev.metrics(ev.outputs(sweep.dequantized(quant.apply_recipe(pipe.params, "palette-4bit"))))
+    for k in ("noise_psnr_db", "latent_psnr_1step_db", "image_psnr_db", "ssim"):
+        assert np.isfinite(m2[k]) and m2[k] < m4[k], k  # more bits, closer to float
+
+
+def _run(pipe, out, recipes, **kw):
+    return sweep.run(pipe, recipes, str(out), SETTINGS, adherence=shapes.score, progress=False, **kw)
+
+
+def test_sweep_writes_a_report_and_resumes_without_recomputing(pipe, tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    calls = []
+    real = Evaluator.outputs
+
+    def counting(self, params, desc=None):
+        calls.append(desc)
+        if desc == "palette-3bit":
+            raise KeyboardInterrupt  # killed half way
+        return real(self, params, desc)
+
+    monkeypatch.setattr(Evaluator, "outputs", counting)
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipe, out, ["palette-4bit", "palette-3bit"])
+    assert calls == ["float model", "palette-4bit", "palette-3bit"]
+    assert not [f for f in os.listdir(out / "state" / "recipes") if ".tmp" in f]
+    calls.clear()
+    monkeypatch.setattr(Evaluator, "outputs", lambda self, params, desc=None: (calls.append(desc), real(self, params, desc))[1])
+    res = _run(pipe, out, ["palette-4bit", "palette-3bit"])
+    assert calls == ["palette-3bit"]  # the float model and palette-4bit were loaded, not rerun
+    names = [r["name"] for r in res["recipes"]]
+    assert names == ["palette-4bit", "palette-3bit"]
+    for f in ("report.md", "report.json"):
+        assert (out / f).exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in saved["recipes"]] == names
+    r4 = res["recipes"][0]
+    assert r4["path"] == "simulated" and r4["finite"] and 4.0 < r4["avg_bits"] < 5.0
+    assert r4["bytes"]["unet"] < quant.size_bytes(pipe.params["unet"]) / 6
+    assert set(r4["metrics"]["adherence"]) >= {"color", "shape", "all"}
+    # a third run with one more recipe computes only that one
+    calls.clear()
+    res = _run(pipe, out, ["palette-4bit", "palette-3bit", "w8-int8"])
+    assert calls == ["w8-int8"]
+
+
+def test_refuses_another_models_or_settings_folder(pipe, tmp_path):
+    out = tmp_path / "ev"
+    _run(pipe, out, ["palette-8bit"])
+    other = sdjax.load(None, progress=False)
+    other.params["unet"]["conv_in"]["bias"] = other.params["unet"]["conv_in"]["bias"] + 1
+    with pytest.raises(sweep.EvalError, match="another model"):
+        _run(other, out, ["palette-8bit"])
+    with pytest.raises(sweep.EvalError, match="settings"):
+        sweep.run(pipe, ["palette-8bit"], str(out), Settings(prompts=PROMPTS[:1], steps=3), progress=False)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(sweep.EvalError, match="unknown recipe 'palette-5bit'.*palette-6bit.*mixed-apple"):
+        sweep.resolve(["palette-6bit", "palette-5bit"])
+    with pytest.raises(sweep.EvalError, match="nope.json"):
+        sweep.resolve(["nope.json"])
+
+
+def test_nan_output_is_reported_and_the_sweep_goes_on(pipe, tmp_path, monkeypatch):
+    real = sweep.dequantized
+
+    def poisoned(params, dtype=np.float32):
+        out = real(params, dtype)
+        if quant.size_bytes(params["unet"]) < quant.size_bytes(pipe.params["unet"]) / 10:  # the 2-bit one
+            w = np.array(out["unet"]["conv_in"]["weight"])
+            w[0, 0, 0, 0] = np.nan
+            out["unet"]["conv_in"]["weight"] = w
+        return out
+
+    monkeypatch.setattr(sweep, "dequantized", poisoned)
+    res = _run(pipe, tmp_path / "ev", ["palette-2bit", "palette-8bit"])
+    bad, good = res["recipes"]
+    assert not bad["finite"] and "NaN" in bad["nonfinite"] and np.isnan(bad["metrics"]["latent_psnr_1step_db"])
+    assert good["finite"] and np.isfinite(good["metrics"]["latent_psnr_1step_db"])
+    assert "NaN" in (tmp_path / "ev" / "report.md").read_text()
+
+
+_DEVICE_RUN = """
+import json, sys, jax
+import quant, sdjax
+from quant import sweep
+from quant.evaluate import Evaluator, Settings
+pipe = sdjax.load(None, progress=False)
+ev = Evaluator(pipe, Settings(prompts=%r, seeds=(0, 1), steps=3, batch=4, n_one_step=4), progress=False)
+m, _ = ev.metrics(ev.outputs(sweep.dequantized(quant.apply_recipe(pipe.params, "palette-3bit"))))
+lat = ev.reference["final_latents"]
+print("RESULT " + json.dumps(dict(devices=len(jax.devices()), shards=len(ev._put(lat[:4]).addressable_shards),
+                                  metrics=m, ref_sum=float(abs(lat).sum()))))
+"""
+
+
+def _device_run(n):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", _DEVICE_RUN % (PROMPTS,)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    return json.loads(line[-1][7:])
+
+
+def test_four_host_devices_give_the_numbers_of_one():
+    one, four = _device_run(1), _device_run(4)
+    assert (one["devices"], one["shards"]) == (1, 1) and (four["devices"], four["shards"]) == (4, 4)
+    assert four["ref_sum"] == pytest.approx(one["ref_sum"], rel=1e-5)
+    for k in ("noise_psnr_db", "latent_psnr_1step_db", "final_latent_psnr_db", "image_psnr_db", "ssim"):
+        assert four["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-4, abs=1e-4), k
