@@ -84,6 +84,17 @@ class Settings:
         return dataclasses.asdict(self) | {"prompts": list(self.prompts), "seeds": list(self.seeds)}
 
 
+# module-level jits: compiled once per config and shapes, shared by every Evaluator
+@functools.partial(jax.jit, static_argnames="config")
+def _decode(p, z, config):
+    return jnp.clip(vae_model.decode(p, config, z / config.scaling_factor).astype(jnp.float32) / 2 + 0.5, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _unet(p, x, t, c, config):
+    return unet_model.apply(p, config, x, t, c).astype(jnp.float32)
+
+
 def _gather(x):
     """A (possibly multi-host) global array -> host NumPy array with every row."""
     if jax.process_count() > 1:
@@ -119,10 +130,8 @@ class Evaluator:
         self.plan = s.plan(sched, settings.steps)
         self.plan1 = s.plan(sched, 1)
         self.n1 = min(settings.n_one_step, self.n)
-        vcfg, ucfg = self.vcfg, self.ucfg
-        self._decode = jax.jit(lambda p, z: jnp.clip(vae_model.decode(p, vcfg, z / vcfg.scaling_factor)
-                                                     .astype(jnp.float32) / 2 + 0.5, 0, 1))
-        self._unet = jax.jit(lambda p, x, t, c: unet_model.apply(p, ucfg, x, t, c).astype(jnp.float32))
+        self._decode = functools.partial(_decode, config=self.vcfg)
+        self._unet = functools.partial(_unet, config=self.ucfg)
         t0 = time.perf_counter()
         # ``reference``: the float outputs from an earlier run (``self.reference``), not recomputed
         self.reference = dict(reference) if reference is not None else self.outputs(pipe.params, desc="float model")

@@ -40,6 +40,7 @@ METRIC_TITLES = {
     "noise_psnr_db": "noise PSNR (dB)",
     "latent_psnr_1step_db": "latent PSNR, 1 step (dB)",
     "image_psnr_db": "image PSNR (dB)",
+    "final_latent_psnr_db": "final latent PSNR (dB)",
     "ssim": "SSIM",
     "adherence": "adherence (all)",
 }

@@ -413,10 +413,24 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
             state.write(res, "recipes", key + ".json")  # last: its presence marks the recipe done
         results["recipes"].append(res)
         images[name] = state.load_arrays("recipes", key + ".npz")["images"]
+    write_recipes(results, out_dir)
     results["targets"] = targets(results)
     captions = [f"{p} (seed {s})" for p, s in settings.pairs]
     results["files"] = report.write_report(results, out_dir, images=images, captions=captions)
     return results
+
+
+def write_recipes(results, out_dir):
+    """OUT/recipes/NAME.json (sdjax rules) and, for mixed-bit recipes, NAME.apple.json (Apple's
+    ``{layer: nbits}``): ready for ``sdjax quantize --recipe``."""
+    d = os.path.join(out_dir, "recipes")
+    os.makedirs(d, exist_ok=True)
+    for r in results["recipes"]:
+        rec = r["recipe"]
+        if quant.recipes.is_apple_recipe(rec):
+            report.atomic_write_json(os.path.join(d, _safe(r["name"]) + ".apple.json"), rec)
+            rec = quant.parse_recipe(rec).to_json() | {"name": r["name"]}
+        report.atomic_write_json(os.path.join(d, _safe(r["name"]) + ".json"), rec)
 
 
 def targets(results):
