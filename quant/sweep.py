@@ -383,7 +383,13 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
     S = None
     if want:
         S = Sensitivity(ev, state, progress, candidate_min, mixed_nbits, cache=cache)
-        mixed = _mixed_recipes(S, want, "mixed-apple" in want, "mixed-sdjax" in want)
+        key = sorted(want)
+        saved = state.read("mixed.json")
+        if saved is not None and saved.get("families") == key:
+            mixed = [(n, r) for n, r in saved["recipes"]]
+        else:
+            mixed = _mixed_recipes(S, want, "mixed-apple" in want, "mixed-sdjax" in want)
+            state.write({"families": key, "recipes": [[n, r] for n, r in mixed]}, "mixed.json")
         if fisher:
             S.fisher(S.single(), settings.prompts)
         todo += mixed

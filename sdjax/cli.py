@@ -173,18 +173,28 @@ def _sensitivity_prompts(args, recipe):
             raise UsageError(f"recipe {recipe.name!r}: {sensitive[0]} is sensitive palettization, which needs "
                              "calibration prompts for the sensitivities: pass --sensitivity-prompts FILE "
                              "(one prompt per line)")
-        from . import shapes
-        scenes = shapes.all_scenes()
-        pick = np.random.default_rng([2026, 11]).choice(len(scenes), SENSITIVITY_REFERENCE_PROMPTS, replace=False)
-        return [scenes[i].caption for i in sorted(pick)]
+        return _reference_captions(SENSITIVITY_REFERENCE_PROMPTS, seed=11)
+    return _read_prompts("--sensitivity-prompts", args.sensitivity_prompts)
+
+
+def _read_prompts(flag, path):
+    """The non-empty lines of a prompts file, or a UsageError naming the flag and file."""
     try:
-        with open(args.sensitivity_prompts, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--sensitivity-prompts {args.sensitivity_prompts}: cannot read the prompts file ({e})") from None
+        raise UsageError(f"{flag} {path}: cannot read the prompts file ({e})") from None
     if not prompts:
-        raise UsageError(f"--sensitivity-prompts {args.sensitivity_prompts}: the file has no prompts (one per line)")
+        raise UsageError(f"{flag} {path}: the file has no prompts (one per line)")
     return prompts
+
+
+def _reference_captions(n, seed):
+    """n distinct captions of the embedded model's dataset, a fixed pick per seed."""
+    from . import shapes
+    scenes = shapes.all_scenes()
+    pick = np.random.default_rng([2026, seed]).choice(len(scenes), min(n, len(scenes)), replace=False)
+    return [scenes[i].caption for i in sorted(pick)]
 
 
 def _sensitivities(pipe, recipe, prompts, args):
@@ -297,21 +307,13 @@ EVAL_GENERIC_PROMPTS = (    # other models, without --prompts
 
 
 def _eval_prompts(args):
+    if args.n_prompts is not None and args.n_prompts < 1:
+        raise UsageError(f"--n-prompts {args.n_prompts}: must be >= 1")
     if args.prompts:
-        try:
-            with open(args.prompts, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--prompts {args.prompts}: cannot read the prompts file ({e})") from None
-        if not prompts:
-            raise UsageError(f"--prompts {args.prompts}: the file has no prompts (one per line)")
+        prompts = _read_prompts("--prompts", args.prompts)
         return prompts[:args.n_prompts] if args.n_prompts else prompts
     if args.model is None:  # the embedded model's own captions: adherence is measurable on them
-        from . import shapes
-        scenes = shapes.all_scenes()
-        n = args.n_prompts or EVAL_REFERENCE_PROMPTS
-        pick = np.random.default_rng([2026, 6]).choice(len(scenes), min(n, len(scenes)), replace=False)
-        return [scenes[i].caption for i in sorted(pick)]
+        return _reference_captions(args.n_prompts or EVAL_REFERENCE_PROMPTS, seed=6)
     return list(EVAL_GENERIC_PROMPTS[:args.n_prompts or len(EVAL_GENERIC_PROMPTS)])
 
 

@@ -164,7 +164,7 @@ def test_four_host_devices_give_the_numbers_of_one():
         assert four["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-4, abs=1e-4), k
 
 
-def test_mixed_bit_families_end_to_end(pipe, tmp_path):
+def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     """Apple's recipes and ours at the same sizes, on the larger layers and three widths (fast):
     both families are built, evaluated, compared, and written as recipe files quantize reads."""
     out = tmp_path / "ev"
@@ -186,3 +186,11 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path):
     assert recipe.name == name
     flat = json.loads((out / "recipes" / f"{name}.apple.json").read_text())
     assert quant.recipes.is_apple_recipe(flat) and set(flat) == set(s["layers"])
+    # rerun: sweeps, Fisher, recipes and their metrics all come from the folder
+    def no(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(sweep.Sensitivity, "measure", no)
+    monkeypatch.setattr(Evaluator, "outputs", no)
+    monkeypatch.setattr(quant.sensitivity, "fisher", no)
+    again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(1, 2, 4))
+    assert [r["metrics"] for r in again["recipes"]] == [r["metrics"] for r in res["recipes"]]
