@@ -696,7 +696,8 @@ def render_markdown(results, files=None) -> str:
             keys = [k for k in ADHERENCE_KEYS if any(k in a for _, a in adh)]
             keys += sorted({k for _, a in adh for k in a} - set(keys))
             L += ["### Prompt adherence", ""]
-            L += _table(["recipe"] + keys, [[n] + [_fmt(_num(a.get(k)), 3) for k in keys] for n, a in adh]) + [""]
+            L += _table(["recipe"] + keys, [[n] + [str(a[k]) if isinstance(a.get(k), int) else _fmt(_num(a.get(k)), 3)
+                                                for k in keys] for n, a in adh]) + [""]
 
     targets = results.get("targets")
     if targets:
