@@ -139,9 +139,11 @@ def component_bytes(params):
 class State:
     """OUT/state/: what a rerun reuses."""
 
-    def __init__(self, out_dir):
-        self.dir = os.path.join(out_dir, "state")
-        os.makedirs(os.path.join(self.dir, "recipes"), exist_ok=True)
+    def __init__(self, out_dir, writer=True):
+        # writer=False (every process but the first under jax.distributed): reads, never writes
+        self.dir, self.writer = os.path.join(out_dir, "state"), writer
+        if writer:
+            os.makedirs(os.path.join(self.dir, "recipes"), exist_ok=True)
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -156,9 +158,12 @@ class State:
             raise EvalError(f"{self.path(*parts)}: unreadable ({e}); delete it to recompute") from None
 
     def write(self, obj, *parts):
-        report.atomic_write_json(self.path(*parts), obj)
+        if self.writer:
+            report.atomic_write_json(self.path(*parts), obj)
 
     def save_arrays(self, arrays, *parts):
+        if not self.writer:
+            return
         path = self.path(*parts)
         tmp = path + ".tmp.npz"
         np.savez(tmp, **arrays)
@@ -361,8 +366,12 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         raise EvalError("settings: a quant.evaluate.Settings (prompts, seeds, ...)")
     if pipe.is_quantized:
         raise EvalError(f"{pipe.source}: sdjax eval needs the float model (the reference every recipe is compared with)")
-    os.makedirs(out_dir, exist_ok=True)
-    state = State(out_dir)
+    # under jax.distributed every process runs the same computation (its devices take their share
+    # of each batch); the first one writes the folder
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    state = State(out_dir, writer)
     manifest = {"sdjax_version": _version(), "fingerprint": fingerprint(pipe.params), "settings": settings.to_json(),
                 "mixed": {"candidate_min": candidate_min, "nbits": list(mixed_nbits)}}
     _check_manifest(state, manifest, out_dir)
@@ -404,6 +413,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         bar.set_postfix_str(name)
         key = _safe(name)
         res = state.read("recipes", key + ".json")
+        imgs = None
         if res is None or res.get("recipe") != json.loads(json.dumps(r)):
             t0 = time.perf_counter()
             qparams = quant.apply_recipe(pipe.params, r, cache=cache)
@@ -415,12 +425,15 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
             res = {"name": name, "family": family(name), "avg_bits": avg_bits(qparams["unet"]),
                    "bytes": component_bytes(qparams), "metrics": m, "finite": bad is None, "nonfinite": bad,
                    "seconds": time.perf_counter() - t0, "recipe": r, "path": path}
-            state.save_arrays({"images": _to_uint8(out["images"])}, "recipes", key + ".npz")
+            imgs = _to_uint8(out["images"])
+            state.save_arrays({"images": imgs}, "recipes", key + ".npz")
             state.write(res, "recipes", key + ".json")  # last: its presence marks the recipe done
         results["recipes"].append(res)
-        images[name] = state.load_arrays("recipes", key + ".npz")["images"]
-    write_recipes(results, out_dir)
+        images[name] = imgs if imgs is not None else state.load_arrays("recipes", key + ".npz")["images"]
     results["targets"] = targets(results)
+    if not writer:
+        return results
+    write_recipes(results, out_dir)
     captions = [f"{p} (seed {s})" for p, s in settings.pairs]
     results["files"] = report.write_report(results, out_dir, images=images, captions=captions)
     return results

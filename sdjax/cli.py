@@ -328,9 +328,18 @@ def _int_list(name, text):
 
 
 def cmd_eval(args):
-    if args.distributed:
+    if args.distributed or args.coordinator:
         import jax
-        jax.distributed.initialize()
+        # CPU devices of different processes exchange results through gloo (other backends ignore this;
+        # asking which backend this is would start it, and initialize() must come first)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if args.coordinator:
+            if args.num_processes is None or args.process_id is None:
+                raise UsageError("--coordinator needs --num-processes and --process-id")
+            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id)
+        else:
+            jax.distributed.initialize()  # a cluster it detects (SLURM, Open MPI, ...)
     import sdjax
     from quant import metrics as qmetrics, sweep
     from quant.evaluate import Settings
@@ -360,6 +369,9 @@ def cmd_eval(args):
                             model_label=args.model or "embedded reference model")
     except sweep.EvalError as e:
         raise UsageError(str(e)) from None
+    import jax
+    if jax.process_index():
+        return
     _print_eval_summary(results)
     print(f"wrote {os.path.join(args.out, 'report.md')} (and report.json, plots, grids)")
 
@@ -491,7 +503,13 @@ def build_parser():
     p.add_argument("--no-fisher", action="store_true",
                    help="skip the Fisher estimate of layer sensitivity (and its rank agreement with the measured one)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host: every process runs the same command)")
+                   help="multi-host: call jax.distributed.initialize() first, which detects SLURM, Open MPI and "
+                   "other clusters; every process runs the same command, the batches are split over all their "
+                   "devices, and the first process writes the folder (a resumed run needs it on a shared filesystem)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host without a cluster manager: the first process's address (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
