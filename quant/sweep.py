@@ -268,9 +268,11 @@ class Sensitivity:
             self.data["single"].setdefault(str(nbits), {})[layer] = value
             self._save()
 
+        todo = len(self.layers) * len(self.nbits) - sum(len(v) for v in done.values())
         res = mixed_bit.single_layer_sweep(self.measure, self.layers, nbits=self.nbits, done=done,
                                            on_result=keep, progress=self.progress)
-        self.data["seconds"]["measured"] = self.data["seconds"].get("measured", 0) + time.perf_counter() - t0
+        if todo > 0:  # the measured sweep's time, summed over the runs that measured
+            self.data["seconds"]["measured"] = self.data["seconds"].get("measured", 0) + time.perf_counter() - t0
         self._save(force=True)
         return res
 
