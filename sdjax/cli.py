@@ -491,9 +491,9 @@ def build_parser():
                    "prompts for other models)")
     p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="as sdjax generate's (default dpmpp_2m)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--batch", type=int, default=16, help="prompt/seed pairs per batch (default 16)")
     p.add_argument("--metric", action="append", metavar="MODULE:CALLABLE",
                    help="a plug-in metric (images, prompts, float images) -> per-image values (repeatable)")
