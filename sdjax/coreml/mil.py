@@ -1,0 +1,240 @@
+"""Helpers for building sdjax models as MIL programs (call them inside ``@mb.program``).
+
+Activations use the Neural Engine layout of apple/ml-stable-diffusion: ``(B, C, 1, S)``
+(channels on axis 1, the sequence on the last axis), linear layers as 1x1 convolutions,
+layer norm over axis 1, and attention either "split_einsum_v2" (one head at a time, query
+chunks of at most 512) or "original" (batched matmul + softmax).
+
+Weights go through ``weight``/``conv1x1_weight``: float arrays become consts, sdjax's quantized
+weights become constexpr ops that Core ML expands at load time, with the stored tables exactly
+sdjax's (see ``weight``). ``dtype`` there is the float type the tables are written in:
+"float32" for a program converted with the empty pass pipeline (``conv``/``linear`` accept
+only a const or constexpr weight, so no cast may follow), "float16" for the fp16 pipeline (the
+constexpr result is cast to fp32 in the fp32-typed Builder program, and
+``common::cast_optimization`` removes that cast again). See ``sdjax.coreml.interp``'s
+docstring for what coremltools 9 does to programs.
+
+Names passed in must be identifiers (``[A-Za-z_][A-Za-z0-9_]*``): the backend rewrites
+others.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT and no scale",
+                     "Int8Weight W8A16 (act_scale None)")
+QUERY_CHUNK = 512  # apple/ml-stable-diffusion's split_einsum_v2 query chunk
+ATTENTION_MODES = ("split_einsum_v2", "original")
+
+
+def _mb():
+    from coremltools.converters.mil import Builder as mb
+    return mb
+
+
+def _np_float(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise ValueError(f"weight table dtype must be float32 or float16, got {dtype}")
+    return dtype
+
+
+def _kind(w):
+    name = type(w).__name__
+    if name == "PalettizedWeight":
+        return "lut"
+    if name == "Int8Weight":
+        return "int8"
+    if hasattr(w, "dequantize") or not hasattr(w, "shape"):
+        return "other"
+    return "float"
+
+
+def _unsupported(w, name, why=""):
+    raise NotImplementedError(
+        f"Core ML export of weight {name!r} ({type(w).__name__}{why}) is not implemented; "
+        f"supported so far: {'; '.join(SUPPORTED_WEIGHTS)}")
+
+
+def lut_indices(w) -> np.ndarray:
+    """The LUT index of every element of a ``PalettizedWeight``, int64 of ``w.shape``."""
+    from quant.palettize import unpack_bits
+    return np.asarray(unpack_bits(w.packed, w.nbits, w.size)).astype(np.int64).reshape(w.shape)
+
+
+def weight(w, name: str, dtype="float32", perm=None, shape=None):
+    """The MIL value of sdjax weight ``w``, optionally transposed by axis permutation ``perm``
+    and then given ``shape`` (same size and C order, e.g. unit axes appended).
+
+    - float array: a float32 const whatever ``dtype`` says (the fp16 pipeline's
+      const_elimination makes fp16 consts of them);
+    - ``PalettizedWeight`` with one LUT for the tensor and no per-channel scale: an iOS16
+      ``constexpr_lut_to_dense`` with sdjax's LUT (in ``dtype``: float16 tables are sdjax's bits
+      exactly, float32 ones hold the same values) and sdjax's indices, bit-packed LSB first as
+      Core ML reads them (sdjax's own packing; re-packed here only when ``perm`` moves them:
+      the LUT is per tensor, so transposing the index array is exact);
+    - ``Int8Weight`` W8A16: an iOS16 ``constexpr_affine_dequantize`` of sdjax's int8 data, zero
+      point 0 and the per-output-channel scale (sdjax's last axis; moved with ``perm``).
+
+    The value is float32-typed in the Builder program (``dtype="float16"`` tables are followed by
+    a cast that the fp16 pipeline removes). Anything else raises NotImplementedError naming
+    ``name`` and what is supported."""
+    mb = _mb()
+    dtype = _np_float(dtype)
+    kind = _kind(w)
+    nd = len(w.shape)
+    perm = tuple(range(nd)) if perm is None else tuple(perm)
+    permuted = tuple(int(w.shape[p]) for p in perm)
+    shape = permuted if shape is None else tuple(int(d) for d in shape)
+    if math.prod(shape) != math.prod(permuted):
+        raise ValueError(f"{name}: shape {shape} does not hold {permuted}")
+    if kind == "float":
+        return mb.const(val=np.transpose(np.asarray(w, np.float32), perm).reshape(shape), name=name)
+    if kind == "lut":
+        if w.num_groups != 1 or w.scale is not None:
+            why = f", {w.num_groups} LUT groups" if w.num_groups != 1 else ", per-channel scale"
+            _unsupported(w, name, why)
+        from quant.palettize import pack_bits
+        if perm == tuple(range(nd)):
+            packed = np.asarray(w.packed, np.uint8)
+        else:
+            packed = np.asarray(pack_bits(np.transpose(lut_indices(w), perm), w.nbits), np.uint8)
+        lut = np.asarray(w.lut)[0].astype(dtype)
+        out = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=np.array(shape, np.uint32), name=name)
+        return out if dtype == np.float32 else mb.cast(x=out, dtype="fp32", name=name + "_fp32")
+    if kind == "int8":
+        if w.act_scale is not None:
+            _unsupported(w, name, " W8A8: activation quantization")
+        data = np.transpose(np.asarray(w.data, np.int8), perm)
+        axis = perm.index(nd - 1)
+        if shape != permuted:  # only unit axes may be added after the kept ones
+            if shape[:len(permuted)] != permuted or any(d != 1 for d in shape[len(permuted):]):
+                raise ValueError(f"{name}: int8 weights take only trailing unit axes, {permuted} -> {shape}")
+            data = data.reshape(shape)
+        scale = np.asarray(w.scale, np.float32).astype(dtype)
+        out = mb.constexpr_affine_dequantize(quantized_data=data, zero_point=np.int8(0), scale=scale,
+                                             axis=axis, name=name)
+        return out if dtype == np.float32 else mb.cast(x=out, dtype="fp32", name=name + "_fp32")
+    _unsupported(w, name)
+
+
+def linear_as_conv(x, w, b=None, name="linear", dtype="float32"):
+    """``x @ W + b`` on a ``(B, C_in, 1, S)`` activation as a 1x1 conv -> ``(B, C_out, 1, S)``.
+
+    ``w`` is sdjax's ``(in, out)`` weight (float or quantized), ``b`` its bias or None."""
+    mb = _mb()
+    wv = conv1x1_weight(w, name + "_w", dtype)
+    kw = {}
+    if b is not None:
+        kw["bias"] = mb.const(val=np.asarray(b, np.float32), name=name + "_b")
+    return mb.conv(x=x, weight=wv, strides=[1, 1], pad_type="valid", dilations=[1, 1], groups=1,
+                   name=name, **kw)
+
+
+def conv1x1_weight(w, name, dtype="float32"):
+    """sdjax ``(in, out)`` linear weight as a const/constexpr of shape ``(out, in, 1, 1)`` (OIHW).
+
+    The transpose is done on the stored data, so a quantized weight's dense shape is OIHW
+    already (``conv`` takes its weight straight from the const/constexpr, no runtime op)."""
+    if len(w.shape) != 2:
+        raise ValueError(f"{name}: a linear weight is (in, out), got shape {tuple(w.shape)}")
+    n_in, n_out = (int(d) for d in w.shape)
+    return weight(w, name, dtype, perm=(1, 0), shape=(n_out, n_in, 1, 1))
+
+
+def layer_norm_channels(x, gamma, beta, eps, name="ln"):
+    """LayerNorm over the channel axis (1) of a ``(B, C, 1, S)`` activation."""
+    mb = _mb()
+    return mb.layer_norm(x=x, axes=[1], gamma=np.asarray(gamma, np.float32),
+                         beta=np.asarray(beta, np.float32), epsilon=np.float32(eps), name=name)
+
+
+def attention(q, k, v, heads, mask=None, mode="split_einsum_v2", name="attn", query_chunk=QUERY_CHUNK):
+    """Scaled dot-product attention on ``(B, C, 1, S)`` q and ``(B, C, 1, Sk)`` k, v.
+
+    ``mask``: None or an additive float array ``(Sk, Sq)`` (``mask[j, i]`` is added to the score
+    of query i against key j; use a large negative finite value, not -inf, for masked pairs).
+    Returns ``(B, C, 1, Sq)``.
+
+    "split_einsum_v2" (apple/ml-stable-diffusion): per head, queries in chunks of at most
+    ``query_chunk`` (the last chunk is the remainder, kept), scores ``(B, Sk, 1, chunk)`` by
+    einsum with softmax over axis 1, outputs concatenated over chunks then heads.
+    "original": heads reshaped into a batch axis, matmul, softmax over keys, matmul."""
+    mb = _mb()
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r}; supported: {ATTENTION_MODES}")
+    b, c, _, sq = (int(d) for d in q.shape)
+    sk = int(k.shape[-1])
+    if c % heads:
+        raise ValueError(f"{c} channels do not split into {heads} heads")
+    hd = c // heads
+    scale = np.float32(hd ** -0.5)
+    if mask is not None:
+        mask = np.asarray(mask, np.float32)
+        if mask.shape != (sk, sq):
+            raise ValueError(f"mask shape {mask.shape}, expected (keys, queries) = {(sk, sq)}")
+
+    if mode == "original":
+        qh = mb.reshape(x=q, shape=[b, heads, hd, sq], name=name + "_qh")
+        kh = mb.reshape(x=k, shape=[b, heads, hd, sk], name=name + "_kh")
+        vh = mb.reshape(x=v, shape=[b, heads, hd, sk], name=name + "_vh")
+        s = mb.matmul(x=qh, y=kh, transpose_x=True, name=name + "_qk")  # (b, h, sq, sk)
+        s = mb.mul(x=s, y=scale, name=name + "_scaled")
+        if mask is not None:
+            s = mb.add(x=s, y=mask.T[None, None], name=name + "_masked")
+        w = mb.softmax(x=s, axis=-1, name=name + "_w")
+        o = mb.matmul(x=vh, y=w, transpose_y=True, name=name + "_o")  # (b, h, hd, sq)
+        return mb.reshape(x=o, shape=[b, c, 1, sq], name=name)
+
+    # split_einsum_v2
+    kt = mb.transpose(x=k, perm=[0, 3, 2, 1], name=name + "_kt")  # (b, sk, 1, c)
+    bounds = [(s0, min(sq, s0 + query_chunk)) for s0 in range(0, sq, query_chunk)]
+    head_outs = []
+    for h in range(heads):
+        c0, c1 = h * hd, (h + 1) * hd
+        qh = mb.slice_by_index(x=q, begin=[0, c0, 0, 0], end=[b, c1, 1, sq], name=f"{name}_q{h}")
+        kh = mb.slice_by_index(x=kt, begin=[0, 0, 0, c0], end=[b, sk, 1, c1], name=f"{name}_k{h}")
+        vh = mb.slice_by_index(x=v, begin=[0, c0, 0, 0], end=[b, c1, 1, sk], name=f"{name}_v{h}")
+        chunks = []
+        for j, (s0, s1) in enumerate(bounds):
+            tag = f"{name}_h{h}c{j}"
+            qc = qh if len(bounds) == 1 else mb.slice_by_index(
+                x=qh, begin=[0, 0, 0, s0], end=[b, hd, 1, s1], name=tag + "_q")
+            # "bchq,bkhc->bkhq" written with the operands swapped, the form MIL accepts
+            s = mb.einsum(values=(kh, qc), equation="bkhc,bchq->bkhq", name=tag + "_qk")  # (b, sk, 1, n)
+            s = mb.mul(x=s, y=scale, name=tag + "_scaled")
+            if mask is not None:
+                s = mb.add(x=s, y=mask[:, s0:s1][None, :, None, :], name=tag + "_masked")
+            w = mb.softmax(x=s, axis=1, name=tag + "_w")
+            # "bkhq,bchk->bchq", swapped likewise
+            chunks.append(mb.einsum(values=(vh, w), equation="bchk,bkhq->bchq", name=tag + "_o"))
+        head_outs.append(chunks[0] if len(chunks) == 1 else
+                         mb.concat(values=chunks, axis=3, name=f"{name}_h{h}_o"))
+    if len(head_outs) == 1:
+        return mb.identity(x=head_outs[0], name=name)
+    return mb.concat(values=head_outs, axis=1, name=name)
+
+
+def activation(x, name_of_act, name):
+    """sdjax.nn activations by their transformers/diffusers names."""
+    mb = _mb()
+    if name_of_act == "quick_gelu":
+        return mb.mul(x=x, y=mb.sigmoid(x=mb.mul(x=x, y=np.float32(1.702), name=name + "_s"),
+                                         name=name + "_sig"), name=name)
+    if name_of_act == "gelu":
+        return mb.gelu(x=x, mode="EXACT", name=name)
+    if name_of_act == "gelu_pytorch_tanh":
+        return mb.gelu(x=x, mode="TANH_APPROXIMATION", name=name)
+    if name_of_act in ("silu", "swish"):
+        return mb.silu(x=x, name=name)
+    raise NotImplementedError(f"activation {name_of_act!r}; supported: quick_gelu, gelu, "
+                              "gelu_pytorch_tanh, silu")
+
+
+def psnr(ref, got) -> float:
+    """20 log10(max|ref| / rmse(ref - got)) in dB (inf when equal)."""
+    ref = np.asarray(ref, np.float64)
+    err = np.sqrt(np.mean((ref - np.asarray(got, np.float64)) ** 2))
+    return math.inf if err == 0 else 20 * math.log10(np.abs(ref).max() / err)

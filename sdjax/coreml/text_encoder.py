@@ -1,0 +1,162 @@
+"""The CLIP text encoder (``sdjax.clip.apply``) as a Core ML ML program.
+
+    from sdjax.coreml import text_encoder
+    text_encoder.export(pipe.params["text_encoder"], pipe.configs["text_encoder"],
+                        "TextEncoder.mlpackage", compute_precision="float16")
+
+Input ``input_ids`` int32 ``(1, seq_len)``; outputs ``last_hidden_state`` ``(1, seq_len,
+hidden)`` and ``pooled_outputs`` ``(1, hidden)`` (the names apple/ml-stable-diffusion's Swift
+package reads). Inside, activations are ``(1, hidden, 1, seq_len)`` with linear layers as 1x1
+convs (``sdjax.coreml.mil``). Quantized params (``quant.apply_recipe``) export as constexpr
+weights holding sdjax's LUTs/indices or int8 data/scales.
+
+The pooled position is ``argmax`` as in ``sdjax.clip.apply`` (first maximal id for legacy
+configs with ``eos_token_id == 2``, else the first ``eos_token_id``; 0 when absent), computed
+with int32 arithmetic and ``reduce_max`` (key * L + (L - 1 - i) has a unique maximum at the
+first maximal key) instead of ``reduce_argmax``, whose tie-breaking Core ML does not document
+(and which sdjax.coreml.interp does not evaluate).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from . import mil
+
+MASK_VALUE = -1e4  # finite: -inf scores can give NaN on some Core ML backends; exp underflows to 0 anyway
+FP16_PASSES = ["common::add_fp16_cast", "common::const_elimination", "common::cast_optimization",
+               "common::dead_code_elimination"]
+
+
+def _tables_dtype(dtype):
+    d = np.dtype(dtype)
+    if d not in (np.float32, np.float16):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    return d
+
+
+def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32"):
+    """MIL Program computing ``sdjax.clip.apply(params, config, input_ids)``'s last hidden state
+    and pooled output for one sequence of ``seq_len`` ids.
+
+    dtype: the float type quantization tables (LUTs, int8 scales) are written in: "float32" for
+    a float32 export (empty pass pipeline), "float16" for a float16 one (see ``export``)."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    dtype = _tables_dtype(dtype)
+    if attention not in mil.ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    emb = params["embeddings"]
+    tok = np.asarray(emb["token_embedding"]["weight"], np.float32)
+    pos_table = np.asarray(emb["position_embedding"]["weight"], np.float32)
+    if seq_len > pos_table.shape[0]:
+        raise ValueError(f"seq_len {seq_len} exceeds the {pos_table.shape[0]} position embeddings")
+    d = tok.shape[1]
+    eps = config.layer_norm_eps
+    causal = np.where(np.tril(np.ones((seq_len, seq_len), bool)), 0.0, MASK_VALUE).astype(np.float32)
+    mask = causal.T  # mil.attention takes (keys, queries)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, seq_len), dtype=ct.converters.mil.mil.types.int32)],
+                opset_version=ct.target.iOS16)
+    def prog(input_ids):
+        x = mb.gather(x=tok, indices=input_ids, axis=0, name="tok_emb")            # (1, L, D)
+        x = mb.add(x=x, y=pos_table[:seq_len][None], name="emb")
+        x = mb.transpose(x=x, perm=[0, 2, 1], name="emb_t")                       # (1, D, L)
+        x = mb.expand_dims(x=x, axes=[2], name="emb_bc1s")                         # (1, D, 1, L)
+        for i in range(config.num_hidden_layers):
+            p = params["encoder"]["layers"][str(i)]
+            a = p["self_attn"]
+            n = f"l{i}"
+            h = mil.layer_norm_channels(x, p["layer_norm1"]["weight"], p["layer_norm1"]["bias"], eps, n + "_ln1")
+            q, k, v = (mil.linear_as_conv(h, a[m]["weight"], a[m].get("bias"), f"{n}_{m}", dtype)
+                       for m in ("q_proj", "k_proj", "v_proj"))
+            o = mil.attention(q, k, v, config.num_attention_heads, mask=mask, mode=attention, name=n + "_attn")
+            o = mil.linear_as_conv(o, a["out_proj"]["weight"], a["out_proj"].get("bias"), n + "_out_proj", dtype)
+            x = mb.add(x=x, y=o, name=n + "_res1")
+            h = mil.layer_norm_channels(x, p["layer_norm2"]["weight"], p["layer_norm2"]["bias"], eps, n + "_ln2")
+            h = mil.linear_as_conv(h, p["mlp"]["fc1"]["weight"], p["mlp"]["fc1"].get("bias"), n + "_fc1", dtype)
+            h = mil.activation(h, config.hidden_act, n + "_act")
+            h = mil.linear_as_conv(h, p["mlp"]["fc2"]["weight"], p["mlp"]["fc2"].get("bias"), n + "_fc2", dtype)
+            x = mb.add(x=x, y=h, name=n + "_res2")
+        fl = params["final_layer_norm"]
+        x = mil.layer_norm_channels(x, fl["weight"], fl["bias"], eps, "final_ln")
+        x = mb.squeeze(x=x, axes=[2], name="final_bcs")                            # (1, D, L)
+        last = mb.transpose(x=x, perm=[0, 2, 1], name="last_hidden_state")       # (1, L, D)
+
+        # first position of the maximal key, by int32 arithmetic (see the module docstring)
+        if config.eos_token_id == 2:
+            key = input_ids
+        else:  # 1 where id == eos: 1 - min(|id - eos|, 1)
+            diff = mb.sub(x=input_ids, y=np.int32(config.eos_token_id), name="eos_diff")
+            absd = mb.maximum(x=diff, y=mb.mul(x=diff, y=np.int32(-1), name="eos_neg"), name="eos_abs")
+            key = mb.sub(x=np.int32(1), y=mb.minimum(x=absd, y=np.int32(1), name="eos_ne"), name="eos_eq")
+        rev = np.arange(seq_len - 1, -1, -1, dtype=np.int32)[None]                 # L - 1 - i
+        score = mb.add(x=mb.mul(x=key, y=np.int32(seq_len), name="key_l"), y=rev, name="pool_score")
+        best = mb.reduce_max(x=score, axes=[1], keep_dims=False, name="pool_best")       # (1,)
+        top = mb.reduce_max(x=key, axes=[1], keep_dims=False, name="pool_key")           # (1,)
+        off = mb.sub(x=best, y=mb.mul(x=top, y=np.int32(seq_len), name="pool_key_l"), name="pool_off")
+        pos = mb.sub(x=np.int32(seq_len - 1), y=off, name="pool_pos")                   # (1,)
+        pooled = mb.gather(x=last, indices=pos, axis=1, batch_dims=1, name="pooled_outputs")  # (1, D)
+        return last, pooled
+
+    return prog
+
+
+def convert(prog, compute_precision="float32", minimum_deployment_target=None):
+    """``ct.convert`` of ``prog`` with the pass pipeline sdjax.coreml.interp documents: empty
+    for float32, the four fp16 passes for float16.
+
+    The passes change ``prog`` in place, so convert a freshly built program each time
+    (``copy.deepcopy`` of a whole encoder overflows Python's recursion limit)."""
+    import coremltools as ct
+
+    target = minimum_deployment_target or ct.target.iOS16
+    if compute_precision == "float32":
+        precision, pipeline = ct.precision.FLOAT32, ct.PassPipeline.EMPTY
+    elif compute_precision == "float16":
+        precision = ct.precision.FLOAT16
+        pipeline = ct.PassPipeline(pass_names=FP16_PASSES, pipeline_name="fp16")
+    else:
+        raise ValueError(f"compute_precision must be 'float32' or 'float16', got {compute_precision!r}")
+    return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
+                      compute_precision=precision, pass_pipeline=pipeline)
+
+
+def save_atomically(model, path, overwrite=False):
+    """Save an MLModel to ``path`` via a temporary sibling directory and a rename."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        staged = os.path.join(tmp, os.path.basename(path))
+        model.save(staged)
+        if os.path.lexists(path):  # overwrite: move the old one aside first, drop it after
+            old = os.path.join(tmp, "old")
+            os.rename(path, old)
+        os.rename(staged, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def export(params, config, path, compute_precision="float32", minimum_deployment_target=None,
+           overwrite=False, seq_len: int = 77, attention: str = "split_einsum_v2"):
+    """Build, convert and save the text encoder to ``path`` (an .mlpackage); returns the path.
+
+    minimum_deployment_target: a ``ct.target`` (default iOS16, what the constexpr weight ops
+    need). Refuses an existing ``path`` unless ``overwrite``; never leaves a half-written package
+    at ``path``."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    tables = "float16" if compute_precision == "float16" else "float32"
+    prog = build(params, config, seq_len=seq_len, attention=attention, dtype=tables)
+    model = convert(prog, compute_precision, minimum_deployment_target)
+    return save_atomically(model, path, overwrite=overwrite)
