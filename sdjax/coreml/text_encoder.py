@@ -4,7 +4,8 @@
     text_encoder.export(pipe.params["text_encoder"], pipe.configs["text_encoder"],
                         "TextEncoder.mlpackage", compute_precision="float16")
 
-Input ``input_ids`` int32 ``(1, seq_len)``; outputs ``last_hidden_state`` ``(1, seq_len,
+Input ``input_ids`` float32 ``(1, seq_len)`` (token ids as floats: apple/ml-stable-diffusion's
+Swift ``TextEncoder`` feeds ``Float32`` ids; the program casts them to int32); outputs ``last_hidden_state`` ``(1, seq_len,
 hidden)`` and ``pooled_outputs`` ``(1, hidden)`` (the names apple/ml-stable-diffusion's Swift
 package reads). Inside, activations are ``(1, hidden, 1, seq_len)`` with linear layers as 1x1
 convs (``sdjax.coreml.mil``). Quantized params (``quant.apply_recipe``) export as constexpr
@@ -60,9 +61,11 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
     causal = np.where(np.tril(np.ones((seq_len, seq_len), bool)), 0.0, MASK_VALUE).astype(np.float32)
     mask = causal.T  # mil.attention takes (keys, queries)
 
-    @mb.program(input_specs=[mb.TensorSpec(shape=(1, seq_len), dtype=ct.converters.mil.mil.types.int32)],
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, seq_len), dtype=ct.converters.mil.mil.types.fp32)],
                 opset_version=ct.target.iOS16)
     def prog(input_ids):
+        # the Swift package feeds token ids as Float32 (TextEncoder.swift); exact up to 2**24
+        input_ids = mb.cast(x=input_ids, dtype="int32", name="input_ids_int")
         x = mb.gather(x=tok, indices=input_ids, axis=0, name="tok_emb")            # (1, L, D)
         x = mb.add(x=x, y=pos_table[:seq_len][None], name="emb")
         x = mb.transpose(x=x, perm=[0, 2, 1], name="emb_t")                       # (1, D, L)

@@ -67,6 +67,8 @@ def test_float32_matches_sdjax(tmp_path, pipe, ids, attention):
     prog, out = _export_run(tmp_path, p, c, ids, attention, attention=attention)
     f = prog.functions["main"]
     assert list(f.inputs) == ["input_ids"] and [v.name for v in f.outputs] == ["last_hidden_state", "pooled_outputs"]
+    from coremltools.converters.mil.mil import types
+    assert f.inputs["input_ids"].dtype == types.fp32  # the Swift package feeds Float32 ids
     ops = {op.op_type for op in f.operations}
     assert ("einsum" in ops) == (attention == "split_einsum_v2") and "conv" in ops
     _check(out, p, c, ids, 60)
