@@ -156,10 +156,16 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
     minimum_deployment_target: a ``ct.target`` (default iOS16, what the constexpr weight ops
     need). Refuses an existing ``path`` unless ``overwrite``; never leaves a half-written package
     at ``path``."""
+    return export_program(lambda tables: build(params, config, seq_len=seq_len, attention=attention, dtype=tables),
+                          path, compute_precision, minimum_deployment_target, overwrite)
+
+
+def export_program(build_fn, path, compute_precision="float32", minimum_deployment_target=None, overwrite=False):
+    """``build_fn(tables dtype) -> Program``, converted and saved atomically to ``path``; an
+    existing ``path`` is refused unless ``overwrite``. Shared by every component's export."""
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tables = "float16" if compute_precision == "float16" else "float32"
-    prog = build(params, config, seq_len=seq_len, attention=attention, dtype=tables)
-    model = convert(prog, compute_precision, minimum_deployment_target)
+    model = convert(build_fn(tables), compute_precision, minimum_deployment_target)
     return save_atomically(model, path, overwrite=overwrite)

@@ -1,0 +1,167 @@
+"""The AutoencoderKL decoder (``sdjax.vae.decode``) as a Core ML ML program.
+
+    from sdjax.coreml import vae
+    vae.export_decoder(pipe.params["vae"], pipe.configs["vae"], "VAEDecoder.mlpackage",
+                       compute_precision="float16")
+
+Input ``z`` float32 ``(1, latent_channels, h, w)`` (NCHW), output ``image`` ``(1, out_channels,
+h*f, w*f)`` in about [-1, 1] (f = ``sdjax.generate.vae_scale_factor``), the names
+apple/ml-stable-diffusion's Swift package reads.
+
+Scaling convention: apple/ml-stable-diffusion's Swift ``Decoder`` divides the latents by a fixed
+0.18215 (SD's scaling factor) before calling the model, and ``torch2coreml.convert_vae_decoder``
+exports ``decoder(post_quant_conv(z))``. So the program's input is ``z = latents / 0.18215`` and
+for a VAE with another ``scaling_factor`` (the embedded model's is 0.599) it first multiplies by
+``0.18215 / scaling_factor``: the package then decodes right in the Swift pipeline, and
+``run(z=latents / 0.18215)`` equals ``sdjax.vae.decode(latents / scaling_factor)``. For SD
+(0.18215) nothing is added.
+
+Inside, activations are NCHW: convs take OIHW weights transposed from sdjax's HWIO on the stored
+data (``mil.weight(..., perm=(3, 2, 0, 1))``: quantized weights stay constexpr with sdjax's
+LUT), GroupNorm is a reshape to ``(B, G, C/G * H * W)`` + ``layer_norm`` over the last axis (no
+affine) + per-channel scale and shift, the mid-block attention reshapes to the Neural Engine
+layout ``(B, C, 1, H*W)`` for ``mil.linear_as_conv`` / ``mil.attention`` (one head).
+"""
+from __future__ import annotations
+
+
+import numpy as np
+
+from . import mil
+
+SWIFT_SCALING_FACTOR = 0.18215  # what apple/ml-stable-diffusion's Decoder.swift divides latents by
+from .text_encoder import _tables_dtype, export_program
+
+EPS = 1e-6  # sdjax.vae.EPS
+
+
+def default_latent_shape(config):
+    """(h, w) of the latents for the VAE's own ``sample_size`` (16x16 for the reference model,
+    64x64 for SD 1.x's 512-pixel VAE)."""
+    from ..generate import vae_scale_factor
+    f = vae_scale_factor(config)
+    size = config.sample_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or any(int(d) % f for d in hw):
+        raise ValueError(f"VAE sample_size {size!r} is not a multiple of the scale factor {f}")
+    return int(hw[0]) // f, int(hw[1]) // f
+
+
+def _conv(x, p, name, dtype, padding=None):
+    """``sdjax.nn.conv2d`` (stride 1, 'same' padding for odd kernels) on NCHW."""
+    from coremltools.converters.mil import Builder as mb
+    w = p["weight"]
+    k = int(w.shape[0])
+    pad = k // 2 if padding is None else padding
+    kw = {}
+    if "bias" in p:
+        kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
+    return mb.conv(x=x, weight=mil.weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[1, 1],
+                   pad_type="custom", pad=[pad, pad, pad, pad], dilations=[1, 1], groups=1, name=name, **kw)
+
+
+def _group_norm(x, p, groups, name):
+    """``sdjax.nn.group_norm`` on NCHW: normalize each group over (C/G, H, W), then affine."""
+    from coremltools.converters.mil import Builder as mb
+    b, c, h, w = (int(d) for d in x.shape)
+    if c % groups:
+        raise ValueError(f"{name}: {c} channels do not split into {groups} groups")
+    g = mb.reshape(x=x, shape=[b, groups, (c // groups) * h * w], name=name + "_g")
+    g = mb.layer_norm(x=g, axes=[2], epsilon=np.float32(EPS), name=name + "_n")
+    g = mb.reshape(x=g, shape=[b, c, h, w], name=name + "_r")
+    g = mb.mul(x=g, y=np.asarray(p["weight"], np.float32).reshape(1, c, 1, 1), name=name + "_s")
+    return mb.add(x=g, y=np.asarray(p["bias"], np.float32).reshape(1, c, 1, 1), name=name)
+
+
+def _gn_silu(x, p, groups, name):
+    from coremltools.converters.mil import Builder as mb
+    return mb.silu(x=_group_norm(x, p, groups, name), name=name + "_act")
+
+
+def _resnet(x, p, groups, name, dtype):
+    """``sdjax.unet.resnet`` without a time embedding."""
+    from coremltools.converters.mil import Builder as mb
+    h = _conv(_gn_silu(x, p["norm1"], groups, name + "_norm1"), p["conv1"], name + "_conv1", dtype)
+    h = _conv(_gn_silu(h, p["norm2"], groups, name + "_norm2"), p["conv2"], name + "_conv2", dtype)
+    if "conv_shortcut" in p:
+        x = _conv(x, p["conv_shortcut"], name + "_shortcut", dtype, padding=0)
+    return mb.add(x=x, y=h, name=name)
+
+
+def _mid_attention(x, p, groups, name, dtype, mode):
+    """``sdjax.vae._mid_attention``: GroupNorm, single-head attention over H*W tokens, residual."""
+    from coremltools.converters.mil import Builder as mb
+    b, c, h, w = (int(d) for d in x.shape)
+    t = _group_norm(x, p["group_norm"], groups, name + "_gn")
+    t = mb.reshape(x=t, shape=[b, c, 1, h * w], name=name + "_bc1s")
+    q, k, v = (mil.linear_as_conv(t, p[m]["weight"], p[m].get("bias"), f"{name}_{m}", dtype)
+               for m in ("to_q", "to_k", "to_v"))
+    o = mil.attention(q, k, v, 1, mode=mode, name=name + "_attn")
+    po = p["to_out"]["0"]
+    o = mil.linear_as_conv(o, po["weight"], po.get("bias"), name + "_to_out", dtype)
+    o = mb.reshape(x=o, shape=[b, c, h, w], name=name + "_bchw")
+    return mb.add(x=x, y=o, name=name)
+
+
+def _mid(x, p, cfg, name, dtype, mode):
+    g = cfg.norm_num_groups
+    x = _resnet(x, p["resnets"]["0"], g, name + "_res0", dtype)
+    if cfg.mid_block_add_attention:
+        x = _mid_attention(x, p["attentions"]["0"], g, name + "_attn0", dtype, mode)
+    return _resnet(x, p["resnets"]["1"], g, name + "_res1", dtype)
+
+
+def build_decoder(params, config, latent_shape=None, dtype="float32", attention="original"):
+    """MIL Program computing ``sdjax.vae.decode(params, config, latents / scaling_factor)``
+    (transposed to NCHW) from the input ``z = latents / 0.18215`` the Swift package feeds, of
+    shape ``(1, latent_channels, *latent_shape)`` (see the module docstring).
+
+    latent_shape: (h, w), default ``default_latent_shape(config)``.
+    dtype: the float type quantization tables are written in ("float32" for a float32 export,
+    "float16" for a float16 one; see ``export_decoder``).
+    attention: ``mil.ATTENTION_MODES`` for the mid-block attention ("original", as Apple's
+    exported decoder; "split_einsum_v2" chunks the H*W queries by 512)."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    dtype = _tables_dtype(dtype)
+    if attention not in mil.ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    cfg = config
+    h, w = default_latent_shape(cfg) if latent_shape is None else (int(d) for d in latent_shape)
+    g = cfg.norm_num_groups
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, cfg.latent_channels, h, w))],
+                opset_version=ct.target.iOS16)
+    def prog(z):
+        x = z
+        if SWIFT_SCALING_FACTOR != cfg.scaling_factor:  # z = latents / 0.18215, the Swift Decoder's division
+            x = mb.mul(x=x, y=np.float32(SWIFT_SCALING_FACTOR / cfg.scaling_factor), name="rescale")
+        if cfg.use_post_quant_conv:
+            x = _conv(x, params["post_quant_conv"], "post_quant_conv", dtype, padding=0)
+        p = params["decoder"]
+        x = _conv(x, p["conv_in"], "conv_in", dtype)
+        x = _mid(x, p["mid_block"], cfg, "mid", dtype, attention)
+        for i in range(len(cfg.block_out_channels)):
+            b = p["up_blocks"][str(i)]
+            for j in range(cfg.layers_per_block + 1):
+                x = _resnet(x, b["resnets"][str(j)], g, f"up{i}_res{j}", dtype)
+            if "upsamplers" in b:
+                x = mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2,
+                                                 name=f"up{i}_upsample")
+                x = _conv(x, b["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
+        x = _gn_silu(x, p["conv_norm_out"], g, "norm_out")
+        return _conv(x, p["conv_out"], "image", dtype)
+
+    return prog
+
+
+def export_decoder(params, config, path, compute_precision="float32", minimum_deployment_target=None,
+                   overwrite=False, latent_shape=None, attention="original"):
+    """Build, convert and save the VAE decoder to ``path`` (an .mlpackage); returns the path.
+
+    As ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
+    ``overwrite``, never leaves a half-written package at ``path``."""
+    return export_program(lambda tables: build_decoder(params, config, latent_shape=latent_shape, dtype=tables,
+                                                       attention=attention),
+                          path, compute_precision, minimum_deployment_target, overwrite)
