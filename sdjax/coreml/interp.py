@@ -301,7 +301,7 @@ def _erf(x):
 _UNARY = {
     "sqrt": np.sqrt, "exp": np.exp, "log": np.log, "abs": np.abs, "tanh": np.tanh,
     "relu": lambda x: np.maximum(x, np.zeros((), x.dtype)), "sigmoid": _sigmoid_np,
-    "silu": lambda x: x * _sigmoid_np(x), "erf": _erf,
+    "silu": lambda x: x * _sigmoid_np(x), "erf": _erf, "sin": np.sin, "cos": np.cos,
 }
 
 

@@ -67,6 +67,7 @@ def test_elementwise_and_activations(tmp_path):
             mb.softmax(x=x, axis=1, name="o_softmax"), mb.exp(x=x, name="o_exp"),
             mb.log(x=y, name="o_log"), mb.abs(x=x, name="o_abs"), mb.erf(x=x, name="o_erf"),
             mb.reduce_max(x=x, axes=[1, 3], keep_dims=True, name="o_rmax"), mb.reduce_min(x=x, axes=[0], name="o_rmin"),
+            mb.sin(x=x, name="o_sin"), mb.cos(x=x, name="o_cos"),
         )
 
     p = _save_and_load(prog, tmp_path, "elementwise", ct.target.iOS16)
@@ -80,7 +81,7 @@ def test_elementwise_and_activations(tmp_path):
         "o_gelu": jax.nn.gelu(x, approximate=False), "o_gelu_tanh": jax.nn.gelu(x, approximate=True),
         "o_gelu_sigmoid": x * jax.nn.sigmoid(1.702 * x), "o_softmax": jax.nn.softmax(x, axis=1),
         "o_exp": jnp.exp(x), "o_log": jnp.log(y), "o_abs": jnp.abs(x), "o_erf": jax.scipy.special.erf(x),
-        "o_rmax": x.max((1, 3), keepdims=True), "o_rmin": x.min(0),
+        "o_rmax": x.max((1, 3), keepdims=True), "o_rmin": x.min(0), "o_sin": jnp.sin(x), "o_cos": jnp.cos(x),
     }
     assert list(out) == list(want)
     for k, v in want.items():

@@ -1,0 +1,279 @@
+"""The UNet2DConditionModel (``sdjax.unet.apply``) as a Core ML ML program.
+
+    from sdjax.coreml import unet
+    unet.export(pipe.params["unet"], pipe.configs["unet"], "Unet.mlpackage", compute_precision="float16")
+
+Inputs and output are named and laid out as apple/ml-stable-diffusion's Swift package feeds
+them (``torch2coreml.convert_unet``'s ``sample_unet_inputs``): ``sample`` float32
+``(batch, in_channels, h, w)`` (NCHW latents), ``timestep`` float32 ``(batch,)``,
+``encoder_hidden_states`` float32 ``(batch, cross_attention_dim, 1, context_len)`` (the text
+embeddings in the Neural Engine layout); output ``noise_pred`` ``(batch, out_channels, h, w)``.
+``run`` of it equals ``sdjax.unet.apply(params, config, sample NHWC, timestep, context (B, L, D))``
+transposed to NCHW.
+
+Inside, convolutions run on NCHW with OIHW weights transposed from sdjax's HWIO on the stored
+data (``mil.weight``: quantized weights stay constexpr with sdjax's tables), GroupNorm is a
+reshape + ``layer_norm`` + affine (``vae``'s helper, with the UNet's eps), and the transformer
+blocks work in the ``(B, C, 1, H*W)`` layout with linear layers as 1x1 convs
+(``mil.linear_as_conv``), LayerNorm over channels and ``mil.attention`` ("split_einsum_v2" or
+"original"). The time embedding is computed in the program from ``timestep`` (``sin``/``cos`` of
+``t * freqs``, as diffusers' ``get_timestep_embedding``), then the time MLP and every resnet's
+``time_emb_proj`` run as 1x1 convs on ``(B, D, 1, 1)``.
+
+Config features outside the reference SD 1.x/2.x architecture raise NotImplementedError.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import mil
+from .text_encoder import _tables_dtype, export_program
+
+TRANSFORMER_GN_EPS = 1e-6  # sdjax.unet.transformer_2d
+LAYER_NORM_EPS = 1e-5      # sdjax.unet.transformer_block
+
+
+def _mb():
+    from coremltools.converters.mil import Builder as mb
+    return mb
+
+
+def _check_config(cfg):
+    errs = []
+    for t in cfg.down_block_types:
+        if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+            errs.append(f"down block type {t!r}")
+    for t in cfg.up_block_types:
+        if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
+            errs.append(f"up block type {t!r}")
+    if cfg.mid_block_type != "UNetMidBlock2DCrossAttn":
+        errs.append(f"mid_block_type {cfg.mid_block_type!r}")
+    if cfg.act_fn not in ("silu", "swish"):
+        errs.append(f"act_fn {cfg.act_fn!r}")
+    oca = cfg.only_cross_attention
+    if oca is True or (isinstance(oca, tuple) and any(oca)):
+        errs.append("only_cross_attention")
+    if isinstance(cfg.cross_attention_dim, tuple):
+        errs.append("a per-block cross_attention_dim list")
+    for name in ("dual_cross_attention", "class_embed_type", "addition_embed_type", "num_class_embeds"):
+        if getattr(cfg, name, None) not in (None, False):
+            errs.append(name)
+    if errs:
+        raise NotImplementedError("Core ML UNet export does not handle: " + "; ".join(errs))
+
+
+def _conv(x, p, name, dtype, stride=1, pad=None):
+    """``sdjax.nn.conv2d`` on NCHW; ``pad`` = [top, bottom, left, right], default 'same'."""
+    mb = _mb()
+    w = p["weight"]
+    if pad is None:
+        k = int(w.shape[0]) // 2
+        pad = [k, k, k, k]
+    kw = {}
+    if "bias" in p:
+        kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
+    return mb.conv(x=x, weight=mil.weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[stride, stride],
+                   pad_type="custom", pad=[int(v) for v in pad], dilations=[1, 1], groups=1, name=name, **kw)
+
+
+def _group_norm(x, p, groups, eps, name):
+    """``sdjax.nn.group_norm`` on NCHW (or (B, C, 1, S))."""
+    mb = _mb()
+    b, c, h, w = (int(d) for d in x.shape)
+    if c % groups:
+        raise ValueError(f"{name}: {c} channels do not split into {groups} groups")
+    g = mb.reshape(x=x, shape=[b, groups, (c // groups) * h * w], name=name + "_g")
+    g = mb.layer_norm(x=g, axes=[2], epsilon=np.float32(eps), name=name + "_n")
+    g = mb.reshape(x=g, shape=[b, c, h, w], name=name + "_r")
+    g = mb.mul(x=g, y=np.asarray(p["weight"], np.float32).reshape(1, c, 1, 1), name=name + "_s")
+    return mb.add(x=g, y=np.asarray(p["bias"], np.float32).reshape(1, c, 1, 1), name=name)
+
+
+def _resnet(x, p, temb_act, groups, eps, out_scale, name, dtype):
+    """``sdjax.unet.resnet``; ``temb_act`` is silu(temb) as ``(B, D, 1, 1)``."""
+    mb = _mb()
+    h = mb.silu(x=_group_norm(x, p["norm1"], groups, eps, name + "_norm1"), name=name + "_act1")
+    h = _conv(h, p["conv1"], name + "_conv1", dtype)
+    if "time_emb_proj" in p:
+        tp = p["time_emb_proj"]
+        t = mil.linear_as_conv(temb_act, tp["weight"], tp.get("bias"), name + "_temb", dtype)  # (B, C, 1, 1)
+        h = mb.add(x=h, y=t, name=name + "_h_t")
+    h = mb.silu(x=_group_norm(h, p["norm2"], groups, eps, name + "_norm2"), name=name + "_act2")
+    h = _conv(h, p["conv2"], name + "_conv2", dtype)
+    if "conv_shortcut" in p:
+        x = _conv(x, p["conv_shortcut"], name + "_shortcut", dtype, pad=[0, 0, 0, 0])
+    if out_scale != 1.0:
+        out = mb.add(x=x, y=h, name=name + "_sum")
+        return mb.mul(x=out, y=np.float32(1.0 / out_scale), name=name)
+    return mb.add(x=x, y=h, name=name)
+
+
+def _attn(x, ctx, p, heads, mode, name, dtype):
+    q = mil.linear_as_conv(x, p["to_q"]["weight"], p["to_q"].get("bias"), name + "_q", dtype)
+    k = mil.linear_as_conv(ctx, p["to_k"]["weight"], p["to_k"].get("bias"), name + "_k", dtype)
+    v = mil.linear_as_conv(ctx, p["to_v"]["weight"], p["to_v"].get("bias"), name + "_v", dtype)
+    o = mil.attention(q, k, v, heads, mode=mode, name=name + "_sdpa")
+    po = p["to_out"]["0"]
+    return mil.linear_as_conv(o, po["weight"], po.get("bias"), name + "_out", dtype)
+
+
+def _transformer_block(x, ctx, p, heads, mode, name, dtype):
+    """``sdjax.unet.transformer_block`` on ``(B, C, 1, S)``; ``ctx`` is ``(B, D, 1, L)``."""
+    mb = _mb()
+    ln = mil.layer_norm_channels
+    h = ln(x, p["norm1"]["weight"], p["norm1"]["bias"], LAYER_NORM_EPS, name + "_norm1")
+    x = mb.add(x=x, y=_attn(h, h, p["attn1"], heads, mode, name + "_attn1", dtype), name=name + "_res1")
+    h = ln(x, p["norm2"]["weight"], p["norm2"]["bias"], LAYER_NORM_EPS, name + "_norm2")
+    x = mb.add(x=x, y=_attn(h, ctx, p["attn2"], heads, mode, name + "_attn2", dtype), name=name + "_res2")
+    h = ln(x, p["norm3"]["weight"], p["norm3"]["bias"], LAYER_NORM_EPS, name + "_norm3")
+    proj = p["ff"]["net"]["0"]["proj"]
+    h = mil.linear_as_conv(h, proj["weight"], proj.get("bias"), name + "_ff_proj", dtype)
+    inner = int(h.shape[1]) // 2
+    hh, gate = mb.split(x=h, num_splits=2, axis=1, name=name + "_geglu_split")
+    if int(hh.shape[1]) != inner:
+        raise ValueError(f"{name}: GEGLU split gave {hh.shape}")
+    h = mb.mul(x=hh, y=mb.gelu(x=gate, mode="EXACT", name=name + "_gelu"), name=name + "_geglu")
+    out = p["ff"]["net"]["2"]
+    h = mil.linear_as_conv(h, out["weight"], out.get("bias"), name + "_ff_out", dtype)
+    return mb.add(x=x, y=h, name=name)
+
+
+def _transformer_2d(x, ctx, p, heads, layers, groups, linear_projection, mode, name, dtype):
+    """``sdjax.unet.transformer_2d`` on NCHW, blocks in the ``(B, C, 1, H*W)`` layout."""
+    mb = _mb()
+    b, c, hh, ww = (int(d) for d in x.shape)
+    t = _group_norm(x, p["norm"], groups, TRANSFORMER_GN_EPS, name + "_gn")
+    if linear_projection:
+        t = mb.reshape(x=t, shape=[b, c, 1, hh * ww], name=name + "_bc1s")
+        t = mil.linear_as_conv(t, p["proj_in"]["weight"], p["proj_in"].get("bias"), name + "_proj_in", dtype)
+    else:
+        t = _conv(t, p["proj_in"], name + "_proj_in", dtype, pad=[0, 0, 0, 0])
+        t = mb.reshape(x=t, shape=[b, int(t.shape[1]), 1, hh * ww], name=name + "_bc1s")
+    for i in range(layers):
+        t = _transformer_block(t, ctx, p["transformer_blocks"][str(i)], heads, mode, f"{name}_tb{i}", dtype)
+    if linear_projection:
+        t = mil.linear_as_conv(t, p["proj_out"]["weight"], p["proj_out"].get("bias"), name + "_proj_out", dtype)
+        t = mb.reshape(x=t, shape=[b, c, hh, ww], name=name + "_bchw")
+    else:
+        t = mb.reshape(x=t, shape=[b, int(t.shape[1]), hh, ww], name=name + "_bchw")
+        t = _conv(t, p["proj_out"], name + "_proj_out", dtype, pad=[0, 0, 0, 0])
+    return mb.add(x=t, y=x, name=name)
+
+
+def _time_embedding(t, params, cfg, name, dtype):
+    """diffusers' ``get_timestep_embedding`` + TimestepEmbedding MLP -> silu(temb) ``(B, D, 1, 1)``
+    (every consumer of temb applies silu first)."""
+    mb = _mb()
+    dim = cfg.block_out_channels[0]
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half, dtype=np.float32) / (half - cfg.freq_shift)).astype(np.float32)
+    b = int(t.shape[0])
+    tt = mb.reshape(x=t, shape=[b, 1, 1, 1], name=name + "_t")
+    arg = mb.mul(x=tt, y=freqs.reshape(1, half, 1, 1), name=name + "_arg")  # (B, half, 1, 1)
+    cos, sin = mb.cos(x=arg, name=name + "_cos"), mb.sin(x=arg, name=name + "_sin")
+    parts = [cos, sin] if cfg.flip_sin_to_cos else [sin, cos]
+    if dim % 2:
+        parts.append(mb.const(val=np.zeros((b, 1, 1, 1), np.float32), name=name + "_pad"))
+    e = mb.concat(values=parts, axis=1, name=name + "_sincos")
+    te = params["time_embedding"]
+    e = mil.linear_as_conv(e, te["linear_1"]["weight"], te["linear_1"].get("bias"), name + "_linear_1", dtype)
+    e = mb.silu(x=e, name=name + "_silu1")
+    e = mil.linear_as_conv(e, te["linear_2"]["weight"], te["linear_2"].get("bias"), name + "_linear_2", dtype)
+    return mb.silu(x=e, name=name + "_act")
+
+
+def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
+          dtype="float32"):
+    """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
+    names and layouts (module docstring).
+
+    batch: the batch the Swift pipeline runs (2 for classifier-free guidance).
+    latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
+    attention: ``mil.ATTENTION_MODES``.
+    dtype: the float type quantization tables are written in ("float16" for an fp16 export)."""
+    import coremltools as ct
+    mb = _mb()
+
+    cfg = config
+    _check_config(cfg)
+    dtype = _tables_dtype(dtype)
+    if attention not in mil.ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    if latent_shape is None:
+        size = cfg.sample_size
+        if size is None:
+            raise ValueError("config has no sample_size: pass latent_shape")
+        latent_shape = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = (int(d) for d in latent_shape)
+    n_down = len(cfg.block_out_channels) - 1
+    if h % (2 ** n_down) or w % (2 ** n_down):
+        raise NotImplementedError(f"latent shape {(h, w)} not divisible by {2 ** n_down} (odd sizes inside "
+                                  "the UNet, which sdjax handles by resizing, are not exported)")
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
+    lin, out_scale = cfg.use_linear_projection, cfg.resnet_out_scale_factor
+    pad = cfg.downsample_padding
+    down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4
+
+    specs = [mb.TensorSpec(shape=(batch, cfg.in_channels, h, w)),
+             mb.TensorSpec(shape=(batch,)),
+             mb.TensorSpec(shape=(batch, cfg.cross_attention_dim, 1, context_len))]
+
+    @mb.program(input_specs=specs, opset_version=ct.target.iOS16)
+    def prog(sample, timestep, encoder_hidden_states):
+        x, ctx = sample, encoder_hidden_states
+        if cfg.center_input_sample:
+            x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
+        temb = _time_embedding(timestep, params, cfg, "time", dtype)
+
+        x = _conv(x, params["conv_in"], "conv_in", dtype)
+        skips = [x]
+        for i, kind in enumerate(cfg.down_block_types):
+            p = params["down_blocks"][str(i)]
+            for j in range(layers[i]):
+                x = _resnet(x, p["resnets"][str(j)], temb, groups, eps, out_scale, f"down{i}_res{j}", dtype)
+                if kind == "CrossAttnDownBlock2D":
+                    x = _transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], tlayers[i], groups, lin,
+                                        attention, f"down{i}_attn{j}", dtype)
+                skips.append(x)
+            if "downsamplers" in p:
+                x = _conv(x, p["downsamplers"]["0"]["conv"], f"down{i}_downsample", dtype, stride=2, pad=down_pad)
+                skips.append(x)
+
+        p = params["mid_block"]
+        x = _resnet(x, p["resnets"]["0"], temb, groups, eps, out_scale, "mid_res0", dtype)
+        x = _transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], tlayers[-1], groups, lin, attention,
+                            "mid_attn0", dtype)
+        x = _resnet(x, p["resnets"]["1"], temb, groups, eps, out_scale, "mid_res1", dtype)
+
+        up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            p = params["up_blocks"][str(i)]
+            for j in range(up_layers[i] + 1):
+                x = mb.concat(values=[x, skips.pop()], axis=1, name=f"up{i}_cat{j}")
+                x = _resnet(x, p["resnets"][str(j)], temb, groups, eps, out_scale, f"up{i}_res{j}", dtype)
+                if kind == "CrossAttnUpBlock2D":
+                    x = _transformer_2d(x, ctx, p["attentions"][str(j)], up_heads[i], up_tlayers[i], groups,
+                                        lin, attention, f"up{i}_attn{j}", dtype)
+            if "upsamplers" in p:
+                x = mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2,
+                                                 name=f"up{i}_upsample")
+                x = _conv(x, p["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
+
+        x = mb.silu(x=_group_norm(x, params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
+        return _conv(x, params["conv_out"], "noise_pred", dtype)
+
+    return prog
+
+
+def export(params, config, path, compute_precision="float32", minimum_deployment_target=None,
+           overwrite=False, **build_kw):
+    """Build, convert and save the UNet to ``path`` (an .mlpackage); returns the path.
+
+    ``build_kw``: ``build``'s batch, latent_shape, context_len, attention. As
+    ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
+    ``overwrite``, never leaves a half-written package at ``path``."""
+    if "dtype" in build_kw:
+        raise TypeError("dtype follows compute_precision; do not pass it")
+    return export_program(lambda tables: build(params, config, dtype=tables, **build_kw),
+                          path, compute_precision, minimum_deployment_target, overwrite)
