@@ -88,7 +88,7 @@ def main(argv=None):
     sens = results.get("sensitivity")
     if sens and sens.get("spearman"):
         s = sens["seconds"]
-        print(f"\nFisher estimate vs measured per-layer sensitivity, Spearman by bits: "
+        print("\nFisher estimate vs measured per-layer sensitivity, Spearman by bits: "
               + ", ".join(f"{b}: {v:.2f}" for b, v in sens["spearman"].items())
               + f"; {s['fisher']:.0f} s vs {s['measured']:.0f} s measured")
     return 0

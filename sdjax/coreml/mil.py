@@ -144,6 +144,37 @@ def conv1x1_weight(w, name, dtype="float32"):
     return weight(w, name, dtype, perm=(1, 0), shape=(n_out, n_in, 1, 1))
 
 
+def conv2d(x, p, name, dtype="float32", stride=1, pad=None):
+    """``sdjax.nn.conv2d`` on NCHW: ``p = {"weight": HWIO (float or quantized), "bias": optional}``;
+    the weight goes in as OIHW (``weight(..., perm=(3, 2, 0, 1))``, so quantized ones stay constexpr).
+    ``pad``: an int (every side) or [top, bottom, left, right]; default 'same' for odd kernels."""
+    mb = _mb()
+    w = p["weight"]
+    if pad is None:
+        pad = int(w.shape[0]) // 2
+    if isinstance(pad, (int, np.integer)):
+        pad = [pad] * 4
+    kw = {}
+    if "bias" in p:
+        kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
+    return mb.conv(x=x, weight=weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[stride, stride],
+                   pad_type="custom", pad=[int(v) for v in pad], dilations=[1, 1], groups=1, name=name, **kw)
+
+
+def group_norm(x, p, groups, eps, name):
+    """``sdjax.nn.group_norm`` on NCHW (or (B, C, 1, S)): each group normalized over (C/G, H, W) with
+    ``layer_norm`` on a (B, G, C/G*H*W) reshape, then the per-channel affine."""
+    mb = _mb()
+    b, c, h, w = (int(d) for d in x.shape)
+    if c % groups:
+        raise ValueError(f"{name}: {c} channels do not split into {groups} groups")
+    g = mb.reshape(x=x, shape=[b, groups, (c // groups) * h * w], name=name + "_g")
+    g = mb.layer_norm(x=g, axes=[2], epsilon=np.float32(eps), name=name + "_n")
+    g = mb.reshape(x=g, shape=[b, c, h, w], name=name + "_r")
+    g = mb.mul(x=g, y=np.asarray(p["weight"], np.float32).reshape(1, c, 1, 1), name=name + "_s")
+    return mb.add(x=g, y=np.asarray(p["bias"], np.float32).reshape(1, c, 1, 1), name=name)
+
+
 def layer_norm_channels(x, gamma, beta, eps, name="ln"):
     """LayerNorm over the channel axis (1) of a ``(B, C, 1, S)`` activation."""
     mb = _mb()

@@ -56,7 +56,6 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
     pos_table = np.asarray(emb["position_embedding"]["weight"], np.float32)
     if seq_len > pos_table.shape[0]:
         raise ValueError(f"seq_len {seq_len} exceeds the {pos_table.shape[0]} position embeddings")
-    d = tok.shape[1]
     eps = config.layer_norm_eps
     causal = np.where(np.tril(np.ones((seq_len, seq_len), bool)), 0.0, MASK_VALUE).astype(np.float32)
     mask = causal.T  # mil.attention takes (keys, queries)

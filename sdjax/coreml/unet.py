@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import mil
+from ..configs import ConfigError
 from .text_encoder import _tables_dtype, export_program
 
 TRANSFORMER_GN_EPS = 1e-6  # sdjax.unet.transformer_2d
@@ -39,69 +40,27 @@ def _mb():
 
 
 def _check_config(cfg):
-    errs = []
-    for t in cfg.down_block_types:
-        if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            errs.append(f"down block type {t!r}")
-    for t in cfg.up_block_types:
-        if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
-            errs.append(f"up block type {t!r}")
-    if cfg.mid_block_type != "UNetMidBlock2DCrossAttn":
-        errs.append(f"mid_block_type {cfg.mid_block_type!r}")
-    if cfg.act_fn not in ("silu", "swish"):
-        errs.append(f"act_fn {cfg.act_fn!r}")
-    oca = cfg.only_cross_attention
-    if oca is True or (isinstance(oca, tuple) and any(oca)):
-        errs.append("only_cross_attention")
-    if isinstance(cfg.cross_attention_dim, tuple):
-        errs.append("a per-block cross_attention_dim list")
-    for name in ("dual_cross_attention", "class_embed_type", "addition_embed_type", "num_class_embeds"):
-        if getattr(cfg, name, None) not in (None, False):
-            errs.append(name)
-    if errs:
-        raise NotImplementedError("Core ML UNet export does not handle: " + "; ".join(errs))
-
-
-def _conv(x, p, name, dtype, stride=1, pad=None):
-    """``sdjax.nn.conv2d`` on NCHW; ``pad`` = [top, bottom, left, right], default 'same'."""
-    mb = _mb()
-    w = p["weight"]
-    if pad is None:
-        k = int(w.shape[0]) // 2
-        pad = [k, k, k, k]
-    kw = {}
-    if "bias" in p:
-        kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
-    return mb.conv(x=x, weight=mil.weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[stride, stride],
-                   pad_type="custom", pad=[int(v) for v in pad], dilations=[1, 1], groups=1, name=name, **kw)
-
-
-def _group_norm(x, p, groups, eps, name):
-    """``sdjax.nn.group_norm`` on NCHW (or (B, C, 1, S))."""
-    mb = _mb()
-    b, c, h, w = (int(d) for d in x.shape)
-    if c % groups:
-        raise ValueError(f"{name}: {c} channels do not split into {groups} groups")
-    g = mb.reshape(x=x, shape=[b, groups, (c // groups) * h * w], name=name + "_g")
-    g = mb.layer_norm(x=g, axes=[2], epsilon=np.float32(eps), name=name + "_n")
-    g = mb.reshape(x=g, shape=[b, c, h, w], name=name + "_r")
-    g = mb.mul(x=g, y=np.asarray(p["weight"], np.float32).reshape(1, c, 1, 1), name=name + "_s")
-    return mb.add(x=g, y=np.asarray(p["bias"], np.float32).reshape(1, c, 1, 1), name=name)
+    """The exporter builds every block sdjax.unet.apply does: the config's own validation is its
+    check (a config made with dataclasses.replace has not been through it)."""
+    try:
+        cfg.validate("Core ML UNet export")
+    except ConfigError as e:
+        raise NotImplementedError(str(e)) from None
 
 
 def _resnet(x, p, temb_act, groups, eps, out_scale, name, dtype):
     """``sdjax.unet.resnet``; ``temb_act`` is silu(temb) as ``(B, D, 1, 1)``."""
     mb = _mb()
-    h = mb.silu(x=_group_norm(x, p["norm1"], groups, eps, name + "_norm1"), name=name + "_act1")
-    h = _conv(h, p["conv1"], name + "_conv1", dtype)
+    h = mb.silu(x=mil.group_norm(x, p["norm1"], groups, eps, name + "_norm1"), name=name + "_act1")
+    h = mil.conv2d(h, p["conv1"], name + "_conv1", dtype)
     if "time_emb_proj" in p:
         tp = p["time_emb_proj"]
         t = mil.linear_as_conv(temb_act, tp["weight"], tp.get("bias"), name + "_temb", dtype)  # (B, C, 1, 1)
         h = mb.add(x=h, y=t, name=name + "_h_t")
-    h = mb.silu(x=_group_norm(h, p["norm2"], groups, eps, name + "_norm2"), name=name + "_act2")
-    h = _conv(h, p["conv2"], name + "_conv2", dtype)
+    h = mb.silu(x=mil.group_norm(h, p["norm2"], groups, eps, name + "_norm2"), name=name + "_act2")
+    h = mil.conv2d(h, p["conv2"], name + "_conv2", dtype)
     if "conv_shortcut" in p:
-        x = _conv(x, p["conv_shortcut"], name + "_shortcut", dtype, pad=[0, 0, 0, 0])
+        x = mil.conv2d(x, p["conv_shortcut"], name + "_shortcut", dtype, pad=[0, 0, 0, 0])
     if out_scale != 1.0:
         out = mb.add(x=x, y=h, name=name + "_sum")
         return mb.mul(x=out, y=np.float32(1.0 / out_scale), name=name)
@@ -142,12 +101,12 @@ def _transformer_2d(x, ctx, p, heads, layers, groups, linear_projection, mode, n
     """``sdjax.unet.transformer_2d`` on NCHW, blocks in the ``(B, C, 1, H*W)`` layout."""
     mb = _mb()
     b, c, hh, ww = (int(d) for d in x.shape)
-    t = _group_norm(x, p["norm"], groups, TRANSFORMER_GN_EPS, name + "_gn")
+    t = mil.group_norm(x, p["norm"], groups, TRANSFORMER_GN_EPS, name + "_gn")
     if linear_projection:
         t = mb.reshape(x=t, shape=[b, c, 1, hh * ww], name=name + "_bc1s")
         t = mil.linear_as_conv(t, p["proj_in"]["weight"], p["proj_in"].get("bias"), name + "_proj_in", dtype)
     else:
-        t = _conv(t, p["proj_in"], name + "_proj_in", dtype, pad=[0, 0, 0, 0])
+        t = mil.conv2d(t, p["proj_in"], name + "_proj_in", dtype, pad=[0, 0, 0, 0])
         t = mb.reshape(x=t, shape=[b, int(t.shape[1]), 1, hh * ww], name=name + "_bc1s")
     for i in range(layers):
         t = _transformer_block(t, ctx, p["transformer_blocks"][str(i)], heads, mode, f"{name}_tb{i}", dtype)
@@ -156,7 +115,7 @@ def _transformer_2d(x, ctx, p, heads, layers, groups, linear_projection, mode, n
         t = mb.reshape(x=t, shape=[b, c, hh, ww], name=name + "_bchw")
     else:
         t = mb.reshape(x=t, shape=[b, int(t.shape[1]), hh, ww], name=name + "_bchw")
-        t = _conv(t, p["proj_out"], name + "_proj_out", dtype, pad=[0, 0, 0, 0])
+        t = mil.conv2d(t, p["proj_out"], name + "_proj_out", dtype, pad=[0, 0, 0, 0])
     return mb.add(x=t, y=x, name=name)
 
 
@@ -226,7 +185,7 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
             x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
         temb = _time_embedding(timestep, params, cfg, "time", dtype)
 
-        x = _conv(x, params["conv_in"], "conv_in", dtype)
+        x = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
         skips = [x]
         for i, kind in enumerate(cfg.down_block_types):
             p = params["down_blocks"][str(i)]
@@ -237,7 +196,7 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
                                         attention, f"down{i}_attn{j}", dtype)
                 skips.append(x)
             if "downsamplers" in p:
-                x = _conv(x, p["downsamplers"]["0"]["conv"], f"down{i}_downsample", dtype, stride=2, pad=down_pad)
+                x = mil.conv2d(x, p["downsamplers"]["0"]["conv"], f"down{i}_downsample", dtype, stride=2, pad=down_pad)
                 skips.append(x)
 
         p = params["mid_block"]
@@ -258,10 +217,10 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
             if "upsamplers" in p:
                 x = mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2,
                                                  name=f"up{i}_upsample")
-                x = _conv(x, p["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
+                x = mil.conv2d(x, p["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
 
-        x = mb.silu(x=_group_norm(x, params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
-        return _conv(x, params["conv_out"], "noise_pred", dtype)
+        x = mb.silu(x=mil.group_norm(x, params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
+        return mil.conv2d(x, params["conv_out"], "noise_pred", dtype)
 
     return prog
 

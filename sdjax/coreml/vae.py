@@ -47,44 +47,18 @@ def default_latent_shape(config):
     return int(hw[0]) // f, int(hw[1]) // f
 
 
-def _conv(x, p, name, dtype, padding=None):
-    """``sdjax.nn.conv2d`` (stride 1, 'same' padding for odd kernels) on NCHW."""
-    from coremltools.converters.mil import Builder as mb
-    w = p["weight"]
-    k = int(w.shape[0])
-    pad = k // 2 if padding is None else padding
-    kw = {}
-    if "bias" in p:
-        kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
-    return mb.conv(x=x, weight=mil.weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[1, 1],
-                   pad_type="custom", pad=[pad, pad, pad, pad], dilations=[1, 1], groups=1, name=name, **kw)
-
-
-def _group_norm(x, p, groups, name):
-    """``sdjax.nn.group_norm`` on NCHW: normalize each group over (C/G, H, W), then affine."""
-    from coremltools.converters.mil import Builder as mb
-    b, c, h, w = (int(d) for d in x.shape)
-    if c % groups:
-        raise ValueError(f"{name}: {c} channels do not split into {groups} groups")
-    g = mb.reshape(x=x, shape=[b, groups, (c // groups) * h * w], name=name + "_g")
-    g = mb.layer_norm(x=g, axes=[2], epsilon=np.float32(EPS), name=name + "_n")
-    g = mb.reshape(x=g, shape=[b, c, h, w], name=name + "_r")
-    g = mb.mul(x=g, y=np.asarray(p["weight"], np.float32).reshape(1, c, 1, 1), name=name + "_s")
-    return mb.add(x=g, y=np.asarray(p["bias"], np.float32).reshape(1, c, 1, 1), name=name)
-
-
 def _gn_silu(x, p, groups, name):
     from coremltools.converters.mil import Builder as mb
-    return mb.silu(x=_group_norm(x, p, groups, name), name=name + "_act")
+    return mb.silu(x=mil.group_norm(x, p, groups, EPS, name), name=name + "_act")
 
 
 def _resnet(x, p, groups, name, dtype):
     """``sdjax.unet.resnet`` without a time embedding."""
     from coremltools.converters.mil import Builder as mb
-    h = _conv(_gn_silu(x, p["norm1"], groups, name + "_norm1"), p["conv1"], name + "_conv1", dtype)
-    h = _conv(_gn_silu(h, p["norm2"], groups, name + "_norm2"), p["conv2"], name + "_conv2", dtype)
+    h = mil.conv2d(_gn_silu(x, p["norm1"], groups, name + "_norm1"), p["conv1"], name + "_conv1", dtype)
+    h = mil.conv2d(_gn_silu(h, p["norm2"], groups, name + "_norm2"), p["conv2"], name + "_conv2", dtype)
     if "conv_shortcut" in p:
-        x = _conv(x, p["conv_shortcut"], name + "_shortcut", dtype, padding=0)
+        x = mil.conv2d(x, p["conv_shortcut"], name + "_shortcut", dtype, pad=0)
     return mb.add(x=x, y=h, name=name)
 
 
@@ -92,7 +66,7 @@ def _mid_attention(x, p, groups, name, dtype, mode):
     """``sdjax.vae._mid_attention``: GroupNorm, single-head attention over H*W tokens, residual."""
     from coremltools.converters.mil import Builder as mb
     b, c, h, w = (int(d) for d in x.shape)
-    t = _group_norm(x, p["group_norm"], groups, name + "_gn")
+    t = mil.group_norm(x, p["group_norm"], groups, EPS, name + "_gn")
     t = mb.reshape(x=t, shape=[b, c, 1, h * w], name=name + "_bc1s")
     q, k, v = (mil.linear_as_conv(t, p[m]["weight"], p[m].get("bias"), f"{name}_{m}", dtype)
                for m in ("to_q", "to_k", "to_v"))
@@ -138,9 +112,9 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
         if SWIFT_SCALING_FACTOR != cfg.scaling_factor:  # z = latents / 0.18215, the Swift Decoder's division
             x = mb.mul(x=x, y=np.float32(SWIFT_SCALING_FACTOR / cfg.scaling_factor), name="rescale")
         if cfg.use_post_quant_conv:
-            x = _conv(x, params["post_quant_conv"], "post_quant_conv", dtype, padding=0)
+            x = mil.conv2d(x, params["post_quant_conv"], "post_quant_conv", dtype, pad=0)
         p = params["decoder"]
-        x = _conv(x, p["conv_in"], "conv_in", dtype)
+        x = mil.conv2d(x, p["conv_in"], "conv_in", dtype)
         x = _mid(x, p["mid_block"], cfg, "mid", dtype, attention)
         for i in range(len(cfg.block_out_channels)):
             b = p["up_blocks"][str(i)]
@@ -149,9 +123,9 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
             if "upsamplers" in b:
                 x = mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2,
                                                  name=f"up{i}_upsample")
-                x = _conv(x, b["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
+                x = mil.conv2d(x, b["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
         x = _gn_silu(x, p["conv_norm_out"], g, "norm_out")
-        return _conv(x, p["conv_out"], "image", dtype)
+        return mil.conv2d(x, p["conv_out"], "image", dtype)
 
     return prog
 
