@@ -213,35 +213,40 @@ class Sensitivity:
             raise EvalError(f"no UNet conv/linear layer has more than {candidate_min} weights: nothing for "
                             "mixed-bit selection to choose")
         self.numel = {n: int(np.prod(flat[n + ".weight"].shape)) for n in self.layers}
-        self._q = {}
+        self._deq, self._width = {}, None  # see quantized
         self.data = state.read("sensitivity.json") or {}
         self.data.setdefault("single", {})
         self.data.setdefault("cumulative", {})
         self.data.setdefault("seconds", {})
         self._dirty = 0
 
+    def palettized(self, layer, nbits):
+        """The layer palettized per tensor, from (or into) the sweep's shared cache, so recipes reuse it."""
+        ck = quant.recipes.cache_key("unet", layer, "palettize", {"nbits": nbits})
+        pw = self.cache.get(ck)
+        if pw is None:
+            pw = self.cache[ck] = quant.palettize.kmeans(np.asarray(self.flat[layer + ".weight"], np.float32), nbits)
+        return pw
+
     def quantized(self, layer, nbits):
-        """(dequantized float32 weight, stored bytes) of the layer palettized per tensor; the
-        palettized weight goes into the sweep's shared cache, so recipes reuse it."""
-        key = (layer, nbits)
-        if key not in self._q:
-            ck = quant.recipes.cache_key("unet", layer, "palettize", {"nbits": nbits})
-            pw = self.cache.get(ck)
-            if pw is None:
-                pw = self.cache[ck] = quant.palettize.kmeans(np.asarray(self.flat[layer + ".weight"], np.float32), nbits)
-            self._q[key] = (np.asarray(pw.dequantize(np.float32)), int(pw.nbytes))
-        return self._q[key]
+        """The palettized layer's float32 value. Kept for one width at a time: the sweeps measure one
+        width after another, and every width of a full-size UNet would be five float32 copies of it."""
+        if nbits != self._width:
+            self._deq, self._width = {}, nbits
+        if layer not in self._deq:
+            self._deq[layer] = np.asarray(self.palettized(layer, nbits).dequantize(np.float32))
+        return self._deq[layer]
 
     def cost_bits(self, layer, nbits):
         if nbits >= 16:
             return 16 * self.numel[layer]
-        return 8 * self.quantized(layer, nbits)[1]
+        return 8 * int(self.palettized(layer, nbits).nbytes)
 
     def measure(self, assignment):
         flat = dict(self.flat)
         for layer, nbits in assignment.items():
             if nbits < 16:
-                flat[layer + ".weight"] = self.quantized(layer, nbits)[0]
+                flat[layer + ".weight"] = self.quantized(layer, nbits)
         return self.ev.one_step_psnr(nn.unflatten(flat))
 
     def _save(self, force=False):
@@ -305,7 +310,7 @@ class Sensitivity:
         for n in self.layers:
             one = mixed_bit.fisher_estimate({n: np.asarray(self.flat[n + ".weight"], np.float32)}, {n: imp[n]},
                                             nbits=self.nbits,
-                                            quantize=lambda w, b, n=n: self.quantized(n, b)[0])
+                                            quantize=lambda w, b, n=n: self.quantized(n, b))
             for b in self.nbits:
                 est[b][n] = float(one[b][n])
         seconds = time.perf_counter() - t0
