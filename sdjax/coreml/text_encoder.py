@@ -32,6 +32,18 @@ FP16_PASSES = ["common::add_fp16_cast", "common::const_elimination", "common::ca
                "common::dead_code_elimination"]
 
 
+def opset(target=None):
+    """The opset a builder uses for deployment target ``target`` (a ``ct.target``; None: iOS16,
+    the first with the constexpr weight ops)."""
+    import coremltools as ct
+    if target is None:
+        return ct.target.iOS16
+    if not isinstance(target, ct.target) or target < ct.target.iOS16:
+        raise ValueError(f"minimum deployment target {target!r}: the constexpr weight ops need "
+                         f"ct.target.iOS16 / macOS13 or later")
+    return target
+
+
 def _tables_dtype(dtype):
     d = np.dtype(dtype)
     if d not in (np.float32, np.float16):
@@ -39,12 +51,14 @@ def _tables_dtype(dtype):
     return d
 
 
-def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32"):
+def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32", target=None):
     """MIL Program computing ``sdjax.clip.apply(params, config, input_ids)``'s last hidden state
     and pooled output for one sequence of ``seq_len`` ids.
 
     dtype: the float type quantization tables (LUTs, int8 scales) are written in: "float32" for
-    a float32 export (empty pass pipeline), "float16" for a float16 one (see ``export``)."""
+    a float32 export (empty pass pipeline), "float16" for a float16 one (see ``export``).
+    target: the ``ct.target`` whose opset the program uses (default iOS16; iOS18 for grouped
+    LUTs and per-channel scales, see ``mil.weight``)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
@@ -61,7 +75,7 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
     mask = causal.T  # mil.attention takes (keys, queries)
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, seq_len), dtype=ct.converters.mil.mil.types.fp32)],
-                opset_version=ct.target.iOS16)
+                opset_version=opset(target))
     def prog(input_ids):
         # the Swift package feeds token ids as Float32 (TextEncoder.swift); exact up to 2**24
         input_ids = mb.cast(x=input_ids, dtype="int32", name="input_ids_int")
@@ -155,16 +169,18 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
     minimum_deployment_target: a ``ct.target`` (default iOS16, what the constexpr weight ops
     need). Refuses an existing ``path`` unless ``overwrite``; never leaves a half-written package
     at ``path``."""
-    return export_program(lambda tables: build(params, config, seq_len=seq_len, attention=attention, dtype=tables),
+    return export_program(lambda tables, target: build(params, config, seq_len=seq_len, attention=attention, dtype=tables,
+                                                       target=target),
                           path, compute_precision, minimum_deployment_target, overwrite)
 
 
 def export_program(build_fn, path, compute_precision="float32", minimum_deployment_target=None, overwrite=False):
-    """``build_fn(tables dtype) -> Program``, converted and saved atomically to ``path``; an
+    """``build_fn(tables dtype, target) -> Program``, converted and saved atomically to ``path``; an
     existing ``path`` is refused unless ``overwrite``. Shared by every component's export."""
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tables = "float16" if compute_precision == "float16" else "float32"
-    model = convert(build_fn(tables), compute_precision, minimum_deployment_target)
+    target = opset(minimum_deployment_target)
+    model = convert(build_fn(tables, target), compute_precision, target)
     return save_atomically(model, path, overwrite=overwrite)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import mil
 from ..configs import ConfigError
-from .text_encoder import _tables_dtype, export_program
+from .text_encoder import _tables_dtype, export_program, opset
 
 TRANSFORMER_GN_EPS = 1e-6  # sdjax.unet.transformer_2d
 LAYER_NORM_EPS = 1e-5      # sdjax.unet.transformer_block
@@ -142,15 +142,15 @@ def _time_embedding(t, params, cfg, name, dtype):
 
 
 def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
-          dtype="float32"):
+          dtype="float32", target=None):
     """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
     names and layouts (module docstring).
 
     batch: the batch the Swift pipeline runs (2 for classifier-free guidance).
     latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
     attention: ``mil.ATTENTION_MODES``.
-    dtype: the float type quantization tables are written in ("float16" for an fp16 export)."""
-    import coremltools as ct
+    dtype: the float type quantization tables are written in ("float16" for an fp16 export).
+    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``)."""
     mb = _mb()
 
     cfg = config
@@ -178,7 +178,7 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
              mb.TensorSpec(shape=(batch,)),
              mb.TensorSpec(shape=(batch, cfg.cross_attention_dim, 1, context_len))]
 
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS16)
+    @mb.program(input_specs=specs, opset_version=opset(target))
     def prog(sample, timestep, encoder_hidden_states):
         x, ctx = sample, encoder_hidden_states
         if cfg.center_input_sample:
@@ -234,5 +234,5 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
     ``overwrite``, never leaves a half-written package at ``path``."""
     if "dtype" in build_kw:
         raise TypeError("dtype follows compute_precision; do not pass it")
-    return export_program(lambda tables: build(params, config, dtype=tables, **build_kw),
+    return export_program(lambda tables, target: build(params, config, dtype=tables, target=target, **build_kw),
                           path, compute_precision, minimum_deployment_target, overwrite)

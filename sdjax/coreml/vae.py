@@ -30,7 +30,7 @@ import numpy as np
 from . import mil
 
 SWIFT_SCALING_FACTOR = 0.18215  # what apple/ml-stable-diffusion's Decoder.swift divides latents by
-from .text_encoder import _tables_dtype, export_program
+from .text_encoder import _tables_dtype, export_program, opset
 
 EPS = 1e-6  # sdjax.vae.EPS
 
@@ -85,7 +85,7 @@ def _mid(x, p, cfg, name, dtype, mode):
     return _resnet(x, p["resnets"]["1"], g, name + "_res1", dtype)
 
 
-def build_decoder(params, config, latent_shape=None, dtype="float32", attention="original"):
+def build_decoder(params, config, latent_shape=None, dtype="float32", attention="original", target=None):
     """MIL Program computing ``sdjax.vae.decode(params, config, latents / scaling_factor)``
     (transposed to NCHW) from the input ``z = latents / 0.18215`` the Swift package feeds, of
     shape ``(1, latent_channels, *latent_shape)`` (see the module docstring).
@@ -94,8 +94,8 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
     dtype: the float type quantization tables are written in ("float32" for a float32 export,
     "float16" for a float16 one; see ``export_decoder``).
     attention: ``mil.ATTENTION_MODES`` for the mid-block attention ("original", as Apple's
-    exported decoder; "split_einsum_v2" chunks the H*W queries by 512)."""
-    import coremltools as ct
+    exported decoder; "split_einsum_v2" chunks the H*W queries by 512).
+    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``)."""
     from coremltools.converters.mil import Builder as mb
 
     dtype = _tables_dtype(dtype)
@@ -106,7 +106,7 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
     g = cfg.norm_num_groups
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, cfg.latent_channels, h, w))],
-                opset_version=ct.target.iOS16)
+                opset_version=opset(target))
     def prog(z):
         x = z
         if SWIFT_SCALING_FACTOR != cfg.scaling_factor:  # z = latents / 0.18215, the Swift Decoder's division
@@ -136,6 +136,6 @@ def export_decoder(params, config, path, compute_precision="float32", minimum_de
 
     As ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
     ``overwrite``, never leaves a half-written package at ``path``."""
-    return export_program(lambda tables: build_decoder(params, config, latent_shape=latent_shape, dtype=tables,
-                                                       attention=attention),
+    return export_program(lambda tables, target: build_decoder(params, config, latent_shape=latent_shape, dtype=tables,
+                                                               attention=attention, target=target),
                           path, compute_precision, minimum_deployment_target, overwrite)
