@@ -141,8 +141,117 @@ def _time_embedding(t, params, cfg, name, dtype):
     return mb.silu(x=e, name=name + "_act")
 
 
+def _stages(params, cfg, attention, dtype):
+    """The UNet as a list of ``(name, params subtree, fn)`` run in order; ``fn(state, ctx)`` updates
+    ``state = {"x", "skips", "temb"}`` in place (MIL values). ``--chunk-unet`` cuts between two of them."""
+    mb = _mb()
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
+    lin, out_scale = cfg.use_linear_projection, cfg.resnet_out_scale_factor
+    pad = cfg.downsample_padding
+    down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4
+    stages = []
+
+    def add(name, p, fn):
+        stages.append((name, p, fn))
+
+    def res(p, name):
+        def fn(s, ctx):
+            s["x"] = _resnet(s["x"], p, s["temb"], groups, eps, out_scale, name, dtype)
+        return fn
+
+    def attn(p, h, n, name):
+        def fn(s, ctx):
+            s["x"] = _transformer_2d(s["x"], ctx, p, h, n, groups, lin, attention, name, dtype)
+        return fn
+
+    def seq(*fns):
+        def fn(s, ctx):
+            for f in fns:
+                f(s, ctx)
+        return fn
+
+    def push(s, ctx):
+        s["skips"].append(s["x"])
+
+    def stem(s, ctx):
+        x = s["x"]
+        if cfg.center_input_sample:
+            x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
+        s["temb"] = _time_embedding(s["temb"], params, cfg, "time", dtype)
+        s["x"] = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
+        s["skips"].append(s["x"])
+
+    add("conv_in", {k: params[k] for k in ("time_embedding", "conv_in")}, stem)
+    for i, kind in enumerate(cfg.down_block_types):
+        p = params["down_blocks"][str(i)]
+        for j in range(layers[i]):
+            fns = [res(p["resnets"][str(j)], f"down{i}_res{j}")]
+            sub = {"resnet": p["resnets"][str(j)]}
+            if kind == "CrossAttnDownBlock2D":
+                fns.append(attn(p["attentions"][str(j)], heads[i], tlayers[i], f"down{i}_attn{j}"))
+                sub["attention"] = p["attentions"][str(j)]
+            add(f"down_blocks.{i}.{j}", sub, seq(*fns, push))
+        if "downsamplers" in p:
+            conv = p["downsamplers"]["0"]["conv"]
+
+            def down(s, ctx, conv=conv, i=i):
+                s["x"] = mil.conv2d(s["x"], conv, f"down{i}_downsample", dtype, stride=2, pad=down_pad)
+            add(f"down_blocks.{i}.downsamplers", conv, seq(down, push))
+
+    p = params["mid_block"]
+    add("mid_block", p, seq(res(p["resnets"]["0"], "mid_res0"),
+                            attn(p["attentions"]["0"], heads[-1], tlayers[-1], "mid_attn0"),
+                            res(p["resnets"]["1"], "mid_res1")))
+
+    up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
+    for i, kind in enumerate(cfg.up_block_types):
+        p = params["up_blocks"][str(i)]
+        for j in range(up_layers[i] + 1):
+            def cat(s, ctx, name=f"up{i}_cat{j}"):
+                s["x"] = mb.concat(values=[s["x"], s["skips"].pop()], axis=1, name=name)
+            fns = [cat, res(p["resnets"][str(j)], f"up{i}_res{j}")]
+            sub = {"resnet": p["resnets"][str(j)]}
+            if kind == "CrossAttnUpBlock2D":
+                fns.append(attn(p["attentions"][str(j)], up_heads[i], up_tlayers[i], f"up{i}_attn{j}"))
+                sub["attention"] = p["attentions"][str(j)]
+            add(f"up_blocks.{i}.{j}", sub, seq(*fns))
+        if "upsamplers" in p:
+            conv = p["upsamplers"]["0"]["conv"]
+
+            def up(s, ctx, conv=conv, i=i):
+                x = mb.upsample_nearest_neighbor(x=s["x"], scale_factor_height=2, scale_factor_width=2,
+                                                 name=f"up{i}_upsample")
+                s["x"] = mil.conv2d(x, conv, f"up{i}_upconv", dtype)
+            add(f"up_blocks.{i}.upsamplers", conv, up)
+
+    def head(s, ctx):
+        x = mb.silu(x=mil.group_norm(s["x"], params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
+        s["x"] = mil.conv2d(x, params["conv_out"], "noise_pred", dtype)
+    add("conv_out", {k: params[k] for k in ("conv_norm_out", "conv_out")}, head)
+    return stages
+
+
+def stage_bytes(params, config):
+    """``[(stage name, stored weight bytes)]`` of the UNet's stages in program order (``_stages``);
+    quantized weights count as stored (packed indices + tables), float ones at their dtype."""
+    from quant import size_bytes
+    return [(name, int(size_bytes(p))) for name, p, _ in _stages(params, config, "original", np.float32)]
+
+
+def chunk_split(params, config) -> int:
+    """The stage index where ``--chunk-unet`` cuts: chunk 1 runs stages ``[:k]``, chunk 2 ``[k:]``,
+    with ``k`` the boundary whose cumulative weight bytes are closest to half the total (Apple's
+    chunk_mlprogram bisects by weight size likewise, at op granularity)."""
+    sizes = np.cumsum([b for _, b in stage_bytes(params, config)])
+    return int(np.argmin(np.abs(sizes[:-1] - sizes[-1] / 2))) + 1
+
+
+CHUNK_PREFIX = "chunk_"  # names of the tensors chunk 1 hands to chunk 2
+
+
 def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
-          dtype="float32", target=None):
+          dtype="float32", target=None, chunk=None, live_shapes=None):
     """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
     names and layouts (module docstring).
 
@@ -150,7 +259,14 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
     latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
     attention: ``mil.ATTENTION_MODES``.
     dtype: the float type quantization tables are written in ("float16" for an fp16 export).
-    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``)."""
+    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``).
+    chunk: None for the whole UNet, or 1 / 2 for the halves ``--chunk-unet`` writes (split at
+    ``chunk_split``): chunk 1 takes the UNet's inputs and returns the tensors live at the cut
+    (``chunk_x``, ``chunk_temb``, ``chunk_skip0``, ...); chunk 2 takes those (plus
+    ``encoder_hidden_states`` when it has attention) and returns ``noise_pred``. The Swift package
+    feeds chunk 2 the union of the UNet's inputs and chunk 1's outputs (``ManagedMLModel.swift``).
+    live_shapes: for chunk 2, chunk 1's ``{output name: shape}`` (``chunk_outputs``); built from
+    chunk 1 when None."""
     mb = _mb()
 
     cfg = config
@@ -158,6 +274,8 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
     dtype = _tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    if chunk not in (None, 1, 2):
+        raise ValueError(f"chunk must be None, 1 or 2, got {chunk!r}")
     if latent_shape is None:
         size = cfg.sample_size
         if size is None:
@@ -168,61 +286,58 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
     if h % (2 ** n_down) or w % (2 ** n_down):
         raise NotImplementedError(f"latent shape {(h, w)} not divisible by {2 ** n_down} (odd sizes inside "
                                   "the UNet, which sdjax handles by resizing, are not exported)")
-    groups, eps = cfg.norm_num_groups, cfg.norm_eps
-    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
-    lin, out_scale = cfg.use_linear_projection, cfg.resnet_out_scale_factor
-    pad = cfg.downsample_padding
-    down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4
+    stages = _stages(params, cfg, attention, dtype)
+    ctx_spec = mb.TensorSpec(shape=(batch, cfg.cross_attention_dim, 1, context_len))
+    if chunk is None:
+        lo, hi = 0, len(stages)
+    else:
+        k = chunk_split(params, cfg)
+        lo, hi = (0, k) if chunk == 1 else (k, len(stages))
 
-    specs = [mb.TensorSpec(shape=(batch, cfg.in_channels, h, w)),
-             mb.TensorSpec(shape=(batch,)),
-             mb.TensorSpec(shape=(batch, cfg.cross_attention_dim, 1, context_len))]
+    def run(state, ctx):
+        for _, _, fn in stages[lo:hi]:
+            fn(state, ctx)
+        return state
 
-    @mb.program(input_specs=specs, opset_version=opset(target))
-    def prog(sample, timestep, encoder_hidden_states):
-        x, ctx = sample, encoder_hidden_states
-        if cfg.center_input_sample:
-            x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
-        temb = _time_embedding(timestep, params, cfg, "time", dtype)
+    if lo == 0:
+        specs = [mb.TensorSpec(shape=(batch, cfg.in_channels, h, w)), mb.TensorSpec(shape=(batch,)), ctx_spec]
 
-        x = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
-        skips = [x]
-        for i, kind in enumerate(cfg.down_block_types):
-            p = params["down_blocks"][str(i)]
-            for j in range(layers[i]):
-                x = _resnet(x, p["resnets"][str(j)], temb, groups, eps, out_scale, f"down{i}_res{j}", dtype)
-                if kind == "CrossAttnDownBlock2D":
-                    x = _transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], tlayers[i], groups, lin,
-                                        attention, f"down{i}_attn{j}", dtype)
-                skips.append(x)
-            if "downsamplers" in p:
-                x = mil.conv2d(x, p["downsamplers"]["0"]["conv"], f"down{i}_downsample", dtype, stride=2, pad=down_pad)
-                skips.append(x)
+        if hi == len(stages):
+            @mb.program(input_specs=specs, opset_version=opset(target))
+            def prog(sample, timestep, encoder_hidden_states):
+                return run({"x": sample, "skips": [], "temb": timestep}, encoder_hidden_states)["x"]
+            return prog
 
-        p = params["mid_block"]
-        x = _resnet(x, p["resnets"]["0"], temb, groups, eps, out_scale, "mid_res0", dtype)
-        x = _transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], tlayers[-1], groups, lin, attention,
-                            "mid_attn0", dtype)
-        x = _resnet(x, p["resnets"]["1"], temb, groups, eps, out_scale, "mid_res1", dtype)
+        @mb.program(input_specs=specs, opset_version=opset(target))
+        def prog(sample, timestep, encoder_hidden_states):
+            s = run({"x": sample, "skips": [], "temb": timestep}, encoder_hidden_states)
+            outs = [mb.identity(x=s["x"], name=CHUNK_PREFIX + "x"), mb.identity(x=s["temb"], name=CHUNK_PREFIX + "temb")]
+            outs += [mb.identity(x=v, name=f"{CHUNK_PREFIX}skip{i}") for i, v in enumerate(s["skips"])]
+            return tuple(outs)
+        return prog
 
-        up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
-        for i, kind in enumerate(cfg.up_block_types):
-            p = params["up_blocks"][str(i)]
-            for j in range(up_layers[i] + 1):
-                x = mb.concat(values=[x, skips.pop()], axis=1, name=f"up{i}_cat{j}")
-                x = _resnet(x, p["resnets"][str(j)], temb, groups, eps, out_scale, f"up{i}_res{j}", dtype)
-                if kind == "CrossAttnUpBlock2D":
-                    x = _transformer_2d(x, ctx, p["attentions"][str(j)], up_heads[i], up_tlayers[i], groups,
-                                        lin, attention, f"up{i}_attn{j}", dtype)
-            if "upsamplers" in p:
-                x = mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=2,
-                                                 name=f"up{i}_upsample")
-                x = mil.conv2d(x, p["upsamplers"]["0"]["conv"], f"up{i}_upconv", dtype)
+    # chunk 2: the live tensors at the cut are its inputs; their shapes come from chunk 1
+    live = live_shapes or chunk_outputs(build(params, cfg, batch, (h, w), context_len, attention, dtype, target,
+                                              chunk=1))
+    needs_ctx = any("attention" in p or "attentions" in p for _, p, _ in stages[lo:hi] if isinstance(p, dict))
+    names = ([] if not needs_ctx else ["encoder_hidden_states"]) + list(live)
+    specs = ([ctx_spec] if needs_ctx else []) + [mb.TensorSpec(shape=shp) for shp in live.values()]
 
-        x = mb.silu(x=mil.group_norm(x, params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
-        return mil.conv2d(x, params["conv_out"], "noise_pred", dtype)
-
+    # the Builder names inputs after Python parameters; these names are data, so build the Function directly
+    from coremltools.converters.mil.mil import Function, Program
+    with Function(dict(zip(names, specs)), opset(target)) as func:
+        a = func.inputs
+        state = {"x": a[CHUNK_PREFIX + "x"], "temb": a[CHUNK_PREFIX + "temb"],
+                 "skips": [a[f"{CHUNK_PREFIX}skip{i}"] for i in range(len(live) - 2)]}
+        func.set_outputs([run(state, a.get("encoder_hidden_states"))["x"]])
+    prog = Program()
+    prog.add_function("main", func)
     return prog
+
+
+def chunk_outputs(prog) -> dict:
+    """``{name: shape}`` of a chunk-1 program's outputs (chunk 2's inputs besides the context)."""
+    return {o.name: tuple(int(d) for d in o.shape) for o in prog.functions["main"].outputs}
 
 
 def export(params, config, path, compute_precision="float32", minimum_deployment_target=None,
@@ -236,3 +351,27 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
         raise TypeError("dtype follows compute_precision; do not pass it")
     return export_program(lambda tables, target: build(params, config, dtype=tables, target=target, **build_kw),
                           path, compute_precision, minimum_deployment_target, overwrite)
+
+
+CHUNK_NAMES = ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")  # what the Swift package looks for (compiled)
+
+
+def export_chunks(params, config, paths, compute_precision="float32", minimum_deployment_target=None,
+                  overwrite=False, **build_kw):
+    """``--chunk-unet``: the UNet as two packages split by weight size (``chunk_split``), saved to
+    ``paths`` (two .mlpackage paths, by default named ``CHUNK_NAMES``). Chunk 1 is built, converted
+    and saved before chunk 2 is built, so only one half's program is in memory at a time."""
+    if "dtype" in build_kw or "chunk" in build_kw:
+        raise TypeError("dtype follows compute_precision and chunk is set here; do not pass them")
+    live = {}
+
+    def first(tables, target):
+        prog = build(params, config, dtype=tables, target=target, chunk=1, **build_kw)
+        live.update(chunk_outputs(prog))
+        return prog
+
+    p1 = export_program(first, paths[0], compute_precision, minimum_deployment_target, overwrite)
+    p2 = export_program(lambda tables, target: build(params, config, dtype=tables, target=target, chunk=2,
+                                                     live_shapes=live, **build_kw),
+                        paths[1], compute_precision, minimum_deployment_target, overwrite)
+    return p1, p2

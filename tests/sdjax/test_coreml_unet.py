@@ -83,6 +83,33 @@ def test_palettized_6bit_matches_sdjax(tmp_path, pipe, inputs):
     assert p >= 60, p
 
 
+def test_chunks_compose_to_the_unet(tmp_path, pipe, inputs):
+    """--chunk-unet: chunk 1 takes the UNet's inputs, chunk 2 the union of those and chunk 1's outputs
+    (as the Swift package feeds it); together they compute sdjax's UNet, and the cut halves the weights."""
+    params, cfg = pipe.params["unet"], pipe.configs["unet"]
+    sample, timestep, context = inputs
+    paths = [tmp_path / n for n in unet.CHUNK_NAMES]
+    unet.export_chunks(params, cfg, paths, latent_shape=sample.shape[2:])
+    p1, p2 = (interp.load_program(p) for p in paths)
+    feeds = {"sample": sample, "timestep": timestep,
+             "encoder_hidden_states": np.ascontiguousarray(np.transpose(context, (0, 2, 1))[:, :, None, :])}
+    assert set(p1.functions["main"].inputs) == set(feeds)
+    out1 = interp.run(p1, feeds)
+    assert "noise_pred" not in out1 and all(k.startswith(unet.CHUNK_PREFIX) for k in out1)
+    inputs2 = set(p2.functions["main"].inputs)
+    assert inputs2 <= set(out1) | set(feeds) and set(out1) <= inputs2
+    merged = {**feeds, **out1}  # ManagedMLModel.swift: chunk outputs win over the original inputs
+    out2 = interp.run(p2, {k: merged[k] for k in inputs2})
+    assert list(out2) == ["noise_pred"]
+    PSNRS["fp32 chunked"] = p = mil.psnr(_reference(params, cfg, inputs), out2["noise_pred"])
+    assert p >= 60, p
+    sizes = [b for _, b in unet.stage_bytes(params, cfg)]
+    k = unet.chunk_split(params, cfg)
+    total, first = sum(sizes), sum(sizes[:k])
+    best = min(abs(sum(sizes[:j]) - total / 2) for j in range(1, len(sizes)))
+    assert abs(first - total / 2) == best and 0.3 < first / total < 0.7
+
+
 def test_unsupported_config_raises(pipe):
     import dataclasses
     cfg = dataclasses.replace(pipe.configs["unet"], mid_block_type="UNetMidBlock2DSimpleCrossAttn")
