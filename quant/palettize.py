@@ -120,19 +120,56 @@ def _word(nbits):
     return per, per * nbits // 8
 
 
+_CHUNK_WORDS = 1 << 16  # words per chunk in the NumPy packers: bounded temporaries for big tensors
+
+
 def pack_bits(indices, nbits):
-    """uint8 bytes of ``indices`` (< 2**nbits), LSB first: ``ceil(len * nbits / 8)`` bytes."""
+    """uint8 bytes of ``indices`` (< 2**nbits), LSB first: ``ceil(len * nbits / 8)`` bytes.
+
+    Works through the indices a chunk of whole words at a time, so the temporaries stay small
+    (a few MB) whatever the tensor size."""
     idx = np.asarray(indices).reshape(-1)
     count = idx.size
     per, nbytes = _word(nbits)
-    idx = np.pad(idx, (0, -count % per)).reshape(-1, per)
     wtype = np.uint8 if nbytes == 1 else np.uint32
-    word = np.zeros(idx.shape[0], wtype)
-    for t in range(per):
-        word |= idx[:, t].astype(wtype) << wtype(nbits * t)
-    if nbytes > 1:
-        word = np.stack([(word >> np.uint32(8 * b)).astype(np.uint8) for b in range(nbytes)], 1)
-    return word.reshape(-1)[:-(-count * nbits // 8)]
+    out = np.empty(-(-count // per) * nbytes, np.uint8)
+    step = per * _CHUNK_WORDS
+    for s in range(0, count, step):
+        chunk = idx[s:s + step]
+        chunk = np.pad(chunk, (0, -chunk.size % per)).reshape(-1, per)
+        word = np.zeros(chunk.shape[0], wtype)
+        for t in range(per):
+            word |= chunk[:, t].astype(wtype) << wtype(nbits * t)
+        if nbytes > 1:
+            word = np.stack([(word >> np.uint32(8 * b)).astype(np.uint8) for b in range(nbytes)], 1)
+        b0 = s // per * nbytes
+        out[b0:b0 + word.size] = word.reshape(-1)
+    return out[:-(-count * nbits // 8)]
+
+
+def unpack_bits_np(packed, nbits, count):
+    """``unpack_bits`` in NumPy, chunked like ``pack_bits``: the first ``count`` indices as uint8
+    (``nbits`` <= 8), for host-side work on big tensors (the Core ML exporter's re-packing)."""
+    if not 1 <= nbits <= 8:
+        raise ValueError(f"nbits must be in 1..8, got {nbits}")
+    per, nbytes = _word(nbits)
+    p = np.asarray(packed, np.uint8).reshape(-1)
+    if p.size * 8 < count * nbits:
+        raise ValueError(f"{p.size} packed bytes hold fewer than {count} {nbits}-bit indices")
+    out = np.empty(count, np.uint8)
+    shifts = np.arange(per, dtype=np.uint32) * np.uint32(nbits)
+    mask = np.uint32((1 << nbits) - 1)
+    step = per * _CHUNK_WORDS
+    for s in range(0, count, step):
+        n = min(step, count - s)
+        b0 = s // per * nbytes
+        chunk = p[b0:b0 + -(-n // per) * nbytes]
+        chunk = np.pad(chunk, (0, -chunk.size % nbytes)).reshape(-1, nbytes).astype(np.uint32)
+        word = chunk[:, 0]
+        for b in range(1, nbytes):
+            word = word | (chunk[:, b] << np.uint32(8 * b))
+        out[s:s + n] = ((word[:, None] >> shifts) & mask).reshape(-1)[:n]
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -7,7 +7,11 @@ chunks of at most 512) or "original" (batched matmul + softmax).
 
 Weights go through ``weight``/``conv1x1_weight``: float arrays become consts, sdjax's quantized
 weights become constexpr ops that Core ML expands at load time, with the stored tables exactly
-sdjax's (see ``weight``). ``dtype`` there is the float type the tables are written in:
+sdjax's (see ``weight``). The program's opset (the deployment target it is built for) picks the
+op form: per-tensor LUTs and W8A16 int8 use the iOS16 ops below iOS18 and the iOS18 ops from
+iOS18 on (an iOS18 program has only the iOS18 signatures); grouped LUTs and per-channel scales
+exist only as iOS18 ops, so such weights in a program below iOS18 raise NotImplementedError
+naming the weight and "iOS18 (macOS15)". ``dtype`` there is the float type the tables are written in:
 "float32" for a program converted with the empty pass pipeline (``conv``/``linear`` accept
 only a const or constexpr weight, so no cast may follow), "float16" for the fp16 pipeline (the
 constexpr result is cast to fp32 in the fp32-typed Builder program, and
@@ -23,8 +27,10 @@ import math
 
 import numpy as np
 
-SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT and no scale",
-                     "Int8Weight W8A16 (act_scale None)")
+SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT (any target)",
+                     "PalettizedWeight with grouped LUTs and/or a per-channel scale (iOS18 (macOS15) or later)",
+                     "Int8Weight W8A16 (act_scale None; any target)")
+IOS18_NAME = "iOS18 (macOS15)"  # the first deployment target with grouped LUTs and per-channel scales
 QUERY_CHUNK = 512  # apple/ml-stable-diffusion's split_einsum_v2 query chunk
 ATTENTION_MODES = ("split_einsum_v2", "original")
 
@@ -59,28 +65,93 @@ def _unsupported(w, name, why=""):
 
 
 def lut_indices(w) -> np.ndarray:
-    """The LUT index of every element of a ``PalettizedWeight``, int64 of ``w.shape``."""
-    from quant.palettize import unpack_bits
-    return np.asarray(unpack_bits(w.packed, w.nbits, w.size)).astype(np.int64).reshape(w.shape)
+    """The LUT index of every element of a ``PalettizedWeight``, uint8 of ``w.shape`` (unpacked in
+    NumPy a chunk at a time: a full-size UNet's big tensors stay a few MB of temporaries)."""
+    from quant.palettize import unpack_bits_np
+    return unpack_bits_np(w.packed, w.nbits, w.size).reshape(w.shape)
+
+
+def _opset():
+    """The opset (a ``ct.target``) of the ``@mb.program`` being built, or None (none given)."""
+    from coremltools.converters.mil.mil.block import curr_opset_version
+    return curr_opset_version()
+
+
+def _is_ios18(opset):
+    import coremltools as ct
+    return opset is not None and opset >= ct.target.iOS18
+
+
+def _needs_ios18(w, name, what, opset):
+    have = "none given (the Builder's default)" if opset is None else getattr(opset, "name", str(opset))
+    raise NotImplementedError(
+        f"Core ML export of weight {name!r} ({type(w).__name__} with {what}) needs minimum deployment "
+        f"target {IOS18_NAME} or later, where constexpr_lut_to_dense takes grouped LUTs and "
+        f"constexpr_blockwise_shift_scale exists; this program's opset is {have}. Export with "
+        f"minimum_deployment_target=ct.target.iOS18; supported so far: {'; '.join(SUPPORTED_WEIGHTS)}")
+
+
+def _out_axis(name, permuted, shape, axis):
+    """The axis of ``shape`` that holds axis ``axis`` of ``permuted`` (the output channels), when
+    ``shape`` only inserts or drops unit axes; None when that axis has size 1 (any axis will do)."""
+    if permuted[axis] == 1:
+        return None
+    keep_p = [i for i, d in enumerate(permuted) if d != 1]
+    keep_s = [i for i, d in enumerate(shape) if d != 1]
+    if [permuted[i] for i in keep_p] != [shape[i] for i in keep_s]:
+        raise ValueError(f"{name}: quantized weights may only gain or lose unit axes, {permuted} -> {shape}")
+    return keep_s[keep_p.index(axis)]
+
+
+def _per_out(values, rank, axis):
+    """``values`` (out,) shaped to broadcast along axis ``axis`` of a rank-``rank`` tensor."""
+    shape = [1] * rank
+    if axis is not None:
+        shape[axis] = values.size
+    return values.reshape(shape)
 
 
 def weight(w, name: str, dtype="float32", perm=None, shape=None):
     """The MIL value of sdjax weight ``w``, optionally transposed by axis permutation ``perm``
-    and then given ``shape`` (same size and C order, e.g. unit axes appended).
+    and then given ``shape`` (same size and C order, e.g. unit axes appended; quantized weights
+    may only gain or lose unit axes).
+
+    The form depends on the opset of the ``@mb.program`` being built (``curr_opset_version``):
 
     - float array: a float32 const whatever ``dtype`` says (the fp16 pipeline's
       const_elimination makes fp16 consts of them);
-    - ``PalettizedWeight`` with one LUT for the tensor and no per-channel scale: an iOS16
-      ``constexpr_lut_to_dense`` with sdjax's LUT (in ``dtype``: float16 tables are sdjax's bits
-      exactly, float32 ones hold the same values) and sdjax's indices, bit-packed LSB first as
-      Core ML reads them (sdjax's own packing; re-packed here only when ``perm`` moves them:
-      the LUT is per tensor, so transposing the index array is exact);
-    - ``Int8Weight`` W8A16: an iOS16 ``constexpr_affine_dequantize`` of sdjax's int8 data, zero
-      point 0 and the per-output-channel scale (sdjax's last axis; moved with ``perm``).
+    - ``PalettizedWeight`` with one LUT for the tensor and no per-channel scale, below iOS18:
+      an iOS16 ``constexpr_lut_to_dense`` with sdjax's LUT (in ``dtype``: float16 tables are
+      sdjax's bits exactly, float32 ones hold the same values) and sdjax's indices, bit-packed
+      LSB first as Core ML reads them (sdjax's own packing; re-packed here only when ``perm``
+      moves them: the LUT is per tensor, so transposing the index array is exact);
+    - ``PalettizedWeight`` from iOS18 on (the only form there: an iOS18 program has no iOS16
+      signature), and with grouped LUTs (``num_groups > 1``) only there: an iOS18
+      ``constexpr_lut_to_dense`` named ``name`` with ``indices`` the dense index array (permuted,
+      reshaped to ``shape``, coremltools' uint``nbits`` dtype) and ``lut`` of shape
+      ``[*G, 2**nbits, 1]``, ``G`` 1 on every axis but the output-channel one (where ``perm`` puts
+      sdjax's last axis), which holds ``num_groups``: group ``g`` serves output channels
+      ``[g*group_size, (g+1)*group_size)``, as in sdjax. LUT values as above;
+    - ``PalettizedWeight`` with a per-channel ``scale`` (1 or more LUT groups), iOS18 only: the
+      lookup above followed by ``constexpr_blockwise_shift_scale(data=<lookup>, scale=...)``
+      named ``name + "_scale"``, the scale sdjax's ``(out,)`` values (in ``dtype``) shaped 1 on
+      every axis but the output-channel one (so one block per output channel, no offset). This is
+      coremltools' own form for palettization with per-channel scale
+      (``optimize/coreml/_quantization_passes.py``, ``palettize_weights.transform_op`` with
+      ``enable_per_channel_scale``; the torch frontend's ``_construct_palettization_op``);
+      its ``common::reorder_lut_per_channel_scale`` pass may later move the scale after the
+      conv/linear for the Neural Engine (not in sdjax's pipelines);
+    - ``Int8Weight`` W8A16: sdjax's int8 data with the per-output-channel scale (in ``dtype``;
+      sdjax's last axis, moved with ``perm``) and no offset: below iOS18 an iOS16
+      ``constexpr_affine_dequantize`` (zero point 0, ``axis`` the output-channel axis), from
+      iOS18 on a ``constexpr_blockwise_shift_scale`` (int8 ``data``, ``scale`` shaped 1 on every
+      axis but the output-channel one).
 
     The value is float32-typed in the Builder program (``dtype="float16"`` tables are followed by
-    a cast that the fp16 pipeline removes). Anything else raises NotImplementedError naming
-    ``name`` and what is supported."""
+    a cast named ``name + "_fp32"`` that the fp16 pipeline removes). A grouped-LUT or
+    per-channel-scale weight in a program whose opset is below iOS18 raises NotImplementedError
+    naming ``name``, what the weight has and "iOS18 (macOS15)"; W8A8, LLM.int8 and other
+    weights raise NotImplementedError naming ``name`` and what is supported."""
     mb = _mb()
     dtype = _np_float(dtype)
     kind = _kind(w)
@@ -92,31 +163,55 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
         raise ValueError(f"{name}: shape {shape} does not hold {permuted}")
     if kind == "float":
         return mb.const(val=np.transpose(np.asarray(w, np.float32), perm).reshape(shape), name=name)
-    if kind == "lut":
-        if w.num_groups != 1 or w.scale is not None:
-            why = f", {w.num_groups} LUT groups" if w.num_groups != 1 else ", per-channel scale"
-            _unsupported(w, name, why)
-        from quant.palettize import pack_bits
-        if perm == tuple(range(nd)):
-            packed = np.asarray(w.packed, np.uint8)
-        else:
-            packed = np.asarray(pack_bits(np.transpose(lut_indices(w), perm), w.nbits), np.uint8)
-        lut = np.asarray(w.lut)[0].astype(dtype)
-        out = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=np.array(shape, np.uint32), name=name)
+
+    def as_fp32(out):
         return out if dtype == np.float32 else mb.cast(x=out, dtype="fp32", name=name + "_fp32")
+
+    opset = _opset()
+    if kind == "lut":
+        ios18 = _is_ios18(opset)
+        extras = ([f"{w.num_groups} LUT groups"] if w.num_groups != 1 else []) + \
+            (["per-channel scale"] if w.scale is not None else [])
+        if extras and not ios18:
+            _needs_ios18(w, name, " and ".join(extras), opset)
+        if not ios18:
+            from quant.palettize import pack_bits
+            if perm == tuple(range(nd)):
+                packed = np.asarray(w.packed, np.uint8)
+            else:
+                packed = np.asarray(pack_bits(np.transpose(lut_indices(w), perm), w.nbits), np.uint8)
+            lut = np.asarray(w.lut)[0].astype(dtype)
+            out = mb.constexpr_lut_to_dense(lut=lut, indices=packed, shape=np.array(shape, np.uint32), name=name)
+            return as_fp32(out)
+        from coremltools.converters.mil.mil import types
+        axis = _out_axis(name, permuted, shape, perm.index(nd - 1))
+        if w.num_groups != 1 and axis is None:
+            raise ValueError(f"{name}: {w.num_groups} LUT groups over a single output channel")
+        idx_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{w.nbits}"))
+        indices = np.transpose(lut_indices(w), perm).reshape(shape).astype(idx_dtype)
+        groups = [1] * len(shape)
+        if axis is not None:
+            groups[axis] = w.num_groups
+        lut = np.asarray(w.lut).astype(dtype).reshape(groups + [1 << w.nbits, 1])
+        out = mb.constexpr_lut_to_dense(indices=indices, lut=lut, name=name)
+        if w.scale is not None:
+            scale = _per_out(np.asarray(w.scale).astype(dtype), len(shape), axis)
+            out = mb.constexpr_blockwise_shift_scale(data=out, scale=scale, name=name + "_scale")
+        return as_fp32(out)
     if kind == "int8":
         if w.act_scale is not None:
             _unsupported(w, name, " W8A8: activation quantization")
-        data = np.transpose(np.asarray(w.data, np.int8), perm)
-        axis = perm.index(nd - 1)
-        if shape != permuted:  # only unit axes may be added after the kept ones
-            if shape[:len(permuted)] != permuted or any(d != 1 for d in shape[len(permuted):]):
-                raise ValueError(f"{name}: int8 weights take only trailing unit axes, {permuted} -> {shape}")
-            data = data.reshape(shape)
+        axis = _out_axis(name, permuted, shape, perm.index(nd - 1))
+        data = np.transpose(np.asarray(w.data, np.int8), perm).reshape(shape)
         scale = np.asarray(w.scale, np.float32).astype(dtype)
-        out = mb.constexpr_affine_dequantize(quantized_data=data, zero_point=np.int8(0), scale=scale,
-                                             axis=axis, name=name)
-        return out if dtype == np.float32 else mb.cast(x=out, dtype="fp32", name=name + "_fp32")
+        if _is_ios18(opset):
+            out = mb.constexpr_blockwise_shift_scale(data=data, scale=_per_out(scale, len(shape), axis), name=name)
+        else:
+            if axis is None:  # one output channel: a per-tensor scale
+                axis, scale = 0, scale.reshape(())
+            out = mb.constexpr_affine_dequantize(quantized_data=data, zero_point=np.int8(0), scale=scale,
+                                                 axis=axis, name=name)
+        return as_fp32(out)
     _unsupported(w, name)
 
 

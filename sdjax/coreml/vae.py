@@ -1,8 +1,14 @@
-"""The AutoencoderKL decoder (``sdjax.vae.decode``) as a Core ML ML program.
+"""The AutoencoderKL decoder (``sdjax.vae.decode``) and encoder (``sdjax.vae.encode``) as Core ML
+ML programs.
 
     from sdjax.coreml import vae
     vae.export_decoder(pipe.params["vae"], pipe.configs["vae"], "VAEDecoder.mlpackage",
                        compute_precision="float16")
+    vae.export_encoder(pipe.params["vae"], pipe.configs["vae"], "VAEEncoder.mlpackage",
+                       compute_precision="float16")
+
+Decoder
+-------
 
 Input ``z`` float32 ``(1, latent_channels, h, w)`` (NCHW), output ``image`` ``(1, out_channels,
 h*f, w*f)`` in about [-1, 1] (f = ``sdjax.generate.vae_scale_factor``), the names
@@ -15,6 +21,37 @@ for a VAE with another ``scaling_factor`` (the embedded model's is 0.599) it fir
 ``0.18215 / scaling_factor``: the package then decodes right in the Swift pipeline, and
 ``run(z=latents / 0.18215)`` equals ``sdjax.vae.decode(latents / scaling_factor)``. For SD
 (0.18215) nothing is added.
+
+Encoder
+-------
+Input ``x`` float32 ``(1, in_channels, H, W)`` (NCHW RGB in [-1, 1], H and W multiples of f),
+output ``latent`` ``(1, 2 * latent_channels, H/f, W/f)``: the Gaussian's moments, mean channels
+first, then log-variance, as ``torch2coreml.convert_vae_encoder`` exports them
+(``quant_conv(encoder(x))``, input "x", output "latent"). apple/ml-stable-diffusion's Swift
+``Encoder.encode`` (swift/StableDiffusion/pipeline/Encoder.swift) feeds the one input, found by
+``inputDescriptionsByName.first`` and shape-checked against the image's planar RGB
+``[1, 3, H, W]`` in [-1, 1]; it reads the first output and, as diffusers'
+DiagonalGaussianDistribution, takes ``mean = out[0][0..<4]`` and ``logvar = out[0][4..<8]``
+(four latent channels hard-coded), clamps logvar to [-30, 20], draws
+``latent = mean + exp(logvar / 2) * N(0, 1)`` and multiplies it by ``scaleFactor``, the
+configuration's ``encoderScaleFactor`` (default 0.18215, like ``decoderScaleFactor``).
+
+Scaling convention, the counterpart of the decoder's: the package is made for the Swift
+pipeline's default factor 0.18215, so Swift's ``0.18215 * sample`` must be the latents the model
+wants, ``scaling_factor * sample_true``. With ``r = scaling_factor / 0.18215`` the program outputs
+``r * mean`` and ``logvar + 2 ln r`` (so ``exp(logvar / 2)`` is ``r * std``): a draw from that
+Gaussian times 0.18215 is a draw from the model's own times ``scaling_factor``, exactly what
+diffusers' ``latent_dist.sample() * scaling_factor`` gives (for the embedded model, r = 3.29).
+The logvar half is clamped to [-30, 20] in the program first (``sdjax.vae.encode``'s moments
+exactly, then the shift), so ``latent`` is ``concat(r * mean, logvar + 2 ln r)`` of
+``sdjax.vae.encode`` transposed to NCHW; for SD (r = 1) nothing but that clamp (which the Swift
+clamp repeats) is added to Apple's ``quant_conv(encoder(x))``. The only departure for r != 1
+is Swift's own clamp, now applied to the shifted logvar: on top of [-30, 20] it limits the
+model's logvar to [-30 - 2 ln r, 20 - 2 ln r] (an upper bound of 17.6 for the embedded model,
+a std of e^8.8: never met in practice).
+Keep ``encoderScaleFactor`` at its default with such a package (setting it to the model's factor
+as well would scale twice). The downsamplers are diffusers' stride-2 3x3 convs after a zero pad
+of one row at the bottom and one column at the right (``pad=[0, 1, 0, 1]``).
 
 Inside, activations are NCHW: convs take OIHW weights transposed from sdjax's HWIO on the stored
 data (``mil.weight(..., perm=(3, 2, 0, 1))``: quantized weights stay constexpr with sdjax's
@@ -137,5 +174,75 @@ def export_decoder(params, config, path, compute_precision="float32", minimum_de
     As ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
     ``overwrite``, never leaves a half-written package at ``path``."""
     return export_program(lambda tables, target: build_decoder(params, config, latent_shape=latent_shape, dtype=tables,
+                                                               attention=attention, target=target),
+                          path, compute_precision, minimum_deployment_target, overwrite)
+
+
+LOGVAR_RANGE = (-30.0, 20.0)  # sdjax.vae.encode's clamp, also Encoder.swift's
+
+
+def default_image_shape(config):
+    """(H, W) of the images the VAE was made for: ``default_latent_shape`` times the scale
+    factor (64x64 for the reference model, 512x512 for SD 1.x)."""
+    from ..generate import vae_scale_factor
+    f = vae_scale_factor(config)
+    return tuple(d * f for d in default_latent_shape(config))
+
+
+def build_encoder(params, config, image_shape=None, dtype="float32", attention="original", target=None):
+    """MIL Program computing ``sdjax.vae.encode(params, config, x)``'s moments (transposed to NCHW,
+    concatenated on channels as ``latent``) rescaled for the Swift pipeline's fixed 0.18215: see
+    the module docstring. The input ``x`` is ``(1, in_channels, *image_shape)`` in [-1, 1].
+
+    image_shape: (H, W), multiples of the VAE's scale factor; default ``default_image_shape(config)``.
+    dtype, attention, target: as ``build_decoder``."""
+    from coremltools.converters.mil import Builder as mb
+    from ..generate import vae_scale_factor
+
+    dtype = _tables_dtype(dtype)
+    if attention not in mil.ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    cfg = config
+    f = vae_scale_factor(cfg)
+    h, w = default_image_shape(cfg) if image_shape is None else (int(d) for d in image_shape)
+    if h % f or w % f or h <= 0 or w <= 0:
+        raise ValueError(f"image shape {(h, w)} is not a positive multiple of the VAE scale factor {f}")
+    g = cfg.norm_num_groups
+    r = cfg.scaling_factor / SWIFT_SCALING_FACTOR
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, cfg.in_channels, h, w))],
+                opset_version=opset(target))
+    def prog(x):
+        p = params["encoder"]
+        t = mil.conv2d(x, p["conv_in"], "conv_in", dtype)
+        for i in range(len(cfg.block_out_channels)):
+            b = p["down_blocks"][str(i)]
+            for j in range(cfg.layers_per_block):
+                t = _resnet(t, b["resnets"][str(j)], g, f"down{i}_res{j}", dtype)
+            if "downsamplers" in b:  # diffusers pads one row at the bottom and one column at the right
+                t = mil.conv2d(t, b["downsamplers"]["0"]["conv"], f"down{i}_downconv", dtype,
+                               stride=2, pad=[0, 1, 0, 1])
+        t = _mid(t, p["mid_block"], cfg, "mid", dtype, attention)
+        t = _gn_silu(t, p["conv_norm_out"], g, "norm_out")
+        t = mil.conv2d(t, p["conv_out"], "conv_out", dtype)
+        if cfg.use_quant_conv:
+            t = mil.conv2d(t, params["quant_conv"], "quant_conv", dtype, pad=0)
+        mean, logvar = mb.split(x=t, num_splits=2, axis=1, name="moments")
+        lo, hi = LOGVAR_RANGE
+        logvar = mb.minimum(x=mb.maximum(x=logvar, y=np.float32(lo), name="logvar_lo"),
+                            y=np.float32(hi), name="logvar_clamped")
+        if r != 1:  # Swift multiplies by 0.18215: hand it the model's Gaussian scaled by r
+            mean = mb.mul(x=mean, y=np.float32(r), name="mean_rescaled")
+            logvar = mb.add(x=logvar, y=np.float32(2 * np.log(r)), name="logvar_rescaled")
+        return mb.concat(values=[mean, logvar], axis=1, name="latent")
+
+    return prog
+
+
+def export_encoder(params, config, path, compute_precision="float32", minimum_deployment_target=None,
+                   overwrite=False, image_shape=None, attention="original"):
+    """Build, convert and save the VAE encoder to ``path`` (an .mlpackage, VAEEncoder.mlpackage for
+    the Swift package); returns the path. As ``export_decoder``."""
+    return export_program(lambda tables, target: build_encoder(params, config, image_shape=image_shape, dtype=tables,
                                                                attention=attention, target=target),
                           path, compute_precision, minimum_deployment_target, overwrite)

@@ -148,6 +148,25 @@ def test_packing_round_trips_and_equals_coremltools_bytes(nbits):
         np.testing.assert_array_equal(ct_utils.restore_elements_from_packed_bits(packed, nbits, count), idx)
 
 
+@pytest.mark.parametrize("nbits", SUPPORTED_NBITS)
+def test_chunked_numpy_packing_across_chunk_boundaries(nbits, monkeypatch):
+    """pack_bits / unpack_bits_np work a few words at a time: with tiny chunks the bytes still equal
+    coremltools' packing and the indices round-trip, for counts on and off the chunk and word edges."""
+    from quant import palettize
+    monkeypatch.setattr(palettize, "_CHUNK_WORDS", 3)
+    rng = np.random.default_rng(10 + nbits)
+    per = 8 // math.gcd(nbits, 8)
+    for count in (1, per * 3 - 1, per * 3, per * 3 + 1, per * 7 + 5, 1000):
+        idx = rng.integers(0, 1 << nbits, count).astype(np.uint8)
+        packed = palettize.pack_bits(idx, nbits)
+        np.testing.assert_array_equal(packed, ct_utils.pack_elements_into_bits(idx, nbits))
+        got = palettize.unpack_bits_np(packed, nbits, count)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, idx)
+    with pytest.raises(ValueError, match="fewer than"):
+        palettize.unpack_bits_np(packed[:-1], nbits, count)
+
+
 @pytest.mark.parametrize("nbits,group_size,pcs", [(1, None, False), (3, 8, False), (6, None, True),
                                                   (8, 4, True), (4, 1, False)])
 def test_nbytes_is_exact(nbits, group_size, pcs):

@@ -1,0 +1,259 @@
+"""``sdjax export-coreml``: a whole pipeline as the resource folder apple/ml-stable-diffusion's
+Swift ``StableDiffusion`` package loads.
+
+    from sdjax.coreml.export import export_pipeline
+    export_pipeline(sdjax.load(None).quantize("palette-6bit"), "coreml-out")
+
+writes ``TextEncoder.mlpackage``, ``Unet.mlpackage`` (or ``UnetChunk1/2.mlpackage`` with
+``chunk_unet``), ``VAEDecoder.mlpackage``, ``VAEEncoder.mlpackage``, ``vocab.json``,
+``merges.txt`` and ``sdjax_export.json`` (settings, recipe, per-package size and time). On a Mac,
+``xcrun coremlcompiler compile X.mlpackage OUT/`` turns each package into the ``X.mlmodelc`` the
+Swift package reads (``StableDiffusionPipeline+Resources.swift``).
+
+The quantized weights go in as they are (``sdjax.coreml.mil.weight``): the packages carry the
+LUTs, indices and int8 data sdjax evaluated. ``--attention`` applies to the text encoder and the
+UNet; the VAE's single mid-block attention is exported "original", as Apple's VAE is.
+
+Crash safety and resume: everything is written into ``OUT.partial`` next to ``OUT``, each package
+saved atomically inside it, and ``OUT.partial`` is renamed to ``OUT`` at the end. A rerun with the
+same settings after an interruption keeps the packages already finished; with other settings it is
+refused (``overwrite`` starts it afresh).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import shutil
+import time
+
+MANIFEST = "sdjax_export.json"
+PRECISIONS = ("float16", "float32")
+TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+GROUPED_LUT_TARGET = "iOS18"  # grouped LUTs and per-channel scales need the iOS18 / macOS15 opset
+
+
+class ExportError(ValueError):
+    """Settings or weights that cannot be exported (the message names the argument or layer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    compute_precision: str = "float16"
+    attention: str = "split_einsum_v2"
+    minimum_deployment_target: str = "iOS16"
+    chunk_unet: bool = False
+    unet_batch: int = 2
+    latent_shape: tuple | None = None   # (h, w); None: the model's own size
+
+    def check(self):
+        from . import mil
+        if self.compute_precision not in PRECISIONS:
+            raise ExportError(f"compute precision {self.compute_precision!r}: expected one of {PRECISIONS}")
+        if self.attention not in mil.ATTENTION_MODES:
+            raise ExportError(f"attention {self.attention!r}: expected one of {mil.ATTENTION_MODES}")
+        if self.minimum_deployment_target not in TARGETS:
+            raise ExportError(f"minimum deployment target {self.minimum_deployment_target!r}: expected one of "
+                              f"{TARGETS} (the constexpr weight ops need iOS16 / macOS13)")
+        if self.unet_batch < 1:
+            raise ExportError(f"unet batch {self.unet_batch}: expected >= 1 (2 for classifier-free guidance)")
+
+    def target(self):
+        import coremltools as ct
+        return getattr(ct.target, self.minimum_deployment_target)
+
+
+def _peak_rss():
+    from ..memory import peak_rss_bytes
+    return peak_rss_bytes()
+
+
+def _dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def check_exportable(params, target_name):
+    """Raise ExportError naming the first layer the deployment target or Core ML cannot express."""
+    import quant
+    needs18 = not target_name.endswith(("18", "15"))  # iOS16/17, macOS13/14
+    for comp in ("text_encoder", "unet", "vae"):
+        for name, w in quant.recipes.layers(params[comp]).items():
+            kind = type(w).__name__
+            if kind == "PalettizedWeight" and needs18 and (w.num_groups != 1 or w.scale is not None):
+                what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else "a per-channel scale"
+                raise ExportError(f"{comp}.{name} is palettized with {what}, which Core ML expresses only "
+                                  f"from {GROUPED_LUT_TARGET} (macOS15): pass --min-deployment-target "
+                                  f"{GROUPED_LUT_TARGET} (or macOS15), not {target_name}")
+            if kind == "Int8Weight" and w.act_scale is not None:
+                raise ExportError(f"{comp}.{name} is int8 W8A8 (quantized activations); Core ML weights are "
+                                  "weight-only: use an int8 (W8A16) or palettize recipe")
+            if kind not in ("PalettizedWeight", "Int8Weight") and hasattr(w, "dequantize"):
+                raise ExportError(f"{comp}.{name} is {kind}, which has no Core ML weight form "
+                                  "(supported: palettize, int8 W8A16, float)")
+
+
+def _tokenizer_files(pipe, folder):
+    """vocab.json and merges.txt: the checkpoint's own, else the standard CLIP BPE files."""
+    names = ("vocab.json", "merges.txt")
+    tok = pipe.tokenizer
+    src = tok.folder if tok is not None else None
+    if src and all(os.path.isfile(os.path.join(src, n)) for n in names):
+        for n in names:
+            shutil.copyfile(os.path.join(src, n), os.path.join(folder, n))
+        return "the checkpoint's tokenizer"
+    tj = os.path.join(src, "tokenizer.json") if src else None
+    if tj and os.path.isfile(tj):  # a tokenizer.json-only folder: its BPE model holds both tables
+        try:
+            with open(tj, encoding="utf-8") as fh:
+                model = json.load(fh)["model"]
+            vocab, merges = model["vocab"], model["merges"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{tj}: cannot read the BPE vocabulary and merges ({type(e).__name__}: {e})") from None
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
+            json.dump(vocab, fh, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
+            fh.write("#version: 0.2\n")
+            fh.writelines((m if isinstance(m, str) else " ".join(m)) + "\n" for m in merges)
+        return "the checkpoint's tokenizer.json"
+    from ..convert_ldm import clip_tokenizer_files
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tokenizer_files(tmp, "sd1")
+        for n in names:
+            shutil.copyfile(os.path.join(tmp, n), os.path.join(folder, n))
+    return "the standard CLIP vocabulary (the model has no tokenizer)"
+
+
+def _jobs(pipe, settings, target):
+    """[(label, package file names, fn(paths))] in export order."""
+    from . import text_encoder, unet, vae
+    from ..generate import vae_scale_factor
+    p, c = pipe.params, pipe.configs
+    prec = settings.compute_precision
+    latent = settings.latent_shape or vae.default_latent_shape(c["vae"])
+    f = vae_scale_factor(c["vae"])
+    common = dict(compute_precision=prec, minimum_deployment_target=target, overwrite=True)
+    ukw = dict(batch=settings.unet_batch, latent_shape=latent, attention=settings.attention)
+    jobs = [("text encoder", ["TextEncoder.mlpackage"],
+             lambda paths: text_encoder.export(p["text_encoder"], c["text_encoder"], paths[0],
+                                               attention=settings.attention, **common))]
+    if settings.chunk_unet:
+        jobs.append(("UNet (2 chunks)", list(unet.CHUNK_NAMES),
+                     lambda paths: unet.export_chunks(p["unet"], c["unet"], paths, **common, **ukw)))
+    else:
+        jobs.append(("UNet", ["Unet.mlpackage"],
+                     lambda paths: unet.export(p["unet"], c["unet"], paths[0], **common, **ukw)))
+    jobs.append(("VAE decoder", ["VAEDecoder.mlpackage"],
+                 lambda paths: vae.export_decoder(p["vae"], c["vae"], paths[0], latent_shape=latent, **common)))
+    image = (latent[0] * f, latent[1] * f)
+    jobs.append(("VAE encoder", ["VAEEncoder.mlpackage"],
+                 lambda paths: vae.export_encoder(p["vae"], c["vae"], paths[0], image_shape=image, **common)))
+    return jobs
+
+
+def _manifest_settings(pipe, settings):
+    recipe = (pipe.quantization or {}).get("recipe")
+    return {"model": pipe.source, "recipe": recipe, **dataclasses.asdict(settings),
+            "latent_shape": list(settings.latent_shape) if settings.latent_shape else None}
+
+
+def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False, progress=True, log=print):
+    """Export ``pipe`` (an ``sdjax.Pipeline``, quantized or not) into the folder ``out``; returns
+    the manifest dict (settings and, per package, bytes on disk and seconds). See the module
+    docstring for the folder, resume and overwrite rules."""
+    from tqdm.auto import tqdm
+
+    settings.check()
+    out = os.path.abspath(os.fspath(out))
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    check_exportable(pipe.params, settings.minimum_deployment_target)
+    target = settings.target()
+    partial = out + ".partial"
+    wanted = _manifest_settings(pipe, settings)
+    state_file = os.path.join(partial, MANIFEST)
+    if os.path.isdir(partial):
+        try:
+            with open(state_file) as fh:
+                before = json.load(fh).get("settings")
+        except (OSError, ValueError):
+            before = None
+        if before != wanted and not overwrite:
+            diff = sorted(k for k in wanted if (before or {}).get(k) != wanted[k])
+            raise FileExistsError(f"{partial}: an interrupted export with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to start afresh, or the same settings to resume")
+        if before != wanted:
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    manifest = {"settings": wanted, "packages": {}}
+    if os.path.isfile(state_file):
+        with open(state_file) as fh:
+            manifest["packages"] = json.load(fh).get("packages", {})
+
+    def save_manifest():
+        tmp = state_file + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+        os.replace(tmp, state_file)
+
+    save_manifest()
+    jobs = _jobs(pipe, settings, target)
+    bar = tqdm(total=len(jobs), desc="export-coreml", unit="package", disable=not progress)
+    for label, names, fn in jobs:
+        paths = [os.path.join(partial, n) for n in names]
+        if all(os.path.isdir(pth) for pth in paths) and all(n in manifest["packages"] for n in names):
+            log(f"{label}: kept from the interrupted run ({', '.join(names)})")
+            bar.update(1)
+            continue
+        bar.set_postfix_str(label)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' per-pass progress bars
+            fn(paths)
+        dt = time.perf_counter() - t0
+        for n, pth in zip(names, paths):
+            manifest["packages"][n] = {"bytes": _dir_bytes(pth), "seconds": round(dt / len(names), 2),
+                                       "peak_rss_bytes": _peak_rss()}
+        save_manifest()
+        bar.update(1)
+    bar.close()
+    manifest["tokenizer"] = _tokenizer_files(pipe, partial)
+    save_manifest()
+    if os.path.lexists(out):  # overwrite: move the old folder aside, drop it after the rename
+        old = out + ".old"
+        if os.path.lexists(old):
+            shutil.rmtree(old)
+        os.rename(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, out)
+    return manifest
+
+
+def summary(manifest) -> str:
+    """The manifest's packages as a small table."""
+    lines = [f"{'package':24s} {'MB':>9s} {'seconds':>8s} {'peak RSS GiB':>13s}"]
+    for n, r in manifest["packages"].items():
+        lines.append(f"{n:24s} {r['bytes'] / 1e6:9.1f} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:13.2f}")
+    total = sum(r["bytes"] for r in manifest["packages"].values())
+    lines.append(f"{'total':24s} {total / 1e6:9.1f}")
+    return "\n".join(lines)
+
+
+def latent_from_image(height, width, scale_factor, unet_factor=1):
+    """(h, w) latents for an image size, checking that it divides into the VAE's and the UNet's
+    downsamplings (``unet_factor``: 2 ** the UNet's downsampling steps)."""
+    step = scale_factor * unet_factor
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % step:
+            raise ExportError(f"{name} {v}: expected a positive multiple of {step} (VAE scale factor "
+                              f"{scale_factor} x {unet_factor} for the UNet's downsamplings)")
+    return height // scale_factor, width // scale_factor
+
+
+__all__ = ["export_pipeline", "Settings", "ExportError", "check_exportable", "summary", "latent_from_image"]
