@@ -382,6 +382,7 @@ def cmd_export_coreml(args):
     import sdjax
     from quant import io as qio
     from sdjax.coreml import export as cx
+    cx.import_coremltools()
     if args.quantized and (args.model or args.recipe):
         raise UsageError("--quantized DIR is a model already quantized by `sdjax quantize`: give it alone, "
                          "without --model or --recipe")

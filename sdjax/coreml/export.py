@@ -65,6 +65,21 @@ class Settings:
         return getattr(ct.target, self.minimum_deployment_target)
 
 
+def import_coremltools():
+    """coremltools, imported without its import-time warnings where they say nothing useful: on
+    Linux it cannot load Core ML's runtime (eight "Failed to load _ML...Proxy" lines) and it warns
+    about any torch version newer than it was tested with (sdjax's export does not use torch)."""
+    import logging
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import coremltools
+    finally:
+        log.setLevel(level)
+    return coremltools
+
+
 def _peak_rss():
     from ..memory import peak_rss_bytes
     return peak_rss_bytes()
@@ -212,7 +227,11 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
             continue
         bar.set_postfix_str(label)
         t0 = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' per-pass progress bars
+        from .text_encoder import phase_hook
+
+        def show(path, phase, label=label):
+            bar.set_postfix_str(f"{label}: {phase} {os.path.basename(path)}")
+        with contextlib.redirect_stderr(io.StringIO()), phase_hook(show):  # hides coremltools' per-pass bars
             fn(paths)
         dt = time.perf_counter() - t0
         for n, pth in zip(names, paths):

@@ -19,6 +19,8 @@ first maximal key) instead of ``reduce_argmax``, whose tie-breaking Core ML does
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
@@ -174,6 +176,27 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
                           path, compute_precision, minimum_deployment_target, overwrite)
 
 
+_PHASE_HOOK = contextvars.ContextVar("sdjax_coreml_phase_hook", default=None)
+
+
+@contextlib.contextmanager
+def phase_hook(fn):
+    """Within the block, every ``export_program`` calls ``fn(package path, phase)`` as it starts
+    each phase: "build" (the MIL program), "convert" (``ct.convert``), "save" (``sdjax export-coreml``'s
+    progress bar shows them)."""
+    token = _PHASE_HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _PHASE_HOOK.reset(token)
+
+
+def _phase(path, name):
+    fn = _PHASE_HOOK.get()
+    if fn is not None:
+        fn(path, name)
+
+
 def export_program(build_fn, path, compute_precision="float32", minimum_deployment_target=None, overwrite=False):
     """``build_fn(tables dtype, target) -> Program``, converted and saved atomically to ``path``; an
     existing ``path`` is refused unless ``overwrite``. Shared by every component's export."""
@@ -182,5 +205,10 @@ def export_program(build_fn, path, compute_precision="float32", minimum_deployme
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tables = "float16" if compute_precision == "float16" else "float32"
     target = opset(minimum_deployment_target)
-    model = convert(build_fn(tables, target), compute_precision, target)
+    _phase(path, "build")
+    prog = build_fn(tables, target)
+    _phase(path, "convert")
+    model = convert(prog, compute_precision, target)
+    del prog
+    _phase(path, "save")
     return save_atomically(model, path, overwrite=overwrite)
