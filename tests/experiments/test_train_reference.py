@@ -41,6 +41,7 @@ def test_resumed_run_equals_uninterrupted_run(whole, tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
 
 
+@pytest.mark.slow  # needs the ~70 s training run; the shipped model it produced is loaded by both in CI
 def test_export_is_a_pipeline_sdjax_and_diffusers_load(whole):
     import torch
     from diffusers import StableDiffusionPipeline

@@ -156,6 +156,7 @@ def _device_run(n):
     return json.loads(line[-1][7:])
 
 
+@pytest.mark.slow  # two eval runs in subprocesses, ~50 s on 2 cores: kept out of CI's 15-minute budget
 def test_four_host_devices_give_the_numbers_of_one():
     one, four = _device_run(1), _device_run(4)
     assert (one["devices"], one["shards"]) == (1, 1) and (four["devices"], four["shards"]) == (4, 4)
@@ -164,6 +165,7 @@ def test_four_host_devices_give_the_numbers_of_one():
         assert four["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-4, abs=1e-4), k
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; the allocators themselves are tested on synthetic models in CI
 def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     """Apple's recipes and ours at the same sizes, on the larger layers and three widths (fast):
     both families are built, evaluated, compared, and written as recipe files quantize reads."""
