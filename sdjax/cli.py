@@ -409,13 +409,16 @@ def cmd_export_coreml(args):
         raise UsageError(str(e)) from None
     if os.path.lexists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
+    # float16 packages: float weights load as float16 (half the memory, the same package); a
+    # recipe quantizes the float32 weights, as `sdjax quantize` does
+    dtype = "float16" if args.compute_precision == "float16" and recipe is None else "float32"
     if args.random:
         if args.model or args.quantized:
             raise UsageError("give either a model or --random, not both")
         from sdjax.pipeline import random
-        pipe = random(args.random)
+        pipe = random(args.random, dtype=dtype)
     else:
-        pipe = sdjax.load(args.quantized or args.model, progress=not args.quiet)
+        pipe = sdjax.load(args.quantized or args.model, dtype=dtype, progress=not args.quiet)
     if args.height is not None:
         try:
             latent = cx.latent_from_image(args.height, args.width, pipe.vae_scale_factor,
@@ -580,7 +583,9 @@ def build_parser():
     p = sub.add_parser("export-coreml", help="the Core ML resource folder apple/ml-stable-diffusion's Swift package "
                        "loads (TextEncoder, Unet, VAEDecoder, VAEEncoder .mlpackage + vocab.json, merges.txt), "
                        "quantized weights carried over as they are")
-    _model_arg(p)
+    p.add_argument("--model", "-m", default=None,
+                   help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model); "
+                        "float weights load as float16 for a float16 export, else float32")
     p.add_argument("--recipe", "-r", default=None,
                    help="quantize the model by this recipe first (a preset such as palette-6bit, or a JSON file)")
     p.add_argument("--quantized", default=None, metavar="DIR", help="a folder written by `sdjax quantize`")

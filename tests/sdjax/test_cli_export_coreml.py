@@ -124,7 +124,9 @@ def test_quantized_folder_exports_and_runs(folder, tmp_path, capsys):
     p1, p2 = (interp.load_program(out / n) for n in cunet.CHUNK_NAMES)
     merged = {**feeds, **interp.run(p1, feeds)}
     got = interp.run(p2, {k: merged[k] for k in p2.functions["main"].inputs})["noise_pred"]
-    ref = np.asarray(sdjax.unet.apply(pipe.params["unet"], cfg, sample.transpose(0, 2, 3, 1), t, ctx))
+    import jax
+    ref = np.asarray(jax.jit(sdjax.unet.apply, static_argnums=1)(pipe.params["unet"], cfg,
+                                                                 sample.transpose(0, 2, 3, 1), t, ctx))
     assert mil.psnr(ref.transpose(0, 3, 1, 2), got) >= 60
 
 
@@ -193,3 +195,18 @@ def test_bad_arguments_named(folder, tmp_path, capsys, argv, words):
 def test_quantized_flag_needs_a_quantized_folder(folder, tmp_path, capsys):
     rc, _, err = cli(capsys, "export-coreml", "--quantized", folder, "-o", tmp_path / "cm", "-q")
     assert rc == 2 and "not an sdjax quantized folder" in err
+
+
+def test_float16_export_loads_float16_and_writes_the_same_packages(folder, tmp_path, capsys):
+    """The command loads float weights as float16 for a float16 export (half the memory): the packages
+    are byte for byte those exported from the float32 weights."""
+    from sdjax.coreml.export import Settings, export_pipeline
+    rc, _, err = cli(capsys, "export-coreml", "--model", folder, "-o", tmp_path / "a", "-q")
+    assert rc == 0, err
+    export_pipeline(sdjax.load(folder, dtype="float32", progress=False), tmp_path / "b", Settings(),
+                    progress=False, log=lambda *a: None)
+    for name in PACKAGES:
+        for part in ("weights/weight.bin", "model.mlmodel"):
+            a = (tmp_path / "a" / name / "Data" / "com.apple.CoreML" / part).read_bytes()
+            b = (tmp_path / "b" / name / "Data" / "com.apple.CoreML" / part).read_bytes()
+            assert a == b, (name, part)
