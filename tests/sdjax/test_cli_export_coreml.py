@@ -14,21 +14,13 @@ from quant.palettize import PalettizedWeight  # noqa: E402
 from quant.recipes import layers  # noqa: E402
 from sdjax.cli import main  # noqa: E402
 from sdjax.coreml import interp, mil, unet as cunet, vae as cvae  # noqa: E402
+import test_cli_quantize as cli_tests  # noqa: E402
+
+cli, folder = cli_tests.cli, cli_tests.folder  # the CLI runner and the tiny SD1 folder fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 PACKAGES = {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "VAEEncoder.mlpackage"}
-
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def folder(pipeline_dirs):
-    return pipeline_dirs("sd1")[0]
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,17 @@ def pal6(pipe):
                                             "rules": [{"pattern": "*", "method": "palettize", "nbits": 6}]})["vae"]
 
 
+def _assert_luts_stored(stored, pal):
+    """Every palettized weight in ``pal`` ({name: PalettizedWeight}) has its LUT, bit for bit (as
+    float32 tables), among the package's constexprs ``stored``."""
+    assert len(stored) >= len(pal)
+    luts = [np.asarray(v["lut"]) for v in stored.values()]
+    for dotted, w in pal.items():
+        want = np.asarray(w.lut)[0].astype(np.float32)
+        assert any(lut.dtype == want.dtype and lut.shape == want.shape and
+                   np.array_equal(lut.view(np.uint32), want.view(np.uint32)) for lut in luts), dotted
+
+
 def test_decoder_palettized(pipe, pal6, z, tmp_path):
     params, cfg = pal6, pipe.configs["vae"]
     ref = _reference(params, cfg, z)
@@ -104,12 +115,7 @@ def test_decoder_palettized(pipe, pal6, z, tmp_path):
         if type(w).__name__ == "PalettizedWeight" and not dotted.startswith(("encoder", "quant_conv")):
             pal[dotted] = w
     assert pal, "the recipe palettized nothing in the decoder"
-    assert len(stored) >= len(pal)
-    luts = [np.asarray(v["lut"]) for v in stored.values()]
-    for dotted, w in pal.items():
-        want = np.asarray(w.lut)[0].astype(np.float32)
-        assert any(lut.dtype == want.dtype and lut.shape == want.shape and
-                   np.array_equal(lut.view(np.uint32), want.view(np.uint32)) for lut in luts), dotted
+    _assert_luts_stored(stored, pal)
     # a 3x3 conv by name: its HWIO indices were repacked as OIHW, the dense weight is sdjax's transposed
     w = params["decoder"]["conv_in"]["weight"]
     assert type(w).__name__ == "PalettizedWeight"
@@ -229,12 +235,7 @@ def test_encoder_palettized(pipe, pal6, image, tmp_path):
     pal = {dotted: w for dotted, w in _leaves(params)
            if type(w).__name__ == "PalettizedWeight" and dotted.startswith(("encoder", "quant_conv"))}
     assert pal, "the recipe palettized nothing in the encoder"
-    assert len(stored) >= len(pal)
-    luts = [np.asarray(v["lut"]) for v in stored.values()]
-    for dotted, w in pal.items():
-        want = np.asarray(w.lut)[0].astype(np.float32)
-        assert any(lut.dtype == want.dtype and lut.shape == want.shape and
-                   np.array_equal(lut.view(np.uint32), want.view(np.uint32)) for lut in luts), dotted
+    _assert_luts_stored(stored, pal)
     # a strided downsampler conv by name: OIHW repacked indices, dense weight is sdjax's transposed
     w = params["encoder"]["down_blocks"]["0"]["downsamplers"]["0"]["conv"]["weight"]
     assert type(w).__name__ == "PalettizedWeight"
