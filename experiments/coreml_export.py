@@ -13,8 +13,9 @@ threshold), everything else float16. Each variant runs in its own fresh process 
 - ``coremltools`` (``--with-coremltools``): what a coremltools user does instead: the float16 package
   (built here by sdjax's exporter from the float16 weights: Apple's own route traces PyTorch, which
   needs more than 16 GB) re-palettized with ``coremltools.optimize.coreml.palettize_weights``
-  (6-bit k-means per tensor, weight_threshold 2048). Its peak and time are printed side by side
-  and as ratios.
+  (6-bit k-means per tensor, weight_threshold 2048; coremltools' k-means needs scikit-learn,
+  ``pip install scikit-learn``, which sdjax itself does not use). Its peak and time are printed side
+  by side and as ratios.
 
     python experiments/coreml_export.py [--workdir /tmp/sdjax-coreml-sd15] [--with-coremltools]
 """
