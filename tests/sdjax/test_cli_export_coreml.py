@@ -202,3 +202,18 @@ def test_float16_export_loads_float16_and_writes_the_same_packages(folder, tmp_p
             a = (tmp_path / "a" / name / "Data" / "com.apple.CoreML" / part).read_bytes()
             b = (tmp_path / "b" / name / "Data" / "com.apple.CoreML" / part).read_bytes()
             assert a == b, (name, part)
+
+
+def test_weights_without_a_core_ml_form_are_refused_by_layer():
+    """W8A8 (activation scales) and LLM.int8() have no weight-only Core ML form: named, before any work."""
+    import jax.numpy as jnp
+    from quant import int8, llm_int8
+    from sdjax.coreml.export import ExportError, check_exportable
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    w8a8 = int8.quantize(w)
+    w8a8 = type(w8a8)(data=w8a8.data, scale=w8a8.scale, act_scale=jnp.float32(0.1))
+    for bad, words in ((w8a8, "W8A8"), (llm_int8.quantize(w), "LLMInt8Weight")):
+        params = {"text_encoder": {}, "vae": {}, "unet": {"mid_block": {"proj": {"weight": bad}}}}
+        with pytest.raises(ExportError, match=f"unet.mid_block.proj .*{words}"):
+            check_exportable(params, "iOS18")
+    check_exportable({"text_encoder": {}, "vae": {}, "unet": {"p": {"weight": int8.quantize(w)}}}, "iOS16")
