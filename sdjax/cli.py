@@ -438,6 +438,9 @@ def cmd_export_coreml(args):
         raise UsageError(str(e)) from None
     except FileExistsError as e:
         raise UsageError(str(e)) from None
+    except NotImplementedError as e:  # a model feature or weight type the exporter does not build
+        from .configs import ConfigError
+        raise ConfigError(f"cannot export {pipe.source}: {e}") from None
     print(cx.summary(manifest))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s (peak RSS {cx._peak_rss() / 2**30:.2f} GiB); "
           f"on a Mac: for p in {args.out}/*.mlpackage; do xcrun coremlcompiler compile \"$p\" {args.out}; done")

@@ -217,3 +217,14 @@ def test_weights_without_a_core_ml_form_are_refused_by_layer():
         with pytest.raises(ExportError, match=f"unet.mid_block.proj .*{words}"):
             check_exportable(params, "iOS18")
     check_exportable({"text_encoder": {}, "vae": {}, "unet": {"p": {"weight": int8.quantize(w)}}}, "iOS16")
+
+
+def test_exporter_refusal_is_an_error_line_not_a_traceback(folder, tmp_path, capsys, monkeypatch):
+    """Should the up-front check miss a weight, the exporter's own refusal (mil.weight) still ends the
+    command with one error line naming it, exit 1, and no output folder."""
+    from sdjax.coreml import export as cx
+    monkeypatch.setattr(cx, "check_exportable", lambda params, target: None)
+    out = tmp_path / "cm"
+    rc, _, err = cli(capsys, "export-coreml", "--model", folder, "-r", "palette-4bit-g4", "-o", out, "-q")
+    assert rc == 1 and "cannot export" in err and "iOS18" in err and "Traceback" not in err
+    assert not os.path.exists(out)
