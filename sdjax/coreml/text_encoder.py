@@ -140,8 +140,10 @@ def convert(prog, compute_precision="float32", minimum_deployment_target=None):
         pipeline = ct.PassPipeline(pass_names=FP16_PASSES, pipeline_name="fp16")
     else:
         raise ValueError(f"compute_precision must be 'float32' or 'float16', got {compute_precision!r}")
+    # skip_model_load: the package is only saved here; on a Mac, loading would compile it for the
+    # device first (minutes and gigabytes for a full-size UNet)
     return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
-                      compute_precision=precision, pass_pipeline=pipeline)
+                      compute_precision=precision, pass_pipeline=pipeline, skip_model_load=True)
 
 
 def save_atomically(model, path, overwrite=False):
