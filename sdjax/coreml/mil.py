@@ -40,11 +40,13 @@ def _mb():
     return mb
 
 
-def _np_float(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float16):
-        raise ValueError(f"weight table dtype must be float32 or float16, got {dtype}")
-    return dtype
+def tables_dtype(dtype):
+    """``dtype`` as a NumPy float type for quantization tables: float32 or float16, else ValueError.
+    Every builder's ``dtype`` argument goes through this."""
+    d = np.dtype(dtype)
+    if d not in (np.float32, np.float16):
+        raise ValueError(f"weight table dtype must be float32 or float16, got {dtype!r}")
+    return d
 
 
 def _kind(w):
@@ -153,7 +155,7 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
     naming ``name``, what the weight has and "iOS18 (macOS15)"; W8A8, LLM.int8 and other
     weights raise NotImplementedError naming ``name`` and what is supported."""
     mb = _mb()
-    dtype = _np_float(dtype)
+    dtype = tables_dtype(dtype)
     kind = _kind(w)
     nd = len(w.shape)
     perm = tuple(range(nd)) if perm is None else tuple(perm)

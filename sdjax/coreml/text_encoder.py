@@ -46,13 +46,6 @@ def opset(target=None):
     return target
 
 
-def _tables_dtype(dtype):
-    d = np.dtype(dtype)
-    if d not in (np.float32, np.float16):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    return d
-
-
 def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32", target=None):
     """MIL Program computing ``sdjax.clip.apply(params, config, input_ids)``'s last hidden state
     and pooled output for one sequence of ``seq_len`` ids.
@@ -64,7 +57,7 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
-    dtype = _tables_dtype(dtype)
+    dtype = mil.tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
     emb = params["embeddings"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import mil
 from ..configs import ConfigError
-from .text_encoder import _tables_dtype, export_program, opset
+from .text_encoder import export_program, opset
 
 TRANSFORMER_GN_EPS = 1e-6  # sdjax.unet.transformer_2d
 LAYER_NORM_EPS = 1e-5      # sdjax.unet.transformer_block
@@ -271,7 +271,7 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
 
     cfg = config
     _check_config(cfg)
-    dtype = _tables_dtype(dtype)
+    dtype = mil.tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
     if chunk not in (None, 1, 2):

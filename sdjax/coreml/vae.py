@@ -67,7 +67,7 @@ import numpy as np
 from . import mil
 
 SWIFT_SCALING_FACTOR = 0.18215  # what apple/ml-stable-diffusion's Decoder.swift divides latents by
-from .text_encoder import _tables_dtype, export_program, opset
+from .text_encoder import export_program, opset
 
 EPS = 1e-6  # sdjax.vae.EPS
 
@@ -135,7 +135,7 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
     target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``)."""
     from coremltools.converters.mil import Builder as mb
 
-    dtype = _tables_dtype(dtype)
+    dtype = mil.tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
     cfg = config
@@ -199,7 +199,7 @@ def build_encoder(params, config, image_shape=None, dtype="float32", attention="
     from coremltools.converters.mil import Builder as mb
     from ..generate import vae_scale_factor
 
-    dtype = _tables_dtype(dtype)
+    dtype = mil.tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
     cfg = config
