@@ -36,15 +36,12 @@ import quant_memory as qm  # noqa: E402
 APPLE_6BIT_UNET_MB = 648  # apple/coreml-stable-diffusion-v1-5-palettized, Unet.mlmodelc weights
 
 
-def _dir_bytes(path):
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-
-
 def child(variant, workdir, precision, attention):
     import jax
 
     from sdjax import configs
     from sdjax.coreml import unet
+    from sdjax.coreml.export import dir_bytes
     from sdjax.memory import peak_rss_bytes
 
     cfg = configs.preset("sd15")["unet"]
@@ -63,7 +60,7 @@ def child(variant, workdir, precision, attention):
         import coremltools as ct
         import coremltools.optimize.coreml as cto
         del params
-        r["float_package_bytes"] = _dir_bytes(out)
+        r["float_package_bytes"] = dir_bytes(out)
         t0 = time.perf_counter()
         model = ct.models.MLModel(out, skip_model_load=True)
         conf = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=6,
@@ -74,7 +71,7 @@ def child(variant, workdir, precision, attention):
         r["palettize_s"] = time.perf_counter() - t0
         r["export_s"] += r["palettize_s"]
         out = out2
-    r["package_bytes"] = _dir_bytes(out)
+    r["package_bytes"] = dir_bytes(out)
     r["peak_rss"] = peak_rss_bytes()
     print("RESULT " + json.dumps(r), flush=True)
 

@@ -382,6 +382,7 @@ def cmd_export_coreml(args):
     import sdjax
     from quant import io as qio
     from sdjax.coreml import export as cx
+    from sdjax.memory import peak_rss_bytes
     cx.import_coremltools()
     if args.quantized and (args.model or args.recipe):
         raise UsageError("--quantized DIR is a model already quantized by `sdjax quantize`: give it alone, "
@@ -442,7 +443,7 @@ def cmd_export_coreml(args):
         from .configs import ConfigError
         raise ConfigError(f"cannot export {pipe.source}: {e}") from None
     print(cx.summary(manifest))
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s (peak RSS {cx._peak_rss() / 2**30:.2f} GiB); "
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s (peak RSS {peak_rss_bytes() / 2**30:.2f} GiB); "
           f"on a Mac: for p in {args.out}/*.mlpackage; do xcrun coremlcompiler compile \"$p\" {args.out}; done")
 
 

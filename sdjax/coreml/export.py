@@ -29,6 +29,8 @@ import os
 import shutil
 import time
 
+from ..memory import peak_rss_bytes
+
 MANIFEST = "sdjax_export.json"
 PRECISIONS = ("float16", "float32")
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
@@ -80,12 +82,8 @@ def import_coremltools():
     return coremltools
 
 
-def _peak_rss():
-    from ..memory import peak_rss_bytes
-    return peak_rss_bytes()
-
-
-def _dir_bytes(path):
+def dir_bytes(path):
+    """Bytes of every file under ``path`` (a package's size on disk)."""
     total = 0
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
@@ -94,8 +92,9 @@ def _dir_bytes(path):
 
 def check_exportable(params, target_name):
     """Raise ExportError naming the first layer the deployment target or Core ML cannot express."""
+    import coremltools as ct
     import quant
-    needs18 = not target_name.endswith(("18", "15"))  # iOS16/17, macOS13/14
+    needs18 = getattr(ct.target, target_name) < ct.target.iOS18  # iOS16/17, macOS13/14 (macOS15 is iOS18's opset)
     for comp in ("text_encoder", "unet", "vae"):
         for name, w in quant.recipes.layers(params[comp]).items():
             kind = type(w).__name__
@@ -235,8 +234,8 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
             fn(paths)
         dt = time.perf_counter() - t0
         for n, pth in zip(names, paths):
-            manifest["packages"][n] = {"bytes": _dir_bytes(pth), "seconds": round(dt / len(names), 2),
-                                       "peak_rss_bytes": _peak_rss()}
+            manifest["packages"][n] = {"bytes": dir_bytes(pth), "seconds": round(dt / len(names), 2),
+                                       "peak_rss_bytes": peak_rss_bytes()}
         save_manifest()
         bar.update(1)
     bar.close()
