@@ -82,15 +82,23 @@ def test_float16_matches_sdjax(tmp_path, pipe, ids):
     _check(out, p, c, ids, 35)
 
 
-@pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_palettized(tmp_path, pipe, ids, precision):
+def _export_quantized(tmp_path, pipe, ids, rule, name, precision):
+    """Quantize the text encoder's linear layers by ``rule``, export, check the outputs against sdjax
+    (>= 60 dB float32, >= 35 dB float16); returns (stored constexprs by name, sdjax's weights by name),
+    after checking that every quantized linear layer became exactly one constexpr."""
     c = pipe.configs["text_encoder"]
-    q = _quantized(pipe, {"method": "palettize", "nbits": 4})
-    prog, out = _export_run(tmp_path, q, c, ids, "pal", compute_precision=precision)
+    q = _quantized(pipe, rule)
+    prog, out = _export_run(tmp_path, q, c, ids, name, compute_precision=precision)
     _check(out, q, c, ids, 60 if precision == "float32" else 35)
     stored = interp.constexpr_values(prog)
     weights = _linears(q, c)
     assert set(stored) == set(weights)
+    return stored, weights
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_palettized(tmp_path, pipe, ids, precision):
+    stored, weights = _export_quantized(tmp_path, pipe, ids, {"method": "palettize", "nbits": 4}, "pal", precision)
     for name, w in weights.items():
         s = stored[name]
         lut = np.asarray(w.lut)[0]
@@ -108,13 +116,7 @@ def test_palettized(tmp_path, pipe, ids, precision):
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_int8(tmp_path, pipe, ids, precision):
-    c = pipe.configs["text_encoder"]
-    q = _quantized(pipe, {"method": "int8"})
-    prog, out = _export_run(tmp_path, q, c, ids, "int8", compute_precision=precision)
-    _check(out, q, c, ids, 60 if precision == "float32" else 35)
-    stored = interp.constexpr_values(prog)
-    weights = _linears(q, c)
-    assert set(stored) == set(weights)
+    stored, weights = _export_quantized(tmp_path, pipe, ids, {"method": "int8"}, "int8", precision)
     for name, w in weights.items():
         s = stored[name]
         np.testing.assert_array_equal(s["quantized_data"], np.asarray(w.data).T[:, :, None, None])

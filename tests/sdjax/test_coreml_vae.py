@@ -100,6 +100,17 @@ def _assert_luts_stored(stored, pal):
                    np.array_equal(lut.view(np.uint32), want.view(np.uint32)) for lut in luts), dotted
 
 
+def _assert_conv_stored(s, w):
+    """A palettized HWIO conv weight ``w`` stored as the constexpr ``s``: sdjax's LUT bit for bit, the
+    OIHW shape, and indices that expand to sdjax's dense weight transposed to OIHW."""
+    assert type(w).__name__ == "PalettizedWeight"
+    assert np.array_equal(np.asarray(s["lut"]).view(np.uint32), np.asarray(w.lut)[0].astype(np.float32).view(np.uint32))
+    shape = [int(d) for d in np.asarray(s["shape"])]
+    assert shape == [int(w.shape[i]) for i in (3, 2, 0, 1)]
+    dense = np.asarray(s["lut"])[interp._unpack_bits(s["indices"], w.nbits, w.size)].reshape(shape)
+    np.testing.assert_array_equal(dense, np.transpose(np.asarray(w.dequantize(np.float32)), (3, 2, 0, 1)))
+
+
 def test_decoder_palettized(pipe, pal6, z, tmp_path):
     params, cfg = pal6, pipe.configs["vae"]
     ref = _reference(params, cfg, z)
@@ -117,14 +128,7 @@ def test_decoder_palettized(pipe, pal6, z, tmp_path):
     assert pal, "the recipe palettized nothing in the decoder"
     _assert_luts_stored(stored, pal)
     # a 3x3 conv by name: its HWIO indices were repacked as OIHW, the dense weight is sdjax's transposed
-    w = params["decoder"]["conv_in"]["weight"]
-    assert type(w).__name__ == "PalettizedWeight"
-    s = stored["conv_in_w"]
-    assert np.array_equal(np.asarray(s["lut"]).view(np.uint32), np.asarray(w.lut)[0].astype(np.float32).view(np.uint32))
-    shape = [int(d) for d in np.asarray(s["shape"])]
-    assert shape == [int(w.shape[i]) for i in (3, 2, 0, 1)]
-    dense = np.asarray(s["lut"])[interp._unpack_bits(s["indices"], w.nbits, w.size)].reshape(shape)
-    np.testing.assert_array_equal(dense, np.transpose(np.asarray(w.dequantize(np.float32)), (3, 2, 0, 1)))
+    _assert_conv_stored(stored["conv_in_w"], params["decoder"]["conv_in"]["weight"])
 
 
 def test_export_refuses_existing(pipe, tmp_path):
@@ -237,14 +241,8 @@ def test_encoder_palettized(pipe, pal6, image, tmp_path):
     assert pal, "the recipe palettized nothing in the encoder"
     _assert_luts_stored(stored, pal)
     # a strided downsampler conv by name: OIHW repacked indices, dense weight is sdjax's transposed
-    w = params["encoder"]["down_blocks"]["0"]["downsamplers"]["0"]["conv"]["weight"]
-    assert type(w).__name__ == "PalettizedWeight"
-    s = stored["down0_downconv_w"]
-    assert np.array_equal(np.asarray(s["lut"]).view(np.uint32), np.asarray(w.lut)[0].astype(np.float32).view(np.uint32))
-    shape = [int(d) for d in np.asarray(s["shape"])]
-    assert shape == [int(w.shape[i]) for i in (3, 2, 0, 1)]
-    dense = np.asarray(s["lut"])[interp._unpack_bits(s["indices"], w.nbits, w.size)].reshape(shape)
-    np.testing.assert_array_equal(dense, np.transpose(np.asarray(w.dequantize(np.float32)), (3, 2, 0, 1)))
+    _assert_conv_stored(stored["down0_downconv_w"],
+                        params["encoder"]["down_blocks"]["0"]["downsamplers"]["0"]["conv"]["weight"])
 
 
 def test_encoder_matches_diffusers(tmp_path):
