@@ -81,6 +81,23 @@ the quantized runs' to 412-429 MiB (both feed-forward weights expanded inside th
 computing convolutions as one matmul per kernel tap instead of over im2col patches left them at
 333-360 MiB (XLA still expands the whole weight) and added 60 MiB of executable. Neither was kept.
 
+On an accelerator the child processes also read the device's memory (``device_memory``: the
+allocator's peak since the process started, autotuning scratch included, with
+XLA_PYTHON_CLIENT_PREALLOCATE=false so the allocator takes only what is used), and the script prints
+those ratios under the table. That memory is what a GPU user runs out of; the host RSS there is
+the CUDA runtime's (1.7-1.9 GiB before any weight), not the model's. Measured on one NVIDIA H100
+(jax 0.11.2, 16 CPU cores; ``--order compile-first --stage none --reps 2``):
+
+    variant      device peak MiB  / float16  weights MiB  temp MiB  s/eval
+    float16                 1821      1.000       1639.4       129    0.02
+    palettized6              821      0.451        615.4       178    0.03
+    int8                    1025      0.563        821.4       130    0.02
+
+Both targets hold on the GPU's memory. The first run there gave palettized6 1668 MiB (0.916): with
+only the LUT tied to the layer input, XLA:GPU ran each weight's index unpacking (which reads only the
+packed bytes) at the program start and kept all of them, 898 MiB of temporaries; ``nn._after_input``
+now ties the integer leaves too (the CPU run above is unchanged by it: 335 MiB of temporaries).
+
     python experiments/quant_memory.py                               # full size, all orders x stages none, dep (~30 min)
     python experiments/quant_memory.py --config small --reps 1       # a quick check
     python experiments/quant_memory.py --variants float16,int8 --order cached --stage dep
@@ -381,8 +398,27 @@ def child(config, workdir, variant, order, stage, reps, out_path, warm_only=Fals
     r["times"] = times
     r["peak_rss"] = peak_rss_bytes()
     r["rss_end"] = current_rss_bytes()
+    r.update(device_memory(params, compiled))
     np.save(out_path, np.asarray(out, np.float32))
     print("RESULT " + json.dumps(r), flush=True)
+
+
+def device_memory(params, compiled):
+    """On an accelerator, the device's own memory (what the RSS is on CPU): its allocator's peak
+    since the process started (compilation's autotuning scratch included), the bytes the weights
+    hold there, and the program's temporaries -> ``device_*`` fields; nothing on CPU."""
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return {}
+    stats = dev.memory_stats() or {}
+    out = dict(device=dev.device_kind, device_peak=stats.get("peak_bytes_in_use"),
+               device_in_use_end=stats.get("bytes_in_use"), device_weights=tree_nbytes(params))
+    try:
+        out["device_temp"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:
+        out["device_temp"] = None
+    return out
 
 
 def run_child(args, variant, order, stage, warm_only=False):
@@ -393,7 +429,9 @@ def run_child(args, variant, order, stage, warm_only=False):
     if warm_only:
         cmd.append("--warm-only")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    # an accelerator's allocator then takes what is used, not 75% of the device up front
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     if p.returncode or not line:
         sys.stderr.write(p.stderr[-4000:])
@@ -553,6 +591,8 @@ def main(argv=None):
                 r["finite"] = bool(np.isfinite(out).all())
                 if variant in TARGETS:
                     r["target"], r["pass"] = TARGETS[variant], r["ratio"] <= TARGETS[variant]
+                if r.get("device_peak") and base.get("device_peak"):
+                    r["device_ratio"] = r["device_peak"] / base["device_peak"]
                 results.append(r)
     for r in results:  # also against the float16 run as sdjax/nn.py is today (same order, stage none)
         b = [q for q in results if q["variant"] == "float16" and q["order"] == r["order"] and q["stage"] == "none"]
@@ -570,6 +610,18 @@ def main(argv=None):
               f"{f16[0]['rss_after_imports'] / MIB:.0f} MiB)")
     for line in budget_lines(results):
         print(line)
+    dev = [r for r in results if r.get("device_peak")]
+    if dev:
+        print(f"\ndevice memory ({dev[0]['device']}; allocator peak since process start, and the weights + "
+              f"temporaries of the evaluation program):")
+        for r in dev:
+            target = TARGETS.get(r["variant"])
+            ratio = r.get("device_ratio")
+            verdict = "" if target is None or ratio is None else (" PASS" if ratio <= target else " FAIL")
+            temp = "n/a" if r.get("device_temp") is None else f"{r['device_temp'] / MIB:.0f}"
+            print(f"  {r['variant']:<12} {r['order']:<13} {r['stage']:>5}: peak {r['device_peak'] / MIB:7.0f} MiB"
+                  f"{'' if ratio is None else f' ({ratio:.3f} of float16)'}{'' if target is None else f' target <={target:.2f}'}"
+                  f"{verdict}; weights {r['device_weights'] / MIB:.0f} MiB + temporaries {temp} MiB")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

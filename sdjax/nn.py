@@ -43,8 +43,19 @@ def _after_input(w, x):
     """
     if not hasattr(w, "dequantize") and w.dtype == jnp.float32:
         return w
-    dep = (x.reshape(-1)[0] * 0).astype(jnp.float32)
-    return jax.tree.map(lambda a: a + dep.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, w)
+    # x[0] * 0 is 0, or NaN when x[0] is not finite: mapped to 0, so one bad input element cannot
+    # poison the whole weight (and every other sample of the batch)
+    dep = jnp.nan_to_num((x.reshape(-1)[0] * 0).astype(jnp.float32), nan=0.0)
+
+    def tie(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return a + dep.astype(a.dtype)
+        # integer parts (packed indices, int8 data) too: XLA:GPU otherwise runs the part of an
+        # expansion that reads only them (unpacking the indices) at the program start and keeps
+        # every result alive (0.9 GB of temporaries for a 6-bit SD 1.5 UNet on an H100, 0.18 GB tied)
+        return a + dep.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.integer) else a
+
+    return jax.tree.map(tie, w)
 
 
 def linear(x, p):
