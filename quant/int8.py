@@ -136,15 +136,9 @@ class Int8Weight(Int8Data):
         return y.astype(x.dtype)
 
 
-def patches(x, kh, kw, stride, padding):
-    """im2col: (N, H, W, C) -> (N, OH, OW, kh*kw*C), features ordered (dy, dx, c) like an HWIO
-    weight reshaped to (kh*kw*C, out). Zero padding; works for any dtype."""
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    _, hp, wp, _ = xp.shape
-    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    cols = [xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
-            for dy in range(kh) for dx in range(kw)]
-    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+# im2col: (N, H, W, C) -> (N, OH, OW, kh*kw*C), features ordered (dy, dx, c) like an HWIO weight
+# reshaped to (kh*kw*C, out); any dtype
+patches = nn.im2col
 
 
 def int8_conv(q, w, stride, padding):

@@ -34,6 +34,10 @@ Methods and their options (any other key in a rule is an error naming the rule):
   sensitivity-weighted k-means, minimising ``sum(importance * (w - w_q)**2)`` with per-weight
   importances (squared gradients of the denoising loss, ``quant.sensitivity.fisher``) that
   ``apply_recipe`` takes as ``importance=``; a sensitive rule without them is an error.
+  ``gptq`` (bool, default false): GPTQ palettization (``quant.gptq.palettize``): the same LUTs and
+  bytes, with indices chosen to minimise the layer's *output* error on calibration inputs, given
+  as ``apply_recipe``'s ``hessian=`` (``X^T X`` per layer, ``quant.gptq.collect``); not together
+  with ``sensitive``.
 - ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
 - ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
   ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
@@ -68,12 +72,14 @@ Presets by name (``PRESETS`` lists them; all for the UNet):
   per tensor;
 - ``palette-{n}bit-g{G}``: one LUT per G output channels (coremltools' ``per_grouped_channel``);
   a layer whose output channels G does not divide gets one LUT.
+- ``palette-{n}bit[-g{G}]-gptq``: the same LUTs with GPTQ indices (needs ``hessian=``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import numbers
 import os
@@ -85,7 +91,7 @@ from tqdm.auto import tqdm
 
 from sdjax import nn
 
-from . import calibrate, int8, llm_int8, palettize
+from . import calibrate, gptq, int8, llm_int8, palettize
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 DEFAULT_COMPONENTS = ("unet",)
@@ -98,7 +104,7 @@ _REQUIRED = object()
 METHODS = {
     "float": {},
     "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error",
-                  "sensitive": False},
+                  "sensitive": False, "gptq": False},
     "int8": {},
     "int8-w8a8": {"path": "integer", "act_method": "max", "granularity": "tensor",
                   "percentile": calibrate.DEFAULT_PERCENTILE},
@@ -172,6 +178,11 @@ class Recipe:
         """Whether a rule is sensitive palettization (``apply_recipe`` then needs ``importance``)."""
         return any(r.method == "palettize" and r.options.get("sensitive") for r in self.rules)
 
+    @property
+    def needs_hessian(self):
+        """Whether a rule is GPTQ palettization (``apply_recipe`` then needs ``hessian``)."""
+        return any(r.method == "palettize" and r.options.get("gptq") for r in self.rules)
+
 
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -203,6 +214,11 @@ def _check_options(where, method, given):
             raise bad("indivisible", "'error' or 'per_tensor'")
         if not isinstance(opts["sensitive"], bool):
             raise bad("sensitive", "true or false")
+        if not isinstance(opts["gptq"], bool):
+            raise bad("gptq", "true or false")
+        if opts["gptq"] and opts["sensitive"]:
+            raise RecipeError(f"{where}: gptq and sensitive cannot be combined (GPTQ fits its LUT with the "
+                              "layer's input statistics instead of per-weight importances)")
         opts["nbits"] = int(opts["nbits"])
         opts["group_size"] = None if opts["group_size"] is None else int(opts["group_size"])
     if "path" in opts and opts["path"] not in int8.PATHS:
@@ -334,13 +350,16 @@ def preset(name):
     if name in table:
         rules = table[name]
     else:
-        m = re.fullmatch(r"palette-(\d+)bit(?:-g(\d+))?", name)
+        m = re.fullmatch(r"palette-(\d+)bit(?:-g(\d+))?(-gptq)?", name)
         if not m or int(m.group(1)) not in palettize.SUPPORTED_NBITS or (m.group(2) and int(m.group(2)) < 1):
             raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} "
-                              f"(palette-Nbit for N in {palettize.SUPPORTED_NBITS}, -gG for any group size G)")
+                              f"(palette-Nbit for N in {palettize.SUPPORTED_NBITS}, -gG for any group size G, "
+                              "then -gptq for GPTQ indices)")
         rule = {"pattern": "*", "method": "palettize", "nbits": int(m.group(1))}
         if m.group(2):
             rule.update(group_size=int(m.group(2)), indivisible="per_tensor")
+        if m.group(3):
+            rule["gptq"] = True
         rules = [rule]
     return {"name": name, "components": ["unet"], "rules": copy.deepcopy(rules), "source": "preset"}
 
@@ -348,7 +367,7 @@ def preset(name):
 PRESETS = ("w8-int8conv", "w8a8-int8conv", "w8-int8", "llm-int8",
            "palette-8bit", "palette-6bit", "palette-4bit", "palette-2bit",
            "palette-8bit-g16", "palette-6bit-g16", "palette-4bit-g16", "palette-2bit-g16",
-           "palette-4bit-g32")
+           "palette-4bit-g32", "palette-8bit-gptq", "palette-6bit-gptq", "palette-4bit-gptq", "palette-2bit-gptq")
 
 
 def parse(recipe, select=None, components=None) -> Recipe:
@@ -558,13 +577,94 @@ def _importances(importance, needs, pipeline):
     return found
 
 
-def quantize_weight(w, method, options, act_scale=None, importance=None):
+HESSIAN_BUDGET = 2 << 30  # bytes of float64 X^T X one calibration run collects (a callable hessian=)
+
+
+class _Hessians:
+    """The GPTQ layers' hessians: looked up in a dict, or collected by running a callable, a group of
+    layers at a time (at most ``HESSIAN_BUDGET`` bytes of statistics held; one calibration run per
+    group), and released once their layer is quantized."""
+
+    def __init__(self, hessian, needs, pipeline, params):
+        self.needs, self.pipeline, self.params, self.run = needs, pipeline, params, None
+        self.found, self.groups = {}, []
+        if not needs:
+            return
+        first = next(iter(needs.values()))
+        comps = sorted({c for c, _ in needs})
+        self.comps = comps
+        if hessian is None:
+            raise RecipeError(f"{first.rule}: GPTQ palettization needs each layer's input statistics: pass "
+                              "hessian= ({layer: X^T X} from quant.gptq.collect, or a function run(params) that "
+                              "drives the model over calibration data); `sdjax quantize` collects them from "
+                              "its calibration prompts")
+        if callable(hessian):
+            self.run = hessian
+            flat = {c: nn.flatten(params[c] if pipeline else params) for c in comps}
+            group, size = [], 0
+            for c, n in needs:  # in quantizing order
+                d = int(np.prod(flat[c][n + ".weight"].shape[:-1]))
+                if group and size + 8 * d * d > HESSIAN_BUDGET:
+                    self.groups.append(group)
+                    group, size = [], 0
+                group.append((c, n))
+                size += 8 * d * d
+            self.groups.append(group)
+            self.group_of = {key: g for g in self.groups for key in g}
+            return
+        if not isinstance(hessian, dict):
+            raise RecipeError(f"hessian must be a dict {{layer: (d, d) array}}, {{component: {{layer: array}}}} "
+                              f"or a function; got {type(hessian).__name__}")
+        nested = bool(hessian) and all(k in COMPONENTS and isinstance(v, dict) for k, v in hessian.items())
+        if not nested and len(comps) > 1:
+            raise RecipeError(f"GPTQ palettize layers in {comps}: give hessian as {{component: {{layer: array}}}}")
+        self.found = {(c, n): (hessian.get(c, {}) if nested else hessian).get(n) for c, n in needs}
+        self._check(list(needs))
+
+    def _check(self, keys):
+        missing = [k for k in keys if self.found.get(k) is None]
+        if missing:
+            c, n = missing[0]
+            names = [f"{c}:{n}" if len(self.comps) > 1 else n for c, n in missing]
+            raise RecipeError(f"{self.needs[missing[0]].rule}: no hessian for {len(missing)} GPTQ layer(s) of {c} "
+                              f"(the calibration run never reached them?): {', '.join(names[:5])}"
+                              f"{' ...' if len(names) > 5 else ''}")
+
+    def get(self, comp, name):
+        key = (comp, name)
+        if key not in self.needs:
+            return None
+        if self.run is not None and key not in self.found:
+            group = self.group_of[key]
+            names = [f"{c}.{n}" if self.pipeline else n for c, n in group]
+            got = gptq.collect(self.params, self.run, names)
+            self.found.update({(c, n): got.get(f"{c}.{n}" if self.pipeline else n) for c, n in group})
+            self._check(group)
+        return self.found[key]
+
+    def release(self, comp, name):
+        if self.run is not None:
+            self.found.pop((comp, name), None)
+
+
+def array_digest(a):
+    """A short hash of an array's bytes (GPTQ cache keys: the weight depends on the hessian)."""
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def quantize_weight(w, method, options, act_scale=None, importance=None, hessian=None):
     """One weight by one method (options as a rule's, defaults filled in). ``importance``: per-weight
-    importances for palettization (used whether or not the options say ``sensitive``)."""
+    importances for palettization (used whether or not the options say ``sensitive``); ``hessian``:
+    the layer's ``X^T X`` for ``"gptq": true`` palettization."""
     if method == "float":
         return w
     if is_quantized(w):  # re-quantizing: start from the value it represents
         w = w.dequantize(np.float32)
+    if method == "palettize" and options.get("gptq"):
+        if hessian is None:
+            raise RecipeError("gptq palettization needs the layer's hessian")
+        return gptq.palettize(np.asarray(w), hessian, options["nbits"], group_size=options.get("group_size"),
+                              per_channel_scale=options.get("per_channel_scale", False))
     if method == "palettize":
         return palettize.kmeans(np.asarray(w), options["nbits"], options.get("group_size"),
                                 importance=None if importance is None else np.asarray(importance),
@@ -593,7 +693,7 @@ def _cacheable(method, options):
     return method in ("palettize", "int8", "llm-int8") and not options.get("sensitive")
 
 
-def apply_recipe(params, recipe, calibration=None, *, importance=None, component=None, select=None,
+def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=None, component=None, select=None,
                  progress=False, cache=None):
     """Quantize ``params`` by ``recipe`` (see the module docstring) -> new params, same structure.
 
@@ -615,7 +715,12 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, component
 
     ``cache``: a dict shared between calls on the same params (``sdjax eval`` quantizes one model
     by many recipes): weights quantized with the same method and options (``cache_key``) are
-    reused instead of recomputed. Not for sensitive or W8A8 layers.
+    reused instead of recomputed. Not for sensitive or W8A8 layers; GPTQ layers are keyed by a
+    digest of their hessian too.
+
+    ``hessian`` (only for ``"gptq": true`` palettize rules): ``{layer: (d, d) array}``, the mean
+    ``x x^T`` of the layer's input rows (``quant.gptq.collect``), nested by component like
+    ``calibration``; or a function ``run(params)`` that is observed on the GPTQ layers.
     """
     recipe = parse(recipe, select)
     assignments = plan(params, recipe, component)
@@ -625,6 +730,9 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, component
     sensitive = {(c, n): a for c, table in assignments.items() for n, a in table.items()
                  if a.method == "palettize" and a.options.get("sensitive")}
     imps = _importances(importance, sensitive, pipeline)
+    gq = {(c, n): a for c, table in assignments.items() for n, a in table.items()
+          if a.method == "palettize" and a.options.get("gptq")}
+    hess = _Hessians(hessian, gq, pipeline, params)
     out = dict(params) if pipeline else params
     for comp, p in targets:
         flat = nn.flatten(p)
@@ -632,16 +740,21 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, component
         for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
             key = name + ".weight"
             ck = cache_key(comp, name, a.method, a.options) if cache is not None and _cacheable(a.method, a.options) else None
+            h = hess.get(comp, name)
+            if ck is not None and h is not None:
+                ck = ck + (array_digest(np.asarray(h)),)
             if ck is not None and ck in cache:
                 flat[key] = cache[ck]
+                hess.release(comp, name)
                 continue
             try:
                 flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)),
-                                            imps.get((comp, name)))
+                                            imps.get((comp, name)), h)
                 if ck is not None:
                     cache[ck] = flat[key]
             except ValueError as e:
                 raise RecipeError(f"{a.rule}: {comp} layer {name!r} {tuple(flat[key].shape)}: {e}") from None
+            hess.release(comp, name)
         if pipeline:
             out[comp] = nn.unflatten(flat)
         else:

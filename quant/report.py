@@ -665,22 +665,25 @@ def render_markdown(results, files=None) -> str:
     if recipes or fl:
         L += ["## Recipes", ""]
         L.append("Average bits: stored bits per UNet conv/linear weight, LUTs and scales included, float layers "
-                 "counted as 16. MB = 10^6 bytes. PSNRs are against the float model (inf: identical).")
+                 "counted as 16; candidate bits: the same over the mixed-bit candidate layers only (the larger ones; "
+                 "Apple's recipes are named by their bits over their candidates). MB = 10^6 bytes. PSNRs are against "
+                 "the float model (inf: identical).")
         L.append("")
         float_unet = (fl.get("bytes") or {}).get("unet")
-        header = ["recipe", "family", "avg bits", "UNet MB", "total MB", "UNet compression"] + \
+        header = ["recipe", "family", "avg bits", "candidate bits", "UNet MB", "total MB", "UNet compression"] + \
                  [_title(m) for m in metrics] + ["time"]
         rows = []
         if fl:
             b = fl.get("bytes") or {}
-            rows.append(["float (reference)", "-", _fmt(_num(fl.get("avg_bits")), 2), _fmt_mb(_mb(b.get("unet"))),
+            rows.append(["float (reference)", "-", _fmt(_num(fl.get("avg_bits")), 2), "-", _fmt_mb(_mb(b.get("unet"))),
                          _fmt_mb(_mb(_total_bytes(b))), "1.00x" if float_unet else "-"]
                         + [_fmt_metric(m, (fl.get("metrics") or {}).get(m)) for m in metrics] + ["-"])
         for r in recipes:
             b = r.get("bytes") or {}
             ratio, cells = _recipe_cells(r, metrics, float_unet)
             name = r.get("name", "?") + ("" if _is_finite_recipe(r) else " (NaN/Inf)")
-            rows.append([name, r.get("family") or "-", _fmt(_num(r.get("avg_bits")), 2), _fmt_mb(_mb(b.get("unet"))),
+            rows.append([name, r.get("family") or "-", _fmt(_num(r.get("avg_bits")), 2),
+                         _fmt(_num(r.get("avg_bits_candidates")), 2), _fmt_mb(_mb(b.get("unet"))),
                          _fmt_mb(_mb(_total_bytes(b))), ratio] + cells + [_fmt_seconds(r.get("seconds"))])
         L += _table(header, rows) + [""]
         bad = [r for r in recipes if not _is_finite_recipe(r)]

@@ -137,12 +137,26 @@ def cmd_quantize(args):
         raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
     prompts = _sensitivity_prompts(args, recipe)
     pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
-    calibration = None
-    if recipe.needs_calibration:
-        calibration = _calibration_run(pipe, args)
+    calibration = hessian = None
+    if recipe.needs_calibration or recipe.needs_hessian:
+        # one guided generation over the calibration prompts drives the model; apply_recipe observes it
+        # on the W8A8 layers (activation scales) and on the GPTQ layers (X^T X of their inputs)
+        run = _calibration_run(pipe, args)
+        what = [w for w, needed in (("W8A8 activation scales", recipe.needs_calibration),
+                                    ("GPTQ X^T X", recipe.needs_hessian)) if needed]
+        n = len(args.calibration_prompt or CALIBRATION_PROMPTS)
+        print(f"collecting input statistics ({' and '.join(what)}) on {n} calibration prompt{'s' * (n != 1)}, "
+              f"{args.calibration_steps} sampler step{'s' * (args.calibration_steps != 1)} each", flush=True)
+        calibration = run if recipe.needs_calibration else None
+        if recipe.needs_hessian:  # GPTQ: the generation, then its images noised at stratified timesteps
+            from quant import gptq
+            hessian = gptq.calibration_run(pipe, args.calibration_prompt or list(CALIBRATION_PROMPTS),
+                                           steps=args.calibration_steps, seed=0, progress=not args.quiet)
+            print(f"  (GPTQ also sees each image noised at {gptq.DEFAULT_CALIBRATION_TIMESTEPS} timesteps)", flush=True)
     try:
         importance = None if prompts is None else _sensitivities(pipe, recipe, prompts, args)
-        qpipe = pipe.quantize(recipe, calibration=calibration, importance=importance, progress=not args.quiet)
+        qpipe = pipe.quantize(recipe, calibration=calibration, importance=importance, hessian=hessian,
+                              progress=not args.quiet)
     except quant.RecipeError as e:
         raise UsageError(str(e)) from None
     out = qio.save(qpipe, args.out, recipe=recipe, overwrite=args.overwrite, progress=not args.quiet)
@@ -220,7 +234,8 @@ CALIBRATION_PROMPTS = ("a photo of a cat", "a red circle on a blue square", "a l
 
 
 def _calibration_run(pipe, args):
-    """run(params) for quant.calibrate.observe: guided generation over the calibration prompts."""
+    """run(params) for quant.calibrate.observe (W8A8) and quant.gptq.collect (GPTQ): guided generation
+    over the calibration prompts."""
     import dataclasses
     prompts = args.calibration_prompt or list(CALIBRATION_PROMPTS)
     if args.calibration_steps < 1:
@@ -319,6 +334,22 @@ def _eval_prompts(args):
     return list(EVAL_GENERIC_PROMPTS[:args.n_prompts or len(EVAL_GENERIC_PROMPTS)])
 
 
+EVAL_CALIBRATION_PROMPTS = 32  # dataset captions calibrating GPTQ on the embedded model by default
+
+
+def _eval_calibration_prompts(args, eval_prompts):
+    """GPTQ's calibration prompts for sdjax eval: --calibration-prompts, else dataset captions (the
+    embedded model) or the generic calibration prompts, never an evaluation prompt."""
+    if args.calibration_prompts:
+        return _read_prompts("--calibration-prompts", args.calibration_prompts)
+    skip = set(eval_prompts)
+    if args.model is None:  # a random pick of the other captions (a sorted pick would be mostly small shapes)
+        from . import shapes
+        caps = [s.caption for s in shapes.all_scenes() if s.caption not in skip]
+        return [caps[i] for i in np.random.default_rng([2026, 99]).permutation(len(caps))[:EVAL_CALIBRATION_PROMPTS]]
+    return [p for p in CALIBRATION_PROMPTS if p not in skip]
+
+
 def _int_list(name, text):
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -368,7 +399,8 @@ def cmd_eval(args):
     try:
         results = sweep.run(pipe, names, args.out, settings, adherence=adherence, plugins=plugins,
                             progress=not args.quiet, fisher=not args.no_fisher,
-                            model_label=args.model or "embedded reference model")
+                            model_label=args.model or "embedded reference model",
+                            calibration=_eval_calibration_prompts(args, settings.prompts))
     except sweep.EvalError as e:
         raise UsageError(str(e)) from None
     import jax
@@ -397,9 +429,17 @@ def cmd_export_coreml(args):
             recipe = quant.parse_recipe(args.recipe)
         except quant.RecipeError as e:
             raise UsageError(str(e)) from None
-        if recipe.needs_calibration or recipe.needs_importance:
-            raise UsageError(f"--recipe {args.recipe}: needs calibration or sensitivities; run `sdjax quantize` "
-                             "with it first and export the folder with --quantized")
+        if recipe.needs_calibration:  # not after `sdjax quantize` either: check_exportable refuses W8A8 weights
+            raise UsageError(f"--recipe {args.recipe}: has int8-w8a8 rules (quantized activations, calibrated), "
+                             "which Core ML's weight-only compression cannot express: use an int8 (W8A16) or "
+                             "palettize recipe")
+        needs = [what for what, needed in (("sensitivities (sensitive palettize rules)", recipe.needs_importance),
+                                           ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian))
+                 if needed]
+        if needs:
+            raise UsageError(f"--recipe {args.recipe}: needs {' and '.join(needs)}, which export-coreml does not "
+                             f"collect; quantize first, then export the folder: `sdjax quantize --recipe "
+                             f"{args.recipe} -o Q ...` then `sdjax export-coreml --quantized Q`")
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither")
     settings = cx.Settings(args.compute_precision, args.attention, args.min_deployment_target, args.chunk_unet,
@@ -518,14 +558,17 @@ def build_parser():
     _model_arg(p)
     p.add_argument("--recipe", "-r", required=True,
                    help="a preset (w8-int8conv, w8a8-int8conv, w8-int8, llm-int8, palette-Nbit for N in "
-                   "1,2,3,4,6,8, palette-Nbit-gG with one LUT per G output channels) or a recipe JSON file: sdjax rules ({\"rules\": [{\"pattern\": GLOB, \"method\": ...}]}) "
+                   "1,2,3,4,6,8, palette-Nbit-gG with one LUT per G output channels, either with -gptq: GPTQ palettization, "
+                   "calibrated on --calibration-prompt) or a recipe JSON file: sdjax rules ({\"rules\": [{\"pattern\": GLOB, \"method\": ...}]}) "
                    "or Apple's mixed-bit {layer: nbits} / pre-analysis JSON")
     p.add_argument("--select", default=None, metavar="NAME",
                    help="which recipe of an Apple pre-analysis JSON (its \"recipes\" object) to apply")
     p.add_argument("--components", default=None, metavar="LIST",
                    help="comma-separated components to quantize, replacing the recipe's (unet,text_encoder,vae)")
     p.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
-                   help="prompt to calibrate W8A8 activation scales on (repeatable; default: four built-in prompts)")
+                   help="prompt of the calibration run that serves W8A8 (activation scales) and GPTQ (each "
+                   "layer's input statistics X^T X): the model generates it and the chosen layers' inputs are "
+                   "recorded (repeatable; default: four built-in prompts; unused by other recipes)")
     p.add_argument("--calibration-steps", type=int, default=4,
                    help="sampler steps per calibration prompt (default 4)")
     p.add_argument("--sensitivity-prompts", default=None, metavar="FILE",
@@ -553,14 +596,18 @@ def build_parser():
                        "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
     _model_arg(p)
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
-                   help="comma-separated presets, recipe JSON files, mixed-apple, mixed-sdjax (default: "
-                   "palette-8/6/4/3/2bit, w8-int8conv, w8-int8, llm-int8, mixed-apple, mixed-sdjax)")
+                   help="comma-separated presets, recipe JSON files, mixed-apple, mixed-sdjax, mixed-gptq (default: "
+                   "palette-8/6/4/3/2bit, w8-int8conv, w8-int8, llm-int8, mixed-apple, mixed-sdjax, mixed-gptq)")
     p.add_argument("-o", "--out", default="eval-out", help="report folder (default eval-out); an existing one "
                    "of the same model and settings is resumed, another is refused")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts, one per line (default: 24 captions of the embedded model's dataset; 8 generic "
                    "prompts for other models)")
     p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE",
+                   help="prompts, one per line, whose guided generation gives GPTQ recipes (mixed-gptq, palette-*-gptq) "
+                   "their layers' input statistics; none may be an evaluation prompt (default: 32 other captions of "
+                   "the embedded model's dataset; 4 generic prompts for other models)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help="as sdjax generate's (default dpmpp_2m)")

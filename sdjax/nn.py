@@ -111,15 +111,21 @@ def _im2col_is_faster(x_shape, w_shape, stride):
     return n * (h // stride) * (wd // stride) * 8 <= kh * kw * cin
 
 
-def _conv_as_matmul(x, w, stride, padding):
-    kh, kw, cin, cout = w.shape
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    n, hp, wp, _ = xp.shape
+def im2col(x, kh, kw, stride, padding):
+    """The patches a ``kh x kw`` HWIO convolution multiplies: ``(N, oh, ow, kh*kw*cin)``, features
+    ordered (dy, dx, channel) like ``w.reshape(kh*kw*cin, cout)``. ``padding``: ((top, bottom), (left, right))."""
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    _, hp, wp, _ = xp.shape
     oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
     cols = [xp[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
             for dy in range(kh) for dx in range(kw)]
-    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # (N, oh, ow, kh*kw*cin)
-    return jnp.matmul(cols, w.reshape(kh * kw * cin, cout), preferred_element_type=jnp.float32)
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _conv_as_matmul(x, w, stride, padding):
+    kh, kw, cin, cout = w.shape
+    return jnp.matmul(im2col(x, kh, kw, stride, padding), w.reshape(kh * kw * cin, cout),
+                      preferred_element_type=jnp.float32)
 
 
 def group_norm(x, p, groups, eps):

@@ -71,14 +71,16 @@ class Pipeline:
         return vae_scale_factor(self.configs["vae"])
 
     def quantize(self, recipe, calibration=None, select=None, components=None, progress=False,
-                 importance=None) -> "Pipeline":
+                 importance=None, hessian=None) -> "Pipeline":
         """A new pipeline whose params are quantized by ``recipe`` (a preset name, a JSON file, a
         dict; see ``quant.recipes``). ``components`` replaces the recipe's components;
-        ``calibration`` and ``importance`` (for "sensitive" palettize rules, e.g. from
-        ``quant.sensitivity.fisher``) as ``quant.apply_recipe``."""
+        ``calibration``, ``importance`` (for "sensitive" palettize rules, e.g. from
+        ``quant.sensitivity.fisher``) and ``hessian`` (for "gptq" palettize rules) as
+        ``quant.apply_recipe``."""
         import quant
         r = quant.parse_recipe(recipe, select=select, components=components)
-        params = quant.apply_recipe(self.params, r, calibration, importance=importance, progress=progress)
+        params = quant.apply_recipe(self.params, r, calibration, importance=importance, hessian=hessian,
+                                    progress=progress)
         return dataclasses.replace(self, params=params, quantization={"recipe": r.to_json()})
 
     @property

@@ -96,6 +96,39 @@ def test_sweep_writes_a_report_and_resumes_without_recomputing(pipe, tmp_path, m
     assert calls == ["w8-int8"]
 
 
+CALIBRATION = ("a small green triangle at the top right on a white background",
+               "a large yellow circle at the bottom left on a black background")
+
+
+def test_gptq_recipes_collect_statistics_once_and_beat_plain_kmeans(pipe, tmp_path, monkeypatch):
+    """A GPTQ preset takes its layers' input statistics from a guided generation of the calibration
+    prompts (kept in the state folder, reused on rerun), and its indices beat plain k-means' at the
+    same bytes."""
+    out = tmp_path / "ev"
+    with pytest.raises(sweep.EvalError, match="calibration prompts"):
+        _run(pipe, out, ["palette-4bit-gptq"])
+    with pytest.raises(sweep.EvalError, match="must not be evaluation prompts.*red circle"):
+        _run(pipe, out, ["palette-4bit-gptq"], calibration=[PROMPTS[0]])
+    res = _run(pipe, out, ["palette-4bit", "palette-4bit-gptq"], calibration=CALIBRATION)
+    plain, g = res["recipes"]
+    assert g["family"] == "uniform palettize (GPTQ)" and g["recipe"]["rules"][0]["gptq"] is True
+    assert g["bytes"]["unet"] == plain["bytes"]["unet"] and g["avg_bits"] == plain["avg_bits"]
+    for k in ("latent_psnr_1step_db", "final_latent_psnr_db", "noise_psnr_db"):
+        assert g["metrics"][k] > plain["metrics"][k] + 1.0, k
+    saved = np.load(out / "state" / "hessians.npz")
+    unet = pipe.params["unet"]
+    assert set(saved.files) == set(quant.calibrate.layer_names(unet))
+    # rerun: the statistics and both recipes come from the folder
+    def no(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(quant.gptq, "collect", no)
+    monkeypatch.setattr(Evaluator, "outputs", no)
+    again = _run(pipe, out, ["palette-4bit", "palette-4bit-gptq"], calibration=CALIBRATION)
+    assert [r["metrics"] for r in again["recipes"]] == [r["metrics"] for r in res["recipes"]]
+    with pytest.raises(sweep.EvalError, match="other calibration settings \\(prompts differ\\)"):
+        _run(pipe, out, ["palette-4bit-gptq"], calibration=CALIBRATION[:1])
+
+
 def test_refuses_another_models_or_settings_folder(pipe, tmp_path):
     out = tmp_path / "ev"
     _run(pipe, out, ["w8-int8"])
@@ -196,3 +229,31 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(quant.sensitivity, "fisher", no)
     again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(1, 2, 4))
     assert [r["metrics"] for r in again["recipes"]] == [r["metrics"] for r in res["recipes"]]
+
+
+@pytest.mark.slow  # ~40 s on 2 cores
+def test_mixed_gptq_family_end_to_end(pipe, tmp_path):
+    """Our allocator over GPTQ layers: a recipe at each Apple size and the smallest keeping uniform
+    6-bit's one-step PSNR, written as sdjax recipes with gptq rules that quantize reads back."""
+    out = tmp_path / "ev"
+    res = _run(pipe, out, ["palette-6bit", "mixed-sdjax", "mixed-gptq"], candidate_min=40000, mixed_nbits=(2, 4, 6),
+               calibration=CALIBRATION, fisher=False)
+    g = res["sensitivity_gptq"]
+    assert g["nbits"] == [2, 4, 6] and g["layers"] == res["sensitivity"]["layers"]
+    plain, ours = np.asarray(res["sensitivity"]["psnr_db"]), np.asarray(g["psnr_db"])
+    assert np.mean(ours > plain) > 0.8  # GPTQ beats k-means layer by layer (almost always)
+    gq = [r for r in res["recipes"] if r["family"] == "mixed (sdjax, GPTQ)"]
+    sd = [r for r in res["recipes"] if r["family"] == "mixed (sdjax)"]
+    # at Apple's sizes up to GPTQ_MAX_BITS (the last of each family: its quality-target recipe)
+    sizes = [r["name"][len("mixed-sdjax-"):] for r in sd[:-1] if float(r["name"][len("mixed-sdjax-"):]) <= sweep.GPTQ_MAX_BITS]
+    assert sizes and [r["name"][len("mixed-gptq-"):] for r in gq[:-1]] == sizes
+    for a in gq[:-1]:
+        b = next(r for r in sd if r["name"] == "mixed-sdjax-" + a["name"][len("mixed-gptq-"):])
+        assert a["metrics"]["latent_psnr_1step_db"] >= b["metrics"]["latent_psnr_1step_db"] - 0.5
+    u6 = next(r for r in res["recipes"] if r["name"] == "palette-6bit")["metrics"]["latent_psnr_1step_db"]
+    assert gq[-1]["metrics"]["latent_psnr_1step_db"] >= u6 - 0.5  # the quality-target recipe
+    assert gq[-1]["avg_bits_candidates"] <= sd[-1]["avg_bits_candidates"] + 0.05
+    assert gq[-1]["avg_bits_candidates"] < gq[-1]["avg_bits"]  # the small layers stay float (16 bits)
+    recipe = quant.parse_recipe(str(out / "recipes" / f"{gq[0]['name']}.json"))
+    assert recipe.needs_hessian and all(r.options["gptq"] for r in recipe.rules)
+    assert not (out / "recipes" / f"{gq[0]['name']}.apple.json").exists()

@@ -72,8 +72,13 @@ def test_resource_folder_as_the_swift_package_reads_it(exported, folder, tmp_pat
 def test_quantized_weights_carried_over_bit_identical(exported, folder):
     """The LUTs and indices in Unet.mlpackage are the ones sdjax quantized (k-means is deterministic)."""
     q = sdjax.load(folder, progress=False).quantize("palette-4bit")
-    table = {k: w for k, w in layers(q.params["unet"]).items() if isinstance(w, PalettizedWeight)}
-    stored = interp.constexpr_values(interp.load_program(exported / "Unet.mlpackage"))
+    assert_carried_over(exported / "Unet.mlpackage", q.params["unet"])
+
+
+def assert_carried_over(package, unet_params):
+    """Every palettized weight of ``unet_params`` is in ``package`` with its LUT and indices as they are."""
+    table = {k: w for k, w in layers(unet_params).items() if isinstance(w, PalettizedWeight)}
+    stored = interp.constexpr_values(interp.load_program(package))
     assert stored
     checked = 0
     # the exporter names each weight after its op: match by content, every stored LUT is one of sdjax's
@@ -120,6 +125,45 @@ def test_quantized_folder_exports_and_runs(folder, tmp_path, capsys):
     ref = np.asarray(jax.jit(sdjax.unet.apply, static_argnums=1)(pipe.params["unet"], cfg,
                                                                  sample.transpose(0, 2, 3, 1), t, ctx))
     assert mil.psnr(ref.transpose(0, 3, 1, 2), got) >= 60
+
+
+def test_gptq_folder_exports_like_any_palettized_folder(folder, tmp_path, capsys):
+    """GPTQ changes which LUT entry each weight takes, not the format: its folder exports as it is."""
+    import quant
+    from quant import io as qio
+    pipe = sdjax.load(folder, progress=False)
+    recipe = {"name": "gptq-export", "rules": [{"regex": r".*ff\.net\.0\.proj|down_blocks\.0\.downsamplers\.0\.conv",
+                                                "method": "palettize", "nbits": 4, "gptq": True}]}
+    rng = np.random.default_rng(0)
+    hessian = {}  # any X^T X will do: a conv (d = 288) and six linears (d = 32, 64)
+    for name, a in quant.plan(pipe.params["unet"], recipe)["unet"].items():
+        if a.options.get("gptq"):
+            d = int(np.prod(layers(pipe.params["unet"])[name].shape[:-1]))
+            x = rng.standard_normal((4 * d, d)) @ (np.eye(d) + rng.standard_normal((d, d)) / np.sqrt(d))
+            hessian[name] = x.T @ x / len(x)
+    q = pipe.quantize(recipe, hessian=hessian)
+    assert sum(isinstance(w, PalettizedWeight) for w in layers(q.params["unet"]).values()) == len(hessian) == 7
+    qdir = tmp_path / "q"
+    qio.save(q, str(qdir), progress=False)
+    out = tmp_path / "cm"
+    rc, _, err = cli(capsys, "export-coreml", "--quantized", qdir, "-o", out, "-q", "--compute-precision", "float32")
+    assert rc == 0, err
+    assert set(os.listdir(out)) >= PACKAGES
+    assert_carried_over(out / "Unet.mlpackage", q.params["unet"])
+
+
+def test_recipes_needing_calibration_are_refused_with_the_two_commands(folder, tmp_path, capsys):
+    sensitive = tmp_path / "sensitive.json"
+    sensitive.write_text(json.dumps({"rules": [{"pattern": "*", "method": "palettize", "nbits": 4,
+                                                "sensitive": True}]}))
+    for recipe, what in (("palette-4bit-gptq", "calibration statistics (GPTQ palettize rules)"),
+                         (str(sensitive), "sensitivities (sensitive palettize rules)")):
+        out = tmp_path / "cm"
+        rc, text, err = cli(capsys, "export-coreml", "--model", folder, "-r", recipe, "-o", out, "-q")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert what in err
+        assert f"`sdjax quantize --recipe {recipe} -o Q ...` then `sdjax export-coreml --quantized Q`" in err
+        assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
 
 
 def test_existing_folder_refused_then_overwritten(exported, folder, capsys, tmp_path):
@@ -172,7 +216,8 @@ def test_grouped_luts_need_ios18(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--min-deployment-target", "iOS15"], ["iOS15", "iOS16"]),
-    (["-r", "w8a8-int8conv"], ["calibration", "sdjax quantize"]),
+    (["-r", "w8a8-int8conv"], ["int8-w8a8", "weight-only", "W8A16"]),
+    (["-r", "palette-4bit-gptq"], ["GPTQ", "sdjax quantize", "--quantized"]),
     (["-r", "no-such-recipe"], ["no-such-recipe"]),
     (["--height", "64"], ["--width"]),
     (["--height", "63", "--width", "64"], ["--height 63", "multiple"]),

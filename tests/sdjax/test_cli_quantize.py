@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import sdjax
+from quant import gptq
 from quant import io as qio
 from quant.int8 import Int8Weight
 from quant.palettize import PalettizedWeight
@@ -41,6 +42,10 @@ def test_help_lists_quantize():
     assert "quantize" in text and "diffusers cannot read it" in text
     sub = "".join(build_parser()._subparsers._group_actions[0].choices["quantize"].format_help().split())
     assert "diffusersandtransformerscannot" in sub and "palette-Nbit-gGwithoneLUTperGoutputchannels" in sub
+    assert "-gptq" in sub
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+                  if "--calibration-prompt" in a.option_strings)
+    assert "W8A8" in action.help and "GPTQ" in action.help
 
 
 def test_quantize_preset_then_inspect_against_float(palette4, folder, capsys):
@@ -112,6 +117,74 @@ def test_w8a8_preset_calibrates(folder, tmp_path, capsys):
     assert all(w.ndim == 4 for w in w8a8)
 
 
+# GPTQ on the feed-forward input linears and a stride-2 convolution, plain k-means (the palette-4bit
+# preset's) on every other layer
+GPTQ_RECIPE = {"name": "some-gptq", "rules": [
+    {"regex": r".*ff\.net\.0\.proj|down_blocks\.0\.downsamplers\.0\.conv", "method": "palettize", "nbits": 4,
+     "gptq": True},
+    {"pattern": "*", "method": "palettize", "nbits": 4}]}
+GPTQ_LAYERS = ["down_blocks.0.downsamplers.0.conv"] + [
+    f"{b}.attentions.{i}.transformer_blocks.0.ff.net.0.proj" for b, n in (("down_blocks.0", 2), ("mid_block", 1),
+                                                                         ("up_blocks.1", 3)) for i in range(n)]
+
+
+def _gptq_quantize(capsys, folder, out, recipe):
+    rc, stdout, err = cli(capsys, "quantize", "-m", folder, "-r", recipe, "--calibration-prompt", "a red cat",
+                          "--calibration-steps", "1", "-o", out, "-q")
+    assert rc == 0, err
+    assert "collecting input statistics (GPTQ X^T X) on 1 calibration prompt, 1 sampler step each" in stdout
+    return sdjax.load(out, progress=False)
+
+
+def test_gptq_recipe_collects_statistics_on_the_calibration_prompts(folder, palette4, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "gptq.json"
+    path.write_text(json.dumps(GPTQ_RECIPE))
+    collected = []
+
+    def spy(params, run, names=None):  # what the command has collected, and on which layers
+        h = real(params, run, names)
+        collected.append((list(names), h))
+        return h
+    real = gptq.collect
+    monkeypatch.setattr(gptq, "collect", spy)
+    pipe = _gptq_quantize(capsys, folder, tmp_path / "g", path)
+    rules = pipe.quantization["recipe"]["rules"]
+    assert pipe.quantization["recipe"]["name"] == "some-gptq"
+    assert rules[0]["gptq"] is True and rules[1]["gptq"] is False
+    # one calibration run, probing the GPTQ layers only
+    assert len(collected) == 1
+    names, h = collected[0]
+    assert sorted(names) == sorted(h) == sorted("unet." + n for n in GPTQ_LAYERS)
+    got, plain = layers(pipe.params["unet"]), layers(sdjax.load(palette4, progress=False).params["unet"])
+    assert {n for n, w in got.items() if isinstance(w, PalettizedWeight)} == \
+        {n for n, w in plain.items() if isinstance(w, PalettizedWeight)}
+    for name, w in got.items():
+        if not isinstance(w, PalettizedWeight):
+            continue
+        assert w.nbits == 4 and w.nbytes == plain[name].nbytes
+        same = np.array_equal(np.asarray(w.packed), np.asarray(plain[name].packed)) and \
+            np.array_equal(np.asarray(w.lut), np.asarray(plain[name].lut))
+        assert same == (name not in GPTQ_LAYERS), name  # GPTQ changed its layers, and only those
+    # on the calibration run's inputs every GPTQ layer has a lower output error than plain k-means
+    src = layers(sdjax.load(folder, progress=False).params["unet"])
+    for name in GPTQ_LAYERS:
+        w, hn = np.asarray(src[name]), h["unet." + name]
+        assert np.all(np.diag(hn) >= 0) and np.diag(hn).max() > 0
+        assert gptq.output_error(w, got[name], hn) < gptq.output_error(w, plain[name], hn), name
+
+
+@pytest.mark.slow  # 22 s on 2 cores, most of it numpy's Cholesky/inverse competing with XLA's threads
+def test_gptq_preset(folder, palette4, tmp_path, capsys):
+    pipe = _gptq_quantize(capsys, folder, tmp_path / "g", "palette-4bit-gptq")
+    assert pipe.quantization["recipe"]["name"] == "palette-4bit-gptq"
+    assert pipe.quantization["recipe"]["rules"][0]["gptq"] is True
+    got, plain = layers(pipe.params["unet"]), layers(sdjax.load(palette4, progress=False).params["unet"])
+    names = [n for n, w in plain.items() if isinstance(w, PalettizedWeight)]
+    assert names and all(isinstance(got[n], PalettizedWeight) and got[n].nbits == 4 for n in names)
+    differ = [n for n in names if not np.array_equal(np.asarray(got[n].indices()), np.asarray(plain[n].indices()))]
+    assert len(differ) >= 0.9 * len(names)  # measured: every layer
+
+
 @pytest.mark.parametrize("args, message", [
     (["-r", "palette-5bit"], "unknown preset 'palette-5bit'"),
     (["-r", "missing.json"], "missing.json: recipe file not found"),
@@ -119,6 +192,7 @@ def test_w8a8_preset_calibrates(folder, tmp_path, capsys):
     (["-r", "palette-4bit", "--select", "x"], "select='x' applies only to Apple pre-analysis files"),
     (["-r", "palette-4bit", "--components", "unet,clip"], "unknown component(s) ['clip']"),
     (["-r", "w8-int8conv", "--calibration-steps", "0"], None),
+    (["-r", "palette-4bit-gptq", "--calibration-steps", "0"], "--calibration-steps 0: must be >= 1"),
     (["-r", "palette-4bit", "-o", "exists"], "already exists (pass --overwrite"),
 ])
 def test_quantize_usage_errors(folder, tmp_path, capsys, monkeypatch, args, message):
