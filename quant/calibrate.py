@@ -82,12 +82,11 @@ class _Sink:
                 s.numel += numel
 
 
-@flax.struct.dataclass
-class Probe:
-    """A weight that records statistics of its layer's input and otherwise behaves as ``weight``."""
-    weight: object
-    name: str = flax.struct.field(pytree_node=False)
-    sink: _Sink = flax.struct.field(pytree_node=False)
+class WeightProbe:
+    """Base of the probes (pytree dataclasses with a ``weight``, a static ``name`` and ``sink``): a
+    weight that behaves as ``weight`` and shows each input of its layer to ``_record`` (a
+    convolution's input with its stride and padding to ``_record_conv``) through the weight
+    protocol of ``sdjax.nn``."""
 
     @property
     def shape(self):
@@ -101,6 +100,46 @@ class Probe:
         w = self.weight
         return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
 
+    def _record_conv(self, x, stride, padding):
+        self._record(x)
+
+    def linear(self, x):
+        self._record(x)
+        return nn.linear(x, {"weight": self.weight})
+
+    def conv2d(self, x, stride, padding):
+        self._record_conv(x, stride, padding)
+        return nn.conv2d(x, {"weight": self.weight}, stride, padding)
+
+
+def run_probed(params, run, names, probe):
+    """Check ``names`` (default: every conv/linear layer of ``params``), replace each one's weight by
+    ``probe(weight, name)``, and run ``run`` on the probed params to the end (callbacks included).
+    Returns the names probed."""
+    valid = layer_names(params)
+    if names is None:
+        names = valid
+    else:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = sorted(set(names) - set(valid))
+        if unknown:
+            raise ValueError(f"names contains layers that are not conv/linear weights of params: "
+                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    flat = nn.flatten(params)
+    for name in names:
+        flat[name + ".weight"] = probe(flat[name + ".weight"], name)
+    jax.block_until_ready(run(nn.unflatten(flat)))
+    jax.effects_barrier()
+    return names
+
+
+@flax.struct.dataclass
+class Probe(WeightProbe):
+    """A weight that records statistics of its layer's input and otherwise behaves as ``weight``."""
+    weight: object
+    name: str = flax.struct.field(pytree_node=False)
+    sink: _Sink = flax.struct.field(pytree_node=False)
+
     def _record(self, x):
         a = jnp.abs(x.astype(jnp.float32))
         channel_max = jnp.max(a.reshape(-1, a.shape[-1]), axis=0)
@@ -108,14 +147,6 @@ class Probe:
         hist = jnp.bincount(bins.reshape(-1), length=N_BINS)
         jax.debug.callback(lambda c, h, name=self.name, n=x.size: self.sink.add(name, n, c, h),
                            channel_max, hist)
-
-    def linear(self, x):
-        self._record(x)
-        return nn.linear(x, {"weight": self.weight})
-
-    def conv2d(self, x, stride, padding):
-        self._record(x)
-        return nn.conv2d(x, {"weight": self.weight}, stride, padding)
 
 
 def layer_names(params):
@@ -137,21 +168,8 @@ def observe(params, run, names=None):
     discarded. ``names``: layer names to probe (default: all of ``layer_names(params)``). Layers
     that ``run`` never reached are absent from the result.
     """
-    valid = layer_names(params)
-    if names is None:
-        names = valid
-    else:
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = sorted(set(names) - set(valid))
-        if unknown:
-            raise ValueError(f"names contains layers that are not conv/linear weights of params: "
-                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     sink = _Sink()
-    flat = nn.flatten(params)
-    for name in names:
-        flat[name + ".weight"] = Probe(flat[name + ".weight"], name, sink)
-    jax.block_until_ready(run(nn.unflatten(flat)))
-    jax.effects_barrier()
+    names = run_probed(params, run, names, lambda w, name: Probe(w, name, sink))
     return {name: sink.stats[name] for name in names if name in sink.stats}
 
 

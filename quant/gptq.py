@@ -50,7 +50,7 @@ import numpy as np
 from sdjax import nn, unet as unet_model, vae as vae_model
 
 from . import palettize as _pal
-from .calibrate import layer_names
+from .calibrate import WeightProbe, run_probed
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
@@ -234,38 +234,21 @@ class _Sink:
 
 
 @flax.struct.dataclass
-class HessianProbe:
+class HessianProbe(WeightProbe):
     """A weight that adds ``X^T X`` of its layer's input rows (im2col patches for a convolution) to
     a host-side sum, and otherwise behaves as ``weight``."""
     weight: object
     name: str = flax.struct.field(pytree_node=False)
     sink: _Sink = flax.struct.field(pytree_node=False)
 
-    @property
-    def shape(self):
-        return self.weight.shape
-
-    @property
-    def ndim(self):
-        return len(self.weight.shape)
-
-    def dequantize(self, dtype=jnp.float32):
-        w = self.weight
-        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
-
     def _record(self, cols):
         x = cols.reshape(-1, cols.shape[-1]).astype(jnp.float32)
         xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
         jax.debug.callback(lambda h, name=self.name, n=x.shape[0]: self.sink.add(name, h, n), xtx)
 
-    def linear(self, x):
-        self._record(x)
-        return nn.linear(x, {"weight": self.weight})
-
-    def conv2d(self, x, stride, padding):
+    def _record_conv(self, x, stride, padding):
         kh, kw = self.shape[:2]
         self._record(nn.im2col(x, kh, kw, stride, padding))
-        return nn.conv2d(x, {"weight": self.weight}, stride, padding)
 
 
 def collect(params, run, names=None):
@@ -274,21 +257,8 @@ def collect(params, run, names=None):
     scale). ``run`` drives the model over calibration data, as for ``calibrate.observe`` (e.g. guided
     generation of calibration prompts). ``names``: layers to probe (default every conv/linear layer
     of ``params``); layers ``run`` never reached are absent from the result."""
-    valid = layer_names(params)
-    if names is None:
-        names = valid
-    else:
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = sorted(set(names) - set(valid))
-        if unknown:
-            raise ValueError(f"names contains layers that are not conv/linear weights of params: "
-                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     sink = _Sink()
-    flat = nn.flatten(params)
-    for name in names:
-        flat[name + ".weight"] = HessianProbe(flat[name + ".weight"], name, sink)
-    jax.block_until_ready(run(nn.unflatten(flat)))
-    jax.effects_barrier()
+    names = run_probed(params, run, names, lambda w, name: HessianProbe(w, name, sink))
     # the probes (and so this sink) stay referenced by jit's caches: hand the sums over and empty it,
     # or every collect's float64 statistics would stay alive (52 GiB for SD 1.5's UNet)
     sums, rows = sink.sums, sink.rows
