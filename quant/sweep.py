@@ -264,7 +264,7 @@ class Sensitivity:
     def __init__(self, ev: Evaluator, state: State, progress=True, candidate_min=CANDIDATE_MIN, nbits=mixed_bit.NBITS,
                  cache=None, hessians=None):
         self.ev, self.state, self.progress = ev, state, progress
-        self.hessians = hessians
+        self.hessians, self._factors = hessians, {}
         self.file = "sensitivity.json" if hessians is None else "sensitivity-gptq.json"
         self.cache = {} if cache is None else cache
         self.nbits = tuple(nbits)
@@ -296,8 +296,13 @@ class Sensitivity:
                 (quant.recipes.array_digest(np.asarray(h)),)
         pw = self.cache.get(ck)
         if pw is None:
-            pw = self.cache[ck] = (quant.palettize.kmeans(w, nbits) if self.hessians is None
-                                   else gptq.palettize(w, h, nbits))
+            if self.hessians is None:
+                pw = quant.palettize.kmeans(w, nbits)
+            else:  # one factorization of the layer's hessian serves every width
+                if layer not in self._factors:
+                    self._factors[layer] = gptq.factorize(h, name=f"hessian of {layer}")
+                pw = gptq.palettize(w, self._factors[layer], nbits)
+            self.cache[ck] = pw
         return pw
 
     def quantized(self, layer, nbits):
