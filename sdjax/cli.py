@@ -597,7 +597,7 @@ def build_parser():
     _model_arg(p)
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
                    help="comma-separated presets, recipe JSON files, mixed-apple, mixed-sdjax, mixed-gptq (default: "
-                   "palette-8/6/4/3/2bit, w8-int8conv, w8-int8, mixed-apple, mixed-sdjax, mixed-gptq; add llm-int8 for LLM.int8())")
+                   "palette-8/6/4/3/2bit, w8-int8, mixed-apple, mixed-sdjax, mixed-gptq; add w8-int8conv or llm-int8 for those)")
     p.add_argument("-o", "--out", default="eval-out", help="report folder (default eval-out); an existing one "
                    "of the same model and settings is resumed, another is refused")
     p.add_argument("--prompts", default=None, metavar="FILE",
