@@ -679,13 +679,14 @@ def quantize_weight(w, method, options, act_scale=None, importance=None, hessian
     raise RecipeError(f"unknown method {method!r}")
 
 
-def cache_key(component, layer, method, options):
+def cache_key(component, layer, method, options, hessian=None):
     """The key ``apply_recipe(cache=...)`` stores a quantized weight under: what determines it
     (component, layer, method, options with defaults filled in; not how indivisible groups are
-    reported)."""
+    reported; for GPTQ, a digest of the layer's ``hessian`` too)."""
     opts = dict(METHODS[method], **options)
     opts.pop("indivisible", None)
-    return (component, layer, method, tuple(sorted(opts.items())))
+    key = (component, layer, method, tuple(sorted(opts.items())))
+    return key if hessian is None else key + (array_digest(np.asarray(hessian)),)
 
 
 def _cacheable(method, options):
@@ -739,10 +740,9 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
         todo = [(n, a) for n, a in assignments[comp].items() if a.method != "float"]
         for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
             key = name + ".weight"
-            ck = cache_key(comp, name, a.method, a.options) if cache is not None and _cacheable(a.method, a.options) else None
             h = hess.get(comp, name)
-            if ck is not None and h is not None:
-                ck = ck + (array_digest(np.asarray(h)),)
+            ck = cache_key(comp, name, a.method, a.options, h) \
+                if cache is not None and _cacheable(a.method, a.options) else None
             if ck is not None and ck in cache:
                 flat[key] = cache[ck]
                 hess.release(comp, name)

@@ -267,7 +267,7 @@ class Sensitivity:
     def __init__(self, ev: Evaluator, state: State, progress=True, candidate_min=CANDIDATE_MIN, nbits=mixed_bit.NBITS,
                  cache=None, hessians=None):
         self.ev, self.state, self.progress = ev, state, progress
-        self.hessians, self._factors = hessians, {}
+        self.hessians, self._factors, self._keys = hessians, {}, {}
         self.file = "sensitivity.json" if hessians is None else "sensitivity-gptq.json"
         self.cache = {} if cache is None else cache
         self.nbits = tuple(nbits)
@@ -290,20 +290,19 @@ class Sensitivity:
     def palettized(self, layer, nbits):
         """The layer palettized per tensor, from (or into) the sweep's shared cache, so recipes reuse it
         (the keys are ``apply_recipe``'s)."""
-        w = np.asarray(self.flat[layer + ".weight"], np.float32)
-        if self.hessians is None:
-            ck = quant.recipes.cache_key("unet", layer, "palettize", {"nbits": nbits})
-        else:
-            h = self.hessians[layer]
-            ck = quant.recipes.cache_key("unet", layer, "palettize", {"nbits": nbits, "gptq": True}) + \
-                (quant.recipes.array_digest(np.asarray(h)),)
+        ck = self._keys.get((layer, nbits))
+        if ck is None:  # (a GPTQ key hashes the layer's hessian: once per layer and width)
+            h = None if self.hessians is None else self.hessians[layer]
+            opts = {"nbits": nbits} if h is None else {"nbits": nbits, "gptq": True}
+            ck = self._keys[(layer, nbits)] = quant.recipes.cache_key("unet", layer, "palettize", opts, h)
         pw = self.cache.get(ck)
         if pw is None:
+            w = np.asarray(self.flat[layer + ".weight"], np.float32)
             if self.hessians is None:
                 pw = quant.palettize.kmeans(w, nbits)
             else:  # one factorization of the layer's hessian serves every width
                 if layer not in self._factors:
-                    self._factors[layer] = gptq.factorize(h, name=f"hessian of {layer}")
+                    self._factors[layer] = gptq.factorize(self.hessians[layer], name=f"hessian of {layer}")
                 pw = gptq.palettize(w, self._factors[layer], nbits)
             self.cache[ck] = pw
         return pw
@@ -421,31 +420,26 @@ def _mixed_recipes(S, names, want_apple, want_ours, G=None):
     single_g = G.single() if G is not None else None
     apple = mixed_bit.apple_recipes(cumul, base["original"], base["linear8"], num=7)
     total = sum(S.numel.values())
+    # our families: (prefix, sweep, its single-layer PSNRs, recipe maker, largest Apple size served)
+    ours = ([("mixed-sdjax", S, single, lambda name, a: a, np.inf)] if want_ours else []) + \
+           ([("mixed-gptq", G, single_g, gptq_recipe, GPTQ_MAX_BITS)] if G is not None else [])
     out = []
     for a in apple:
         a = {k: int(v) for k, v in a.items()}
         bits = sum(S.cost_bits(n, a.get(n, 16)) for n in S.layers) / total
         if want_apple:
             out.append((f"mixed-apple-{bits:.2f}", a))
-        if want_ours:
-            ours = mixed_bit.allocate(single, S.numel, bits, cost_bits=S.cost_bits, nbits=S.nbits)
-            out.append((f"mixed-sdjax-{bits:.2f}", {k: int(v) for k, v in ours.items()}))
-        if G is not None and bits <= GPTQ_MAX_BITS:
-            ours = mixed_bit.allocate(single_g, G.numel, bits, cost_bits=G.cost_bits, nbits=G.nbits)
-            out.append((f"mixed-gptq-{bits:.2f}", gptq_recipe(f"mixed-gptq-{bits:.2f}", ours)))
-    if want_ours or G is not None:
-        # the smallest of our recipes that keeps uniform 6-bit palettization's one-step PSNR
+        for prefix, sweep_, sens, make, max_bits in ours:
+            if bits <= max_bits:
+                pick = mixed_bit.allocate(sens, sweep_.numel, bits, cost_bits=sweep_.cost_bits, nbits=sweep_.nbits)
+                out.append((f"{prefix}-{bits:.2f}", make(f"{prefix}-{bits:.2f}", {k: int(v) for k, v in pick.items()})))
+    if ours:  # the smallest of each family's recipes that keeps uniform 6-bit palettization's one-step PSNR
         u6 = S.measure({n: 6 for n in S.layers})
-    if want_ours:
-        ours, measured, bits, _ = mixed_bit.allocate_for_quality(S.measure, single, S.numel, u6,
-                                                                 cost_bits=S.cost_bits, progress=S.progress)
-        bits = sum(S.cost_bits(n, ours.get(n, 16)) for n in S.layers) / total
-        out.append((f"mixed-sdjax-{bits:.2f}", {k: int(v) for k, v in ours.items()}))
-    if G is not None:
-        ours, measured, bits, _ = mixed_bit.allocate_for_quality(G.measure, single_g, G.numel, u6,
-                                                                 cost_bits=G.cost_bits, progress=G.progress)
-        bits = sum(G.cost_bits(n, ours.get(n, 16)) for n in G.layers) / total
-        out.append((f"mixed-gptq-{bits:.2f}", gptq_recipe(f"mixed-gptq-{bits:.2f}", ours)))
+    for prefix, sweep_, sens, make, _ in ours:
+        pick, measured, bits, _ = mixed_bit.allocate_for_quality(sweep_.measure, sens, sweep_.numel, u6,
+                                                                 cost_bits=sweep_.cost_bits, progress=sweep_.progress)
+        bits = sum(sweep_.cost_bits(n, pick.get(n, 16)) for n in sweep_.layers) / total
+        out.append((f"{prefix}-{bits:.2f}", make(f"{prefix}-{bits:.2f}", {k: int(v) for k, v in pick.items()})))
     seen, uniq = set(), []
     for name, r in out:  # Apple's thresholds can repeat a recipe
         if name not in seen:
