@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import nn, unet as unet_model, vae as vae_model
+from sdjax import nn, unet as unet_model
 
 from . import palettize as _pal
 from .calibrate import WeightProbe, run_probed
@@ -96,7 +96,11 @@ def factorize(hessian, damp=DEFAULT_DAMP, act_order=True, name="hessian"):
     h = np.asarray(hessian, np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"{name} must be a square (d, d) matrix; got shape {h.shape}")
-    h = check_hessian(h, np.empty((h.shape[0], 1), np.float32), name)
+    return _factorize(check_hessian(h, np.empty((h.shape[0], 1), np.float32), name), damp, act_order, name)
+
+
+def _factorize(h, damp, act_order, name):
+    """``factorize`` of an already checked (symmetric, finite) hessian."""
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (0 <= damp < math.inf):
         raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
     diag = np.clip(np.diag(h), 0, None)
@@ -163,8 +167,7 @@ def palettize(w, hessian, nbits, *, group_size=None, per_channel_scale=False, da
             raise ValueError(f"hessian factor is for {f.d} input rows; the weight of shape {tuple(w.shape)} "
                              f"has {d} (kh*kw*cin)")
     else:
-        check_hessian(hessian, w)
-        f = factorize(hessian, damp, act_order)
+        f = _factorize(check_hessian(hessian, w), damp, act_order, "hessian")
     diag, perm, U = f.diag, f.perm, f.U
     importance = np.broadcast_to(diag[:, None], (d, out)).reshape(w.shape) if diag.any() else None
     base = _pal.kmeans(w, nbits, group_size, importance=importance, per_channel_scale=per_channel_scale)
@@ -299,28 +302,24 @@ def calibration_run(pipe, prompts, *, steps=25, guidance_scale=7.5, sampler="dpm
 
     from tqdm.auto import tqdm
 
-    from .sensitivity import calibration_samples, noise_schedule
+    from .sensitivity import calibration_samples, noise_schedule, self_generated_latents
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts: a non-empty list of calibration prompts")
-    ucfg, vcfg = pipe.configs["unet"], pipe.configs["vae"]
+    ucfg = pipe.configs["unet"]
     abar, _ = noise_schedule(pipe.scheduler_config)
-    encode = jax.jit(lambda p, x: vae_model.encode(p, vcfg, x)[0].astype(jnp.float32) * vcfg.scaling_factor)
 
     def run(params):
         full = dict(pipe.params, **params) if "unet" in params else dict(pipe.params, unet=params)
         probed = dc.replace(pipe, params=full)
         bar = tqdm(total=2 * len(prompts), desc="calibration", unit="prompt", leave=False,
                    disable=not (progress if progress is not None else len(prompts) > 8))
-        x0, out = [], []
-        for b, start in enumerate(range(0, len(prompts), batch)):
-            chunk = prompts[start:start + batch]
-            images = probed.generate(chunk, negative_prompt=negative_prompt, steps=steps,
-                                     guidance_scale=guidance_scale, sampler=sampler, seed=seed + b,
-                                     output_type="np", progress=False)
-            x0.append(np.asarray(encode(pipe.params["vae"], jnp.asarray(np.asarray(images) * 2 - 1))))
-            bar.update(len(chunk))
-        x0 = np.concatenate(x0)
+        # (1): the generation, its images encoded back (by the probed pipeline: a probed VAE encoder
+        # sees its inputs here)
+        x0 = self_generated_latents(probed, prompts, steps, guidance_scale, sampler, seed, batch,
+                                    negative_prompt=negative_prompt)
+        bar.update(len(prompts))
+        out = []
         idx, t, noise = calibration_samples(len(prompts), n_timesteps, x0.shape[1:], seed, len(abar))
         a = abar[t][:, None, None, None]
         xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)

@@ -92,7 +92,7 @@ def calibration_samples(n_prompts, n_timesteps, latent_shape, seed=0, num_train_
 
 
 def self_generated_latents(pipe, prompts, steps=25, guidance_scale=7.5, sampler="dpmpp_2m", seed=0,
-                           batch_size=DEFAULT_BATCH, progress=False):
+                           batch_size=DEFAULT_BATCH, progress=False, negative_prompt=""):
     """x0 latents (NHWC, scaled as the UNet sees them) of the model's own images for ``prompts``:
     ``pipe.generate`` (batch ``b`` of ``batch_size`` prompts with seed ``seed + b``), encoded back
     by the VAE (mean of the latent distribution times ``scaling_factor``)."""
@@ -102,8 +102,9 @@ def self_generated_latents(pipe, prompts, steps=25, guidance_scale=7.5, sampler=
     starts = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(starts, desc="self-generating x0", unit="batch", disable=not progress,
                                    leave=False)):
-        images = pipe.generate(list(prompts[start:start + batch_size]), steps=steps, guidance_scale=guidance_scale,
-                               sampler=sampler, seed=seed + b, output_type="np", progress=False)
+        images = pipe.generate(list(prompts[start:start + batch_size]), negative_prompt=negative_prompt, steps=steps,
+                               guidance_scale=guidance_scale, sampler=sampler, seed=seed + b, output_type="np",
+                               progress=False)
         out.append(np.asarray(encode(vp, jnp.asarray(np.asarray(images) * 2 - 1))))
     return np.concatenate(out)
 
