@@ -4,7 +4,7 @@ and the same outputs of any other params, compared metric by metric (``quant.met
     ev = Evaluator(pipe, prompts, seeds)                # runs the float model once
     out = ev.outputs(qparams)                           # the same runs with quantized params
     ev.metrics(out)                                     # {"latent_psnr_1step_db": ..., "ssim": ..., ...}
-    ev.one_step_psnr(qparams)                           # Apple's protocol alone (sensitivity sweeps)
+    ev.one_step_psnr(qparams["unet"])                   # Apple's protocol alone (sensitivity sweeps)
 
 What is run, for every (prompt, seed) pair:
 
@@ -159,10 +159,13 @@ class Evaluator:
         return jax.device_put(params, self._replicated)
 
     def _batches(self, n):
-        """(start, indices padded to a full batch by repeating row 0, count)."""
-        for s in range(0, n, self.batch):
-            idx = np.arange(s, s + self.batch)
-            yield s, np.where(idx < n, idx, 0), min(self.batch, n - s)
+        """(start, indices padded to a full batch by repeating row 0, count). Fewer pairs than a
+        batch take the smallest batch that holds them (a multiple of the device count): a sweep's 8
+        one-step pairs are not computed as 16."""
+        batch = min(self.batch, -(-n // self.n_dev) * self.n_dev)
+        for s in range(0, n, batch):
+            idx = np.arange(s, s + batch)
+            yield s, np.where(idx < n, idx, 0), min(batch, n - s)
 
     def _contexts(self, params):
         """(negative (1, L, D), positives (n, L, D)) from the params' own text encoder."""
@@ -221,19 +224,41 @@ class Evaluator:
             out["eps"] = self._eps(params, pos)
         return out
 
-    def one_step_latents(self, unet_params, contexts=None):
-        """The one-step latents of ``unet_params`` (float contexts unless given): the cheap run
-        behind per-layer sensitivity sweeps."""
+    def _pairs(self, pairs, have, what):
+        n = have if pairs is None else pairs
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= have:
+            raise ValueError(f"pairs={pairs!r}: an integer from 1 to the {have} pairs {what}")
+        return int(n)
+
+    def one_step_latents(self, unet_params, contexts=None, pairs=None):
+        """The one-step latents of ``unet_params`` (float contexts unless given) on the first
+        ``pairs`` pairs (default ``n_one_step``): the cheap run behind per-layer sensitivity sweeps."""
+        n = self._pairs(pairs, self.n1, "with one-step references (n_one_step)")
         neg, pos = contexts if contexts is not None else self.float_contexts
-        return self._denoise(self.replicate(unet_params), self.plan1, neg, pos[:self.n1], self.n1)
+        return self._denoise(self.replicate(unet_params), self.plan1, neg, pos[:n], n)
 
     @functools.cached_property
     def float_contexts(self):
         return self._contexts(self.pipe.params)
 
-    def one_step_psnr(self, unet_params):
-        """Apple's metric for UNet params: mean per-pair PSNR (peak max|reference|) of the one-step latents."""
-        return metrics.latent_psnr_db(self.reference["one_step_latents"], self.one_step_latents(unet_params))
+    def one_step_psnr(self, unet_params, pairs=None):
+        """Apple's metric for UNet params: mean per-pair PSNR (peak max|reference|) of the one-step
+        latents, over the first ``pairs`` pairs (default ``n_one_step``)."""
+        n = self._pairs(pairs, self.n1, "with one-step references (n_one_step)")
+        return metrics.latent_psnr_db(self.reference["one_step_latents"][:n], self.one_step_latents(unet_params, pairs=n))
+
+    def unet_metrics(self, unet_params, images=False):
+        """The final-latent PSNR (as ``one_step_psnr``) of UNet params over every pair, the full
+        generation with the float text encoder's contexts; with ``images`` also the image PSNR and
+        SSIM of the float VAE's decode. Keys as ``metrics``."""
+        neg, pos = self.float_contexts
+        latents = self._denoise(self.replicate(unet_params), self.plan, neg, pos, self.n)
+        out = {"final_latent_psnr_db": metrics.latent_psnr_db(self.reference["final_latents"], latents)}
+        if images:
+            im = self._images(self.replicate(self.pipe.params["vae"]), latents)
+            out["image_psnr_db"] = metrics.image_psnr_db(self.reference["images"], im)
+            out["ssim"] = float(np.mean(metrics.ssim(self.reference["images"], im))) if np.isfinite(im).all() else float("nan")
+        return out
 
     # --- comparing ---------------------------------------------------------------------------
 

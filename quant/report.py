@@ -668,6 +668,14 @@ def render_markdown(results, files=None) -> str:
                  "counted as 16; candidate bits: the same over the mixed-bit candidate layers only (the larger ones; "
                  "Apple's recipes are named by their bits over their candidates). MB = 10^6 bytes. PSNRs are against "
                  "the float model (inf: identical).")
+        sel = (results.get("sensitivity") or {}).get("selection")
+        if sel:
+            L.append("")
+            L.append(f"Mixed-bit recipes are chosen on selection pairs ({sel['prompts']} calibration prompts, x_T seed "
+                     f"{sel['seed']}; {sel['pairs']} of them per sensitivity measurement), never on the evaluation "
+                     "pairs measured here. mixed-...-u6-B: the smallest recipe of its family that keeps uniform 6-bit's "
+                     "one-step PSNR there; mixed-...-u6img-B: the smallest that also keeps its final latents', images' "
+                     "PSNR and SSIM; the other mixed recipes are at the sizes of Apple's recipes.")
         L.append("")
         float_unet = (fl.get("bytes") or {}).get("unet")
         header = ["recipe", "family", "avg bits", "candidate bits", "UNet MB", "total MB", "UNet compression"] + \

@@ -379,8 +379,12 @@ def cmd_eval(args):
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(sweep.DEFAULT_RECIPES)
     try:
         sweep.resolve(names)
-        settings = Settings(prompts=_eval_prompts(args), seeds=_int_list("--seeds", args.seeds), steps=args.steps,
-                            sampler=args.sampler, guidance_scale=args.guidance_scale, batch=args.batch)
+        prompts, seeds = _eval_prompts(args), _int_list("--seeds", args.seeds)
+        # the one-step metric on every pair (Apple's pre-analysis takes 8 prompts; one step is cheap,
+        # and recipes that differ by tenths of a dB need more than 8 samples to be told apart)
+        settings = Settings(prompts=prompts, seeds=seeds, steps=args.steps, sampler=args.sampler,
+                            guidance_scale=args.guidance_scale, batch=args.batch,
+                            n_one_step=len(prompts) * len(seeds))
     except (sweep.EvalError, ValueError) as e:
         raise UsageError(str(e)) from None
     plugins = []

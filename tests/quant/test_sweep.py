@@ -11,7 +11,7 @@ import pytest
 
 import quant
 import sdjax
-from quant import sweep
+from quant import metrics, sweep
 from quant.evaluate import Evaluator, Settings
 from sdjax import shapes
 
@@ -129,6 +129,80 @@ def test_gptq_recipes_collect_statistics_once_and_beat_plain_kmeans(pipe, tmp_pa
         _run(pipe, out, ["palette-4bit-gptq"], calibration=CALIBRATION[:1])
 
 
+def test_one_step_on_the_first_pairs_and_final_latents_match_the_full_outputs(pipe, ev):
+    """The sweeps' cheap measurements are the full evaluation's metrics restricted: the one-step PSNR
+    on the first ``pairs`` pairs, the final latents' and images' metrics of the UNet alone (float text
+    encoder and VAE)."""
+    q = sweep.dequantized(quant.apply_recipe(pipe.params, "palette-4bit"))
+    out = ev.outputs(dict(pipe.params, unet=q["unet"]))
+    m, _ = ev.metrics(out)
+    got = ev.unet_metrics(q["unet"], images=True)
+    assert set(got) == {"final_latent_psnr_db", "image_psnr_db", "ssim"}
+    for k in got:
+        assert got[k] == pytest.approx(m[k], abs=1e-4), k
+    assert set(ev.unet_metrics(q["unet"])) == {"final_latent_psnr_db"}
+    assert ev.one_step_psnr(q["unet"]) == pytest.approx(m["latent_psnr_1step_db"], abs=1e-4)
+    two = metrics.latent_psnr_db(ev.reference["one_step_latents"][:2], out["one_step_latents"][:2])
+    assert ev.one_step_psnr(q["unet"], pairs=2) == pytest.approx(two, abs=1e-4) and abs(two - m["latent_psnr_1step_db"]) > 1e-3
+    assert ev.unet_metrics(pipe.params["unet"])["final_latent_psnr_db"] == np.inf
+    for bad in (0, ev.n1 + 1, True):
+        with pytest.raises(ValueError, match="pairs="):
+            ev.one_step_psnr(q["unet"], pairs=bad)
+
+
+def test_selection_pairs_are_not_evaluation_pairs_and_are_kept(pipe, tmp_path, monkeypatch):
+    """Mixed-bit recipes are chosen on the calibration prompts with x_T from SELECTION_SEED, never on
+    the pairs they are reported on; the selection's float outputs are saved and reused, and other
+    selection settings are refused by name."""
+    with pytest.raises(sweep.EvalError, match="mixed-apple, mixed-sdjax: .*selection pairs.*calibration prompts"):
+        _run(pipe, tmp_path / "a", ["mixed-apple", "mixed-sdjax"])
+    state = sweep.State(str(tmp_path / "b"))
+    with pytest.raises(sweep.EvalError, match="selection \\(calibration\\) prompts must not be evaluation prompts"):
+        sweep.selection(pipe, [CALIBRATION[0], PROMPTS[1]], SETTINGS, state, progress=False)
+    sel = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
+    assert sel.s.pairs == [(p, sweep.SELECTION_SEED) for p in CALIBRATION] and sel.n1 == len(CALIBRATION)
+    assert not set(sel.s.pairs) & set(SETTINGS.pairs)
+    assert (sel.s.steps, sel.s.sampler, sel.s.guidance_scale) == (SETTINGS.steps, SETTINGS.sampler, SETTINGS.guidance_scale)
+    monkeypatch.setattr(Evaluator, "outputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
+    np.testing.assert_array_equal(again.reference["final_latents"], sel.reference["final_latents"])
+    with pytest.raises(sweep.EvalError, match="selection.json: .*other settings \\(.*prompts differ\\)"):
+        sweep.selection(pipe, CALIBRATION[:1], SETTINGS, state, progress=False)
+
+
+def test_quality_margin_is_the_worst_metric_in_db():
+    ref = {"latent_psnr_1step_db": 40.0, "image_psnr_db": 45.0, "ssim": 0.99}
+    assert sweep.quality_margin({"latent_psnr_1step_db": 41.0, "image_psnr_db": 45.5, "ssim": 0.995}, ref) == \
+        pytest.approx(0.5)
+    # SSIM 0.98 against 0.99: twice the dissimilarity, -3.01 dB
+    assert sweep.quality_margin({"latent_psnr_1step_db": 41.0, "image_psnr_db": 46.0, "ssim": 0.98}, ref) == \
+        pytest.approx(10 * np.log10(0.01 / 0.02))
+    assert sweep.quality_margin({"latent_psnr_1step_db": np.inf, "image_psnr_db": np.inf, "ssim": 1.0}, ref) > 50
+    assert np.isnan(sweep.quality_margin({"latent_psnr_1step_db": np.nan, "image_psnr_db": 46.0, "ssim": 0.995}, ref))
+
+
+def _entry(name, bits, one, final=40.0, image=45.0, ssim=0.99, finite=True):
+    return {"name": name, "avg_bits": bits + 0.3, "avg_bits_candidates": bits, "finite": finite,
+            "metrics": {"latent_psnr_1step_db": one, "final_latent_psnr_db": final, "image_psnr_db": image, "ssim": ssim}}
+
+
+def test_targets_check_the_one_step_metric_and_then_every_final_image_metric():
+    recipes = [_entry("palette-6bit", 6.07, 40.0), _entry("mixed-apple-7.17", 7.17, 48.0),
+               _entry("mixed-sdjax-7.17", 7.17, 49.5), _entry("mixed-gptq-4.30", 4.30, 40.5, final=39.9),
+               _entry("mixed-sdjax-4.10", 4.10, 41.0, finite=False), _entry("mixed-sdjax-4.70", 4.70, 40.1, ssim=0.991)]
+    vs_apple, one_step, final = sweep.targets({"recipes": recipes})
+    assert vs_apple["pass"] and "+1.50 dB" in vs_apple["got"]
+    # the smallest finite recipe keeping the one-step PSNR; then the smallest keeping every metric
+    assert one_step["pass"] and one_step["got"].startswith("mixed-gptq-4.30: 40.50 at 4.30 bits (4.60 over every")
+    assert not final["pass"] and final["got"].startswith("mixed-sdjax-4.70: 40.10, 40.00, 45.00, 0.991 at 4.70 bits")
+    assert final["name"].endswith("final images too") and "palette-6bit's (40.00, 40.00, 45.00, 0.990)" in final["want"]
+    recipes[3]["metrics"]["final_latent_psnr_db"] = 40.0
+    assert sweep.targets({"recipes": recipes})[2]["pass"]
+    recipes[1]["metrics"]["latent_psnr_1step_db"] = 48.6  # ours only +0.9 dB
+    assert not sweep.targets({"recipes": recipes})[0]["pass"]
+    assert sweep.targets({"recipes": recipes[:1]}) is None
+
+
 def test_refuses_another_models_or_settings_folder(pipe, tmp_path):
     out = tmp_path / "ev"
     _run(pipe, out, ["w8-int8"])
@@ -203,11 +277,13 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     """Apple's recipes and ours at the same sizes, on the larger layers and three widths (fast):
     both families are built, evaluated, compared, and written as recipe files quantize reads."""
     out = tmp_path / "ev"
-    res = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(1, 2, 4))
+    res = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(2, 4, 6),
+               calibration=CALIBRATION)
     s = res["sensitivity"]
-    assert s["nbits"] == [1, 2, 4] and len(s["layers"]) == len(s["psnr_db"]) > 3
+    assert s["selection"] == {"prompts": len(CALIBRATION), "seed": sweep.SELECTION_SEED, "pairs": len(CALIBRATION)}
+    assert s["nbits"] == [2, 4, 6] and len(s["layers"]) == len(s["psnr_db"]) > 3
     assert all(np.all(np.diff(row) > 0) for row in s["psnr_db"])  # more bits, closer to float, per layer
-    assert set(s["spearman"]) == {"1", "2", "4"} and all(-1 <= v <= 1 for v in s["spearman"].values())
+    assert set(s["spearman"]) == {"2", "4", "6"} and all(-1 <= v <= 1 for v in s["spearman"].values())
     apple = [r for r in res["recipes"] if r["family"] == "mixed (Apple)"]
     ours = [r for r in res["recipes"] if r["family"] == "mixed (sdjax)"]
     assert apple and len(ours) >= len(apple)
@@ -227,14 +303,16 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.Sensitivity, "measure", no)
     monkeypatch.setattr(Evaluator, "outputs", no)
     monkeypatch.setattr(quant.sensitivity, "fisher", no)
-    again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(1, 2, 4))
+    again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(2, 4, 6),
+                 calibration=CALIBRATION)
     assert [r["metrics"] for r in again["recipes"]] == [r["metrics"] for r in res["recipes"]]
 
 
 @pytest.mark.slow  # ~40 s on 2 cores
 def test_mixed_gptq_family_end_to_end(pipe, tmp_path):
-    """Our allocator over GPTQ layers: a recipe at each Apple size and the smallest keeping uniform
-    6-bit's one-step PSNR, written as sdjax recipes with gptq rules that quantize reads back."""
+    """Our allocator over GPTQ layers: a recipe at each Apple size, the smallest keeping uniform 6-bit's
+    one-step PSNR on the selection pairs and the smallest keeping every metric of its final images,
+    written as sdjax recipes with gptq rules that quantize reads back."""
     out = tmp_path / "ev"
     res = _run(pipe, out, ["palette-6bit", "mixed-sdjax", "mixed-gptq"], candidate_min=40000, mixed_nbits=(2, 4, 6),
                calibration=CALIBRATION, fisher=False)
@@ -244,16 +322,35 @@ def test_mixed_gptq_family_end_to_end(pipe, tmp_path):
     assert np.mean(ours > plain) > 0.8  # GPTQ beats k-means layer by layer (almost always)
     gq = [r for r in res["recipes"] if r["family"] == "mixed (sdjax, GPTQ)"]
     sd = [r for r in res["recipes"] if r["family"] == "mixed (sdjax)"]
-    # at Apple's sizes up to GPTQ_MAX_BITS (the last of each family: its quality-target recipe)
-    sizes = [r["name"][len("mixed-sdjax-"):] for r in sd[:-1] if float(r["name"][len("mixed-sdjax-"):]) <= sweep.GPTQ_MAX_BITS]
-    assert sizes and [r["name"][len("mixed-gptq-"):] for r in gq[:-1]] == sizes
-    for a in gq[:-1]:
+    # at Apple's sizes up to GPTQ_MAX_BITS, then the quality-target recipes (k-means: one, GPTQ: two)
+    size = lambda r: r["name"].rsplit("-", 1)[1]
+    sizes = [size(r) for r in sd if r["chosen_for"] == sweep.ROLES["size"] and float(size(r)) <= sweep.GPTQ_MAX_BITS]
+    assert sizes and [size(r) for r in gq if r["chosen_for"] == sweep.ROLES["size"]] == sizes
+    quality = [r for r in gq if r["chosen_for"] != sweep.ROLES["size"]]
+    assert [r["chosen_for"] for r in quality] == [sweep.ROLES["one-step"], sweep.ROLES["final"]]
+    assert quality[0]["name"].startswith("mixed-gptq-u6-") and quality[1]["name"].startswith("mixed-gptq-u6img-")
+    sd_q = next(r for r in sd if r["chosen_for"] == sweep.ROLES["one-step"])
+    for a in gq:
+        if a["chosen_for"] != sweep.ROLES["size"]:
+            continue
         b = next(r for r in sd if r["name"] == "mixed-sdjax-" + a["name"][len("mixed-gptq-"):])
         assert a["metrics"]["latent_psnr_1step_db"] >= b["metrics"]["latent_psnr_1step_db"] - 0.5
-    u6 = next(r for r in res["recipes"] if r["name"] == "palette-6bit")["metrics"]["latent_psnr_1step_db"]
-    assert gq[-1]["metrics"]["latent_psnr_1step_db"] >= u6 - 0.5  # the quality-target recipe
-    assert gq[-1]["avg_bits_candidates"] <= sd[-1]["avg_bits_candidates"] + 0.05
-    assert gq[-1]["avg_bits_candidates"] < gq[-1]["avg_bits"]  # the small layers stay float (16 bits)
+    # the quality-target recipes keep uniform 6-bit's quality on the selection pairs (on the evaluation
+    # pairs, which they never saw, they may not): the first its one-step PSNR, the last every metric
+    # of the final images too
+    state = sweep.State(str(out))
+    sel = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
+    plain6 = sweep.Sensitivity(sel, state, progress=False, candidate_min=40000, nbits=(2, 4, 6))
+    assert sel.s.prompts == CALIBRATION and plain6.layers == g["layers"]
+    want = plain6.quality({n: 6 for n in plain6.layers}, final=True)
+    H = state.load_arrays("hessians.npz")
+    for r, keys in [(quality[0], ["latent_psnr_1step_db"]), (quality[-1], list(want))]:
+        q = sweep.dequantized(quant.apply_recipe(pipe.params, quant.parse_recipe(str(out / "recipes" / f"{r['name']}.json")),
+                                                 hessian={"unet": H}))["unet"]
+        got = {"latent_psnr_1step_db": sel.one_step_psnr(q, pairs=sel.n1)} | sel.unet_metrics(q, images=True)
+        assert all(got[k] >= want[k] - 1e-6 for k in keys), (r["name"], got, want)
+    assert quality[0]["avg_bits_candidates"] <= sd_q["avg_bits_candidates"] + 0.05
+    assert quality[0]["avg_bits_candidates"] < quality[0]["avg_bits"]  # the small layers stay float (16 bits)
     recipe = quant.parse_recipe(str(out / "recipes" / f"{gq[0]['name']}.json"))
     assert recipe.needs_hessian and all(r.options["gptq"] for r in recipe.rules)
     assert not (out / "recipes" / f"{gq[0]['name']}.apple.json").exists()
