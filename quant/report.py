@@ -671,8 +671,10 @@ def render_markdown(results, files=None) -> str:
         sel = (results.get("sensitivity") or {}).get("selection")
         if sel:
             L.append("")
-            L.append(f"Mixed-bit recipes are chosen on selection pairs ({sel['prompts']} calibration prompts, x_T seed "
-                     f"{sel['seed']}; {sel['pairs']} of them per sensitivity measurement), never on the evaluation "
+            seeds = sel.get("seeds") or []
+            L.append(f"Mixed-bit recipes are chosen on selection pairs ({sel['prompts']} calibration prompts, x_T seed"
+                     f"{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))}; {sel['pairs']} of them per sensitivity "
+                     "measurement), never on the evaluation "
                      "pairs measured here. mixed-...-u6-B: the smallest recipe of its family that keeps uniform 6-bit's "
                      "one-step PSNR there; mixed-...-u6img-B: the smallest that also keeps its final latents', images' "
                      "PSNR and SSIM; the other mixed recipes are at the sizes of Apple's recipes.")

@@ -221,11 +221,12 @@ def _not_evaluation(prompts, settings, what):
 
 def selection(pipe, prompts, settings: Settings, state: State, devices=None, progress=True):
     """The Evaluator of the selection pairs (see the module docstring): ``prompts`` (never evaluation
-    prompts) x ``SELECTION_SEED``, the evaluation's sampler, steps and guidance, one-step references
-    for every pair. Its float outputs are kept in OUT/state/selection.npz, reused when they came from
+    prompts) x ``SELECTION_SEED`` (and the next seeds while there are fewer than ``SWEEP_PAIRS``
+    pairs), the evaluation's sampler, steps and guidance, one-step references for every pair. Its float outputs are kept in OUT/state/selection.npz, reused when they came from
     the same prompts and settings, refused (named) otherwise."""
     prompts = _not_evaluation(prompts, settings, "selection (calibration) prompts")
-    s = dataclasses.replace(settings, prompts=tuple(prompts), seeds=(SELECTION_SEED,), n_one_step=len(prompts))
+    seeds = tuple(range(SELECTION_SEED, SELECTION_SEED + -(-SWEEP_PAIRS // len(prompts))))  # >= SWEEP_PAIRS pairs
+    s = dataclasses.replace(settings, prompts=tuple(prompts), seeds=seeds, n_one_step=len(prompts) * len(seeds))
     meta = s.to_json()
     old = state.read("selection.json")
     if old is not None and old != meta:
@@ -465,7 +466,7 @@ class Sensitivity:
                 "fisher_estimate": [[f["estimate"][str(b)][n] for b in nb] for n in self.layers] if f else None,
                 "spearman": f["spearman"] if f else None,
                 "baselines": d.get("baselines"),
-                "selection": {"prompts": len(self.ev.s.prompts), "seed": self.ev.s.seeds[0], "pairs": self.pairs},
+                "selection": {"prompts": len(self.ev.s.prompts), "seeds": list(self.ev.s.seeds), "pairs": self.pairs},
                 "seconds": {"measured": d["seconds"].get("measured"), "fisher": f["seconds"] if f else None}}
 
 

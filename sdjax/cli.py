@@ -593,8 +593,10 @@ def build_parser():
                        description="Run the float model and every recipe on the same prompts and seeds and compare: "
                        "noise-prediction PSNR, Apple's one-step latent PSNR, final-image PSNR and SSIM against the "
                        "float model's image from the same x_T, prompt adherence (embedded model), plug-in metrics. "
-                       "mixed-apple / mixed-sdjax run the per-layer sensitivity analysis and build mixed-bit recipes "
-                       "(Apple's algorithm, and sdjax's allocator at the same sizes). Resumable: rerun the same command "
+                       "mixed-apple / mixed-sdjax / mixed-gptq run the per-layer sensitivity analysis and build "
+                       "mixed-bit recipes (Apple's algorithm; sdjax's allocator at the same sizes and at uniform 6-bit's "
+                       "quality, over k-means or GPTQ layers), choosing them on the calibration prompts with other x_T, "
+                       "never on the evaluation pairs they are reported on. Resumable: rerun the same command "
                        "after an interruption and only what is missing is computed. Runs the prompt x seed batches "
                        "on every JAX device (data parallel); on one machine, "
                        "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
@@ -610,8 +612,9 @@ def build_parser():
     p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE",
                    help="prompts, one per line, whose guided generation gives GPTQ recipes (mixed-gptq, palette-*-gptq) "
-                   "their layers' input statistics; none may be an evaluation prompt (default: 32 other captions of "
-                   "the embedded model's dataset; 4 generic prompts for other models)")
+                   "their layers' input statistics, and on which (with x_T seeds of their own) mixed-bit recipes are "
+                   "chosen; none may be an evaluation prompt (default: 32 other captions of the embedded model's "
+                   "dataset; 4 generic prompts for other models)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help="as sdjax generate's (default dpmpp_2m)")

@@ -61,7 +61,8 @@ def _results():
         "sensitivity": {"nbits": NBITS, "layers": layers, "numel": [1000 * (i + 1) for i in range(len(layers))],
                         "psnr_db": psnr, "fisher_estimate": (-np.array(psnr)).tolist(),
                         "spearman": {str(b): 0.8 + 0.02 * i for i, b in enumerate(NBITS)},
-                        "seconds": {"measured": 812.0, "fisher": 41.5}},
+                        "seconds": {"measured": 812.0, "fisher": 41.5},
+                        "selection": {"prompts": 32, "seeds": [2000], "pairs": 8}},
         "targets": [{"name": "latent PSNR at <= 4.5 bits", "want": ">= 30 dB", "got": "31.7 dB (mixed-4.5)",
                      "pass": True},
                     {"name": "image PSNR at <= 4.1 bits", "want": ">= 25 dB", "got": "22.5 dB", "pass": False}],
@@ -106,6 +107,8 @@ def test_write_report(tmp_path):
         if path.endswith(".png"):
             assert _is_png(path), key
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    md = open(files["markdown"]).read()
+    assert "chosen on selection pairs (32 calibration prompts, x_T seed 2000; 8 of them per sensitivity" in md
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in files.values())
 
     with open(files["json"]) as f:

@@ -160,13 +160,14 @@ def test_selection_pairs_are_not_evaluation_pairs_and_are_kept(pipe, tmp_path, m
     with pytest.raises(sweep.EvalError, match="selection \\(calibration\\) prompts must not be evaluation prompts"):
         sweep.selection(pipe, [CALIBRATION[0], PROMPTS[1]], SETTINGS, state, progress=False)
     sel = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
-    assert sel.s.pairs == [(p, sweep.SELECTION_SEED) for p in CALIBRATION] and sel.n1 == len(CALIBRATION)
+    seeds = [sweep.SELECTION_SEED + i for i in range(4)]  # 8 pairs at least, for the sweeps
+    assert sel.s.pairs == [(p, s) for p in CALIBRATION for s in seeds] and sel.n1 == 8
     assert not set(sel.s.pairs) & set(SETTINGS.pairs)
     assert (sel.s.steps, sel.s.sampler, sel.s.guidance_scale) == (SETTINGS.steps, SETTINGS.sampler, SETTINGS.guidance_scale)
     monkeypatch.setattr(Evaluator, "outputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
     np.testing.assert_array_equal(again.reference["final_latents"], sel.reference["final_latents"])
-    with pytest.raises(sweep.EvalError, match="selection.json: .*other settings \\(.*prompts differ\\)"):
+    with pytest.raises(sweep.EvalError, match="selection.json: .*other settings \\(.*prompts.* differ\\)"):
         sweep.selection(pipe, CALIBRATION[:1], SETTINGS, state, progress=False)
 
 
@@ -280,7 +281,8 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     res = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(2, 4, 6),
                calibration=CALIBRATION)
     s = res["sensitivity"]
-    assert s["selection"] == {"prompts": len(CALIBRATION), "seed": sweep.SELECTION_SEED, "pairs": len(CALIBRATION)}
+    # two calibration prompts: four selection seeds make the sweeps' 8 pairs
+    assert s["selection"] == {"prompts": 2, "seeds": [sweep.SELECTION_SEED + i for i in range(4)], "pairs": 8}
     assert s["nbits"] == [2, 4, 6] and len(s["layers"]) == len(s["psnr_db"]) > 3
     assert all(np.all(np.diff(row) > 0) for row in s["psnr_db"])  # more bits, closer to float, per layer
     assert set(s["spearman"]) == {"2", "4", "6"} and all(-1 <= v <= 1 for v in s["spearman"].values())
