@@ -222,8 +222,9 @@ def _not_evaluation(prompts, settings, what):
 def selection(pipe, prompts, settings: Settings, state: State, devices=None, progress=True):
     """The Evaluator of the selection pairs (see the module docstring): ``prompts`` (never evaluation
     prompts) x ``SELECTION_SEED`` (and the next seeds while there are fewer than ``SWEEP_PAIRS``
-    pairs), the evaluation's sampler, steps and guidance, one-step references for every pair. Its float outputs are kept in OUT/state/selection.npz, reused when they came from
-    the same prompts and settings, refused (named) otherwise."""
+    pairs), the evaluation's sampler, steps and guidance, one-step references for every pair. Its
+    float outputs are kept in OUT/state/selection.npz, reused when they came from the same prompts and
+    settings, refused (named) otherwise."""
     prompts = _not_evaluation(prompts, settings, "selection (calibration) prompts")
     seeds = tuple(range(SELECTION_SEED, SELECTION_SEED + -(-SWEEP_PAIRS // len(prompts))))  # >= SWEEP_PAIRS pairs
     s = dataclasses.replace(settings, prompts=tuple(prompts), seeds=seeds, n_one_step=len(prompts) * len(seeds))
@@ -514,7 +515,7 @@ def _mixed_recipes(S, names, want_apple, want_ours, G=None):
                             "size"))
     # the smallest of each family's recipes that keeps uniform 6-bit palettization's quality on the
     # selection pairs: its one-step PSNR (Apple's metric); for GPTQ also the smallest keeping every
-    # metric of the final images (GPTQ recipes searched on the one-step PSNR alone came out 1-2 dB
+    # metric of the final images (GPTQ recipes searched on the one-step PSNR alone came out 1-4 dB
     # below uniform 6-bit on final latents and images; k-means ones did not)
     if ours:
         u6 = S.quality({n: 6 for n in S.layers}, final=True)
