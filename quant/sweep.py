@@ -3,17 +3,18 @@
     from quant import sweep
     results = sweep.run(pipe, ["palette-6bit", "palette-4bit", "mixed-apple", "mixed-sdjax"], "eval-out")
 
-Recipes are preset names, recipe JSON files (sdjax's or Apple's), or two generated families:
+Recipes are preset names, recipe JSON files (sdjax's or Apple's), or three generated families:
 
 - ``mixed-apple``: Apple's mixed-bit palettization (``quant.mixed_bit.apple_recipes``): per-layer and
   cumulative one-step PSNR sweeps at 1, 2, 4, 6, 8 bits, recipes at the thresholds
   ``linspace(original - 1, linear8 + 5, 7)``;
 - ``mixed-sdjax``: our allocator (``quant.mixed_bit.allocate``) at the same stored size as each of
-  Apple's recipes, so the two are compared at equal bits, and the smallest of its recipes that keeps
-  uniform 6-bit palettization's one-step PSNR (``mixed_bit.allocate_for_quality``);
+  Apple's recipes, so the two are compared at equal bits, and ``mixed-sdjax-u6-B``, the smallest of
+  its recipes that keeps uniform 6-bit palettization's one-step PSNR (``mixed_bit.allocate_for_quality``);
 - ``mixed-gptq``: the same allocator over GPTQ-palettized layers (``quant.gptq``: the same LUTs and
   bytes, indices chosen for the layer's output on calibration inputs), with its own per-layer sweep,
-  at the same sizes, and its smallest recipe keeping uniform 6-bit (plain k-means) quality.
+  at the same sizes up to ``GPTQ_MAX_BITS``, ``mixed-gptq-u6-B`` as above, and ``mixed-gptq-u6img-B``,
+  the smallest keeping uniform 6-bit's (plain k-means) final latents', images' PSNR and SSIM too.
 
 All need the per-layer sensitivity sweep, which is run once and also reported (the heatmap, and how
 well the cheap Fisher estimate ranks layers).
