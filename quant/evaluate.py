@@ -224,16 +224,17 @@ class Evaluator:
             out["eps"] = self._eps(params, pos)
         return out
 
-    def _pairs(self, pairs, have, what):
-        n = have if pairs is None else pairs
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= have:
-            raise ValueError(f"pairs={pairs!r}: an integer from 1 to the {have} pairs {what}")
+    def _one_step_pairs(self, pairs):
+        n = self.n1 if pairs is None else pairs
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.n1:
+            raise ValueError(f"pairs={pairs!r}: an integer from 1 to the {self.n1} pairs with one-step references "
+                             "(n_one_step)")
         return int(n)
 
     def one_step_latents(self, unet_params, contexts=None, pairs=None):
         """The one-step latents of ``unet_params`` (float contexts unless given) on the first
         ``pairs`` pairs (default ``n_one_step``): the cheap run behind per-layer sensitivity sweeps."""
-        n = self._pairs(pairs, self.n1, "with one-step references (n_one_step)")
+        n = self._one_step_pairs(pairs)
         neg, pos = contexts if contexts is not None else self.float_contexts
         return self._denoise(self.replicate(unet_params), self.plan1, neg, pos[:n], n)
 
@@ -244,7 +245,7 @@ class Evaluator:
     def one_step_psnr(self, unet_params, pairs=None):
         """Apple's metric for UNet params: mean per-pair PSNR (peak max|reference|) of the one-step
         latents, over the first ``pairs`` pairs (default ``n_one_step``)."""
-        n = self._pairs(pairs, self.n1, "with one-step references (n_one_step)")
+        n = self._one_step_pairs(pairs)
         return metrics.latent_psnr_db(self.reference["one_step_latents"][:n], self.one_step_latents(unet_params, pairs=n))
 
     def unet_metrics(self, unet_params, images=False):
@@ -253,12 +254,17 @@ class Evaluator:
         SSIM of the float VAE's decode. Keys as ``metrics``."""
         neg, pos = self.float_contexts
         latents = self._denoise(self.replicate(unet_params), self.plan, neg, pos, self.n)
-        out = {"final_latent_psnr_db": metrics.latent_psnr_db(self.reference["final_latents"], latents)}
-        if images:
-            im = self._images(self.replicate(self.pipe.params["vae"]), latents)
-            out["image_psnr_db"] = metrics.image_psnr_db(self.reference["images"], im)
-            out["ssim"] = float(np.mean(metrics.ssim(self.reference["images"], im))) if np.isfinite(im).all() else float("nan")
-        return out
+        return self._final_metrics(latents, self._images(self.replicate(self.pipe.params["vae"]), latents)
+                                   if images else None)
+
+    def _final_metrics(self, final_latents, images=None):
+        """The final latents' PSNR, and with ``images`` the image PSNR and SSIM (NaN for non-finite images)."""
+        ref = self.reference
+        m = {"final_latent_psnr_db": metrics.latent_psnr_db(ref["final_latents"], final_latents)}
+        if images is not None:
+            m["image_psnr_db"] = metrics.image_psnr_db(ref["images"], images)
+            m["ssim"] = float(np.mean(metrics.ssim(ref["images"], images))) if np.isfinite(images).all() else float("nan")
+        return m
 
     # --- comparing ---------------------------------------------------------------------------
 
@@ -278,11 +284,8 @@ class Evaluator:
         m = {
             "noise_psnr_db": metrics.noise_psnr_db(ref["eps"], out["eps"]),
             "latent_psnr_1step_db": metrics.latent_psnr_db(ref["one_step_latents"], out["one_step_latents"]),
-            "final_latent_psnr_db": metrics.latent_psnr_db(ref["final_latents"], out["final_latents"]),
-            "image_psnr_db": metrics.image_psnr_db(ref["images"], out["images"]),
-        }
+        } | self._final_metrics(out["final_latents"], out["images"])
         images_ok = bool(np.isfinite(out["images"]).all())
-        m["ssim"] = float(np.mean(metrics.ssim(ref["images"], out["images"]))) if images_ok else float("nan")
         if adherence is not None:
             m["adherence"] = adherence(out["images"], self.prompts) if images_ok else None
         for plugin in plugins:

@@ -203,6 +203,24 @@ class State:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
+    def load_recorded(self, record, arrays, meta, what):
+        """The arrays saved in ``arrays`` when the JSON ``record`` beside them holds ``meta`` (None when
+        either is missing). A record of other settings is refused, naming the fields that differ: what
+        was derived from those arrays (sweeps, recipes) is stale too, so the whole state folder goes."""
+        old = self.read(record)
+        if old is None:
+            return None
+        if old != meta:
+            diff = sorted(k for k in meta if old.get(k) != meta[k])
+            raise EvalError(f"{self.path(record)}: {what} ({', '.join(diff)} differ); use another output folder "
+                            f"or delete {self.dir}")
+        return self.load_arrays(arrays)
+
+    def save_recorded(self, record, arrays, meta, values):
+        """Save ``values`` as ``arrays`` and then ``meta`` as ``record``, whose presence marks them done."""
+        self.save_arrays(values, arrays)
+        self.write(meta, record)
+
     def load_arrays(self, *parts):
         try:
             with np.load(self.path(*parts)) as z:
@@ -230,16 +248,11 @@ def selection(pipe, prompts, settings: Settings, state: State, devices=None, pro
     seeds = tuple(range(SELECTION_SEED, SELECTION_SEED + -(-SWEEP_PAIRS // len(prompts))))  # >= SWEEP_PAIRS pairs
     s = dataclasses.replace(settings, prompts=tuple(prompts), seeds=seeds, n_one_step=len(prompts) * len(seeds))
     meta = s.to_json()
-    old = state.read("selection.json")
-    if old is not None and old != meta:
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
-        raise EvalError(f"{state.path('selection.json')}: the saved selection pairs come from other settings "
-                        f"({', '.join(diff)} differ); use another output folder or delete {state.path()}")
-    ref = state.load_arrays("selection.npz") if old is not None else None
+    ref = state.load_recorded("selection.json", "selection.npz", meta,
+                              "the saved selection pairs come from other settings")
     ev = Evaluator(pipe, s, devices=devices, progress=progress, reference=ref)
     if ref is None:
-        state.save_arrays(ev.reference, "selection.npz")
-        state.write(meta, "selection.json")  # last: marks the arrays done
+        state.save_recorded("selection.json", "selection.npz", meta, ev.reference)
     return ev
 
 
@@ -253,24 +266,17 @@ def hessians(pipe, prompts, settings: Settings, state: State, progress=True):
     meta = {"prompts": prompts, "seed": CALIBRATION_SEED, "steps": settings.steps, "sampler": settings.sampler,
             "guidance_scale": settings.guidance_scale, "batch": settings.batch,
             "n_timesteps": gptq.DEFAULT_CALIBRATION_TIMESTEPS}
-    old = state.read("hessians.json")
-    if old is not None:
-        if old != meta:
-            diff = sorted(k for k in meta if old.get(k) != meta[k])
-            raise EvalError(f"{state.path('hessians.json')}: the saved GPTQ input statistics come from other "
-                            f"calibration settings ({', '.join(diff)} differ); use another output folder or "
-                            f"delete {state.path('hessians.npz')}")
-        saved = state.load_arrays("hessians.npz")
-        if saved is not None:
-            return saved
+    saved = state.load_recorded("hessians.json", "hessians.npz", meta,
+                                "the saved GPTQ input statistics come from other calibration settings")
+    if saved is not None:
+        return saved
     unet = pipe.params["unet"]
     run = gptq.calibration_run(pipe, prompts, steps=settings.steps, guidance_scale=settings.guidance_scale,
                                sampler=settings.sampler, negative_prompt=settings.negative_prompt,
                                seed=CALIBRATION_SEED, batch=settings.batch, progress=progress)
     t0 = time.perf_counter()
     H = gptq.collect(unet, run, calibrate.layer_names(unet))
-    state.save_arrays(H, "hessians.npz")
-    state.write(meta, "hessians.json")  # last: its presence with the arrays marks them done
+    state.save_recorded("hessians.json", "hessians.npz", meta, H)
     state.write({"seconds": time.perf_counter() - t0}, "hessians-time.json")
     return H
 
