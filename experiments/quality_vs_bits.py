@@ -11,7 +11,7 @@ Every figure is measured on the quantized model end to end (one-step latents, fi
 same x_T), against the float model. Resumable: the same --out continues a killed run.
 
 Mixed-bit recipes are chosen on selection pairs (the calibration prompts with other x_T), never on
-the evaluation pairs measured here (``quant.sweep``'s docstring says why). Measured (embedded model,
+the evaluation pairs measured here (``sdjax.evaluation.sweep``'s docstring says why). Measured (embedded model,
 defaults: 24 prompts x 2 seeds, 25 steps DPM++ 2M, guidance 7.5; 2-core CPU; the same run as README's
 ``sdjax eval -o eval-out``, 8 min 06 s in a fresh clone; this script on the finished folder: 6 s):
 

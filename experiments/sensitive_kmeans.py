@@ -3,7 +3,7 @@
 Every recipe-eligible conv/linear UNet weight (more than 2048 elements) is palettized at each
 ``--nbits`` with one LUT per tensor and, with ``--group-size G``, one per G output channels; once
 plainly (what coremltools' ``palettize_weights(mode="kmeans")`` gives) and once with importances
-``quant.sensitivity.fisher`` computed on ``--calibration`` dataset captions that are disjoint from
+``sdjax.evaluation.fisher.fisher`` computed on ``--calibration`` dataset captions that are disjoint from
 the evaluation captions (the 540 captions are shuffled once; the first ones calibrate, the next
 ``--n`` evaluate). Calibration x0 latents are the float model's own 25-step generations
 (self-generated, the default of ``fisher`` and of ``sdjax quantize --sensitivity-prompts``).
@@ -66,7 +66,8 @@ import numpy as np
 import quant
 import samplers
 import sdjax
-from quant import sensitivity
+from quant.metrics import weighted_error
+from sdjax.evaluation import calibration, fisher as sensitivity
 from sdjax import shapes, unet as unet_model, vae as vae_model
 from sdjax.generate import denoise_step, initial_noise
 
@@ -128,7 +129,7 @@ class Evaluator:
         enc = jax.jit(lambda p, x: vae_model.encode(p, vcfg, x)[0].astype(jnp.float32) * vcfg.scaling_factor)
         x0 = np.concatenate([np.asarray(enc(pipe.params["vae"], jnp.asarray(images[i:i + batch] * 2 - 1)))
                              for i in range(0, n_sqnr, batch)])
-        abar, _ = sensitivity.noise_schedule(pipe.scheduler_config)
+        abar, _ = calibration.noise_schedule(pipe.scheduler_config)
         t = np.floor((np.arange(n_sqnr) + rng.random(n_sqnr)) * len(abar) / n_sqnr).astype(np.int32)
         noise = rng.standard_normal(x0.shape).astype(np.float32)
         a = abar[t][:, None, None, None]
@@ -290,7 +291,7 @@ def main(argv=None):
                 log(f"{variant} {b} bit{'' if g is None else f' g{g}'} ...")
                 q = quant.apply_recipe(up, recipe(b, g, variant == "sensitive"), importance={"unet": imp})
                 row[variant] = ev.measure(q)
-                werr = [sensitivity.weighted_error(quant.recipes.layers(up)[n], w, imp[n])
+                werr = [weighted_error(quant.recipes.layers(up)[n], w, imp[n])
                         for n, w in quant.recipes.layers(q).items() if hasattr(w, "dequantize")]
                 row[variant]["fisher_weighted_error"] = float(np.sum(werr))
                 row["bits_per_weight"] = 8 * sum(w.nbytes for w in quant.recipes.layers(q).values()

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import nn, unet as unet_model
+from sdjax import nn
 
 from . import palettize as _pal
 from .calibrate import WeightProbe, run_probed
@@ -274,69 +274,5 @@ def collect(params, run, names=None):
     return {n: sums.pop(n) / max(rows[n], 1) for n in names if n in sums}
 
 
-# --- the calibration run ---------------------------------------------------------------------
-
-DEFAULT_CALIBRATION_TIMESTEPS = 8
-_unet_jit = jax.jit(lambda p, cfg, x, t, c: unet_model.apply(p, cfg, x, t, c), static_argnums=1)
-
-
-def calibration_run(pipe, prompts, *, steps=25, guidance_scale=7.5, sampler="dpmpp_2m", negative_prompt="",
-                    n_timesteps=DEFAULT_CALIBRATION_TIMESTEPS, seed=0, batch=8, progress=None):
-    """``run(params)`` for ``collect`` (or ``apply_recipe(hessian=run)``) that shows the UNet the
-    inputs it serves: (1) the guided generation of ``prompts`` (``steps`` steps of ``sampler``, x_T
-    seeds from ``seed``), then (2) the generated images, encoded by the VAE, noised at
-    ``n_timesteps`` timesteps per prompt drawn from equal strata of the training range
-    (``quant.sensitivity.calibration_samples``), each evaluated with the prompt's and the negative
-    context as guidance does.
-
-    Why (2): one sampler schedule visits ``steps`` timesteps only, so every layer that reads the
-    timestep embedding (the time MLP, each resnet's ``time_emb_proj``) sees inputs spanning at most
-    ``steps`` directions, and GPTQ would move rounding error freely into the rest; another schedule,
-    step count or a one-step evaluation then reads it back (measured on the embedded model: uniform
-    4-bit one-step latent PSNR 30.8-35.1 dB over calibration sets with (1) alone).
-
-    ``params`` passed to ``run`` are a pipeline's ``{"text_encoder", "unet", "vae"}`` (as
-    ``apply_recipe`` passes them) or the UNet's alone (``collect(pipe.params["unet"], run)``); only the
-    UNet's probes see inputs from (2), the text encoder's and VAE's from (1)."""
-    import dataclasses as dc
-
-    from tqdm.auto import tqdm
-
-    from .sensitivity import calibration_samples, noise_schedule, self_generated_latents
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("prompts: a non-empty list of calibration prompts")
-    ucfg = pipe.configs["unet"]
-    abar, _ = noise_schedule(pipe.scheduler_config)
-
-    def run(params):
-        full = dict(pipe.params, **params) if "unet" in params else dict(pipe.params, unet=params)
-        probed = dc.replace(pipe, params=full)
-        bar = tqdm(total=2 * len(prompts), desc="calibration", unit="prompt", leave=False,
-                   disable=not (progress if progress is not None else len(prompts) > 8))
-        # (1): the generation, its images encoded back (by the probed pipeline: a probed VAE encoder
-        # sees its inputs here)
-        x0 = self_generated_latents(probed, prompts, steps, guidance_scale, sampler, seed, batch,
-                                    negative_prompt=negative_prompt)
-        bar.update(len(prompts))
-        out = []
-        idx, t, noise = calibration_samples(len(prompts), n_timesteps, x0.shape[1:], seed, len(abar))
-        a = abar[t][:, None, None, None]
-        xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)
-        ctx = np.asarray(probed.encode_prompt(prompts), np.float32)
-        neg = np.asarray(probed.encode_prompt([negative_prompt]), np.float32)
-        for start in range(0, len(t), batch):
-            sel = slice(start, start + batch)
-            n = len(t[sel])
-            x2 = jnp.asarray(np.concatenate([xt[sel], xt[sel]]))
-            t2 = jnp.asarray(np.concatenate([t[sel], t[sel]]).astype(np.float32))
-            c2 = jnp.asarray(np.concatenate([np.repeat(neg, n, 0), ctx[idx[sel]]]))
-            out.append(_unet_jit(full["unet"], ucfg, x2, t2, c2))
-            bar.update(n / n_timesteps)
-        bar.close()
-        return out
-    return run
-
-
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_DAMP", "Factor", "HessianProbe", "check_hessian", "collect", "factorize",
-           "calibration_run", "output_error", "palettize", "reference_indices"]
+           "output_error", "palettize", "reference_indices"]

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-import sdjax
+import sdjax.version
 from sdjax import checkpoint, configs as cfgs
 from sdjax.nn import flatten, unflatten
 from sdjax.params import CheckpointError, canonical_dtype, check_shapes
@@ -148,7 +148,7 @@ def decode(key, info, get, where):
         return get(key)
     if method not in METHODS:
         raise CheckpointError(f"{where}: layer {key!r} has method {method!r}, which this sdjax "
-                              f"({sdjax.__version__}) cannot read")
+                              f"({sdjax.version.__version__}) cannot read")
     codec = _codec(method)
     required = [s for s in codec.arrays if s not in codec.optional] + (["act_scale"] if method == "int8-w8a8" else [])
     kw = {}
@@ -190,7 +190,7 @@ def metadata(component, params, recipe=None):
         layers[k] = encode(k, flat[k])[1]
     if isinstance(recipe, Recipe):
         recipe = recipe.to_json()
-    return {"format": FORMAT, "sdjax_format_version": str(FORMAT_VERSION), "sdjax_version": sdjax.__version__,
+    return {"format": FORMAT, "sdjax_format_version": str(FORMAT_VERSION), "sdjax_version": sdjax.version.__version__,
             "component": component, "layout": "sdjax (linear (in, out), conv HWIO)",
             "recipe": json.dumps(recipe, separators=(",", ":")), "layers": json.dumps(layers, separators=(",", ":"))}
 
@@ -272,7 +272,7 @@ def _check_metadata(path, meta):
     if version is None or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(f"{path}: sdjax quantized format version {meta['sdjax_format_version']!r} "
                               f"(written by sdjax {meta.get('sdjax_version', '?')}); this sdjax "
-                              f"({sdjax.__version__}) reads version {FORMAT_VERSION}: upgrade sdjax or re-quantize")
+                              f"({sdjax.version.__version__}) reads version {FORMAT_VERSION}: upgrade sdjax or re-quantize")
     out = {"sdjax_format_version": version, "sdjax_version": meta.get("sdjax_version"),
            "component": meta.get("component")}
     for field in ("recipe", "layers"):

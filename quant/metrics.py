@@ -431,3 +431,15 @@ def clip_score(model_dir, batch_size=16, device="cpu") -> Plugin:
                                 f"preprocessor_config.json): {e}") from e
     model.eval().to(device)
     return _ClipScore(model, processor, torch, int(batch_size), device)
+
+
+def weighted_error(w, wq, importance):
+    """``sum(importance * (w - wq)**2)`` in float64 (``w``, ``wq`` float arrays or quantized weights):
+    the loss change a weight error costs to second order under a diagonal Fisher ``importance``."""
+    d = _float64(_float_value(w)) - _float64(_float_value(wq))
+    return float(np.sum(_float64(importance) * d * d))
+
+
+def _float_value(w):
+    from sdjax.nn import is_quantized
+    return w.dequantize(np.float32) if is_quantized(w) else w

@@ -149,10 +149,10 @@ def cmd_quantize(args):
               f"{args.calibration_steps} sampler step{'s' * (args.calibration_steps != 1)} each", flush=True)
         calibration = run if recipe.needs_calibration else None
         if recipe.needs_hessian:  # GPTQ: the generation, then its images noised at stratified timesteps
-            from quant import gptq
-            hessian = gptq.calibration_run(pipe, args.calibration_prompt or list(CALIBRATION_PROMPTS),
-                                           steps=args.calibration_steps, seed=0, progress=not args.quiet)
-            print(f"  (GPTQ also sees each image noised at {gptq.DEFAULT_CALIBRATION_TIMESTEPS} timesteps)", flush=True)
+            from sdjax.evaluation.calibration import Calibration, hessian_run
+            cal = Calibration(tuple(args.calibration_prompt or CALIBRATION_PROMPTS), steps=args.calibration_steps)
+            hessian = hessian_run(pipe, cal, progress=not args.quiet)
+            print(f"  (GPTQ also sees each image noised at {cal.n_timesteps} timesteps)", flush=True)
     try:
         importance = None if prompts is None else _sensitivities(pipe, recipe, prompts, args)
         qpipe = pipe.quantize(recipe, calibration=calibration, importance=importance, hessian=hessian,
@@ -216,13 +216,13 @@ def _reference_captions(n, seed):
 def _sensitivities(pipe, recipe, prompts, args):
     """{component: {layer: importance}} for the components with sensitive palettize layers."""
     import quant
-    from quant import sensitivity
+    from sdjax.evaluation import fisher
     comps = sorted({c for c, table in quant.plan(pipe.params, recipe).items() for a in table.values()
                     if a.method == "palettize" and a.options.get("sensitive")})
     out = {}
     for comp in comps:
         try:
-            out[comp] = sensitivity.fisher(pipe, prompts, n_timesteps=args.sensitivity_timesteps, component=comp,
+            out[comp] = fisher.fisher(pipe, prompts, n_timesteps=args.sensitivity_timesteps, component=comp,
                                            progress=not args.quiet)
         except ValueError as e:
             raise UsageError(f"sensitivities of {comp} for recipe {recipe.name!r}: {e}") from None
@@ -236,15 +236,11 @@ CALIBRATION_PROMPTS = ("a photo of a cat", "a red circle on a blue square", "a l
 def _calibration_run(pipe, args):
     """run(params) for quant.calibrate.observe (W8A8) and quant.gptq.collect (GPTQ): guided generation
     over the calibration prompts."""
-    import dataclasses
-    prompts = args.calibration_prompt or list(CALIBRATION_PROMPTS)
+    from sdjax.evaluation.calibration import Calibration, generation_run
     if args.calibration_steps < 1:
         raise UsageError(f"--calibration-steps {args.calibration_steps}: must be >= 1")
-
-    def run(params):
-        probe = dataclasses.replace(pipe, params=params)
-        return probe.generate(prompts, steps=args.calibration_steps, seed=0, output_type="np", progress=False)
-    return run
+    return generation_run(pipe, Calibration(tuple(args.calibration_prompt or CALIBRATION_PROMPTS),
+                                            steps=args.calibration_steps))
 
 
 def cmd_convert(args):
@@ -374,8 +370,9 @@ def cmd_eval(args):
         else:
             jax.distributed.initialize()  # a cluster it detects (SLURM, Open MPI, ...)
     import sdjax
-    from quant import metrics as qmetrics, sweep
-    from quant.evaluate import Settings
+    from quant import metrics as qmetrics
+    from sdjax.evaluation import sweep
+    from sdjax.evaluation.evaluator import Settings
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(sweep.DEFAULT_RECIPES)
     try:
         sweep.resolve(names)

@@ -158,6 +158,11 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def validate(self, source):
         errs = []
         if any(t != "DownEncoderBlock2D" for t in self.down_block_types):

@@ -23,9 +23,19 @@ import numpy as np
 ATTENTION_CHUNK_ELEMENTS = 1 << 22
 
 
+def is_quantized(w) -> bool:
+    """True for a weight of the protocol above (a quantized type or a probe), False for arrays."""
+    return hasattr(w, "dequantize")
+
+
+def float_value(w, dtype=np.float32):
+    """The float value of a weight or array as a host NumPy array of ``dtype``."""
+    return np.asarray(w.dequantize(dtype) if is_quantized(w) else w, dtype)
+
+
 def _dense(w, dtype):
     """The float value of a weight (a no-op for float arrays)."""
-    if hasattr(w, "dequantize"):
+    if is_quantized(w):
         return w.dequantize(dtype)
     return w.astype(dtype) if w.dtype != dtype else w
 
@@ -41,7 +51,7 @@ def _after_input(w, x):
     (experiments/quant_memory.py). ``lax.optimization_barrier`` does not do this on CPU: its expander
     pass removes the barrier. float32 weights are left alone: the addition would copy them.
     """
-    if not hasattr(w, "dequantize") and w.dtype == jnp.float32:
+    if not is_quantized(w) and w.dtype == jnp.float32:
         return w
     # x[0] * 0 is 0, or NaN when x[0] is not finite: mapped to 0, so one bad input element cannot
     # poison the whole weight (and every other sample of the batch)

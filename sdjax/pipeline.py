@@ -6,7 +6,7 @@ import os
 
 import jax.numpy as jnp
 
-from . import checkpoint, clip
+from . import checkpoint, clip, nn
 from .params import CheckpointError, canonical_dtype
 from .tokenizer import Tokenizer
 
@@ -43,15 +43,16 @@ class Pipeline:
         last, hidden, _ = clip.apply(self.params["text_encoder"], self.configs["text_encoder"], ids)
         if not clip_skip:
             return last
-        from .nn import layer_norm
         cfg = self.configs["text_encoder"]
         if not 0 < clip_skip < cfg.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {cfg.num_hidden_layers - 1}]")
-        return layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
+        return nn.layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
                           cfg.layer_norm_eps)
 
     def generate(self, prompt, negative_prompt="", steps=25, guidance_scale=7.5, sampler="dpmpp_2m",
-                 seed=0, height=None, width=None, latents=None, output_type="pil", **kwargs):
+                 seed=0, height=None, width=None, latents=None, output_type="pil", *, clip_skip=0,
+                 init_image=None, strength=None, mask=None, scheduler_overrides=None, loop="host",
+                 progress=True, settings=None):
         """Generate images for a prompt or a list of prompts.
 
         latents: x_T as NCHW (like diffusers); in img2img the noise added to the encoded image.
@@ -59,16 +60,19 @@ class Pipeline:
         Further keywords: clip_skip, init_image + strength (img2img), init_image + mask
         (inpainting: white is repainted), scheduler_overrides (dict of scheduler config
         fields), loop ("host": one compiled step with a progress bar, or "scan"), progress.
+        ``settings``: a ``sdjax.generate.GenerationSettings`` instead of the keywords it holds.
         """
-        from .generate import run
-        return run(self, prompt, negative_prompt, steps, guidance_scale, sampler, seed, height, width,
-                   latents, output_type, **kwargs)
+        from .generate import GenerationSettings, run
+        if settings is None:
+            settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+                                          height=height, width=width, clip_skip=clip_skip, strength=strength,
+                                          scheduler_overrides=scheduler_overrides, loop=loop)
+        return run(self, prompt, settings, negative_prompt, latents, init_image, mask, output_type, progress)
 
     @property
     def vae_scale_factor(self):
         """Image pixels per latent pixel (8 for SD)."""
-        from .generate import vae_scale_factor
-        return vae_scale_factor(self.configs["vae"])
+        return self.configs["vae"].scale_factor
 
     def quantize(self, recipe, calibration=None, select=None, components=None, progress=False,
                  importance=None, hessian=None) -> "Pipeline":
@@ -86,8 +90,7 @@ class Pipeline:
     @property
     def is_quantized(self):
         import jax
-        return any(hasattr(w, "dequantize") for w in jax.tree.leaves(self.params,
-                                                                    is_leaf=lambda x: hasattr(x, "dequantize")))
+        return any(nn.is_quantized(w) for w in jax.tree.leaves(self.params, is_leaf=nn.is_quantized))
 
     def save(self, out_dir, overwrite=False):
         """Write this pipeline as a diffusers folder (safetensors). A quantized pipeline is

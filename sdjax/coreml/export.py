@@ -146,11 +146,10 @@ def _tokenizer_files(pipe, folder):
 def _jobs(pipe, settings, target):
     """[(label, package file names, fn(paths))] in export order."""
     from . import text_encoder, unet, vae
-    from ..generate import vae_scale_factor
     p, c = pipe.params, pipe.configs
     prec = settings.compute_precision
     latent = settings.latent_shape or vae.default_latent_shape(c["vae"])
-    f = vae_scale_factor(c["vae"])
+    f = c["vae"].scale_factor
     common = dict(compute_precision=prec, minimum_deployment_target=target, overwrite=True)
     ukw = dict(batch=settings.unet_batch, latent_shape=latent, attention=settings.attention)
     jobs = [("text encoder", ["TextEncoder.mlpackage"],

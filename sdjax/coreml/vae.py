@@ -11,7 +11,7 @@ Decoder
 -------
 
 Input ``z`` float32 ``(1, latent_channels, h, w)`` (NCHW), output ``image`` ``(1, out_channels,
-h*f, w*f)`` in about [-1, 1] (f = ``sdjax.generate.vae_scale_factor``), the names
+h*f, w*f)`` in about [-1, 1] (f = ``VAEConfig.scale_factor``), the names
 apple/ml-stable-diffusion's Swift package reads.
 
 Scaling convention: apple/ml-stable-diffusion's Swift ``Decoder`` divides the latents by a fixed
@@ -75,8 +75,7 @@ EPS = 1e-6  # sdjax.vae.EPS
 def default_latent_shape(config):
     """(h, w) of the latents for the VAE's own ``sample_size`` (16x16 for the reference model,
     64x64 for SD 1.x's 512-pixel VAE)."""
-    from ..generate import vae_scale_factor
-    f = vae_scale_factor(config)
+    f = config.scale_factor
     size = config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or any(int(d) % f for d in hw):
@@ -184,8 +183,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # sdjax.vae.encode's clamp, also Encoder.swift's
 def default_image_shape(config):
     """(H, W) of the images the VAE was made for: ``default_latent_shape`` times the scale
     factor (64x64 for the reference model, 512x512 for SD 1.x)."""
-    from ..generate import vae_scale_factor
-    f = vae_scale_factor(config)
+    f = config.scale_factor
     return tuple(d * f for d in default_latent_shape(config))
 
 
@@ -197,13 +195,12 @@ def build_encoder(params, config, image_shape=None, dtype="float32", attention="
     image_shape: (H, W), multiples of the VAE's scale factor; default ``default_image_shape(config)``.
     dtype, attention, target: as ``build_decoder``."""
     from coremltools.converters.mil import Builder as mb
-    from ..generate import vae_scale_factor
 
     dtype = mil.tables_dtype(dtype)
     if attention not in mil.ATTENTION_MODES:
         raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
     cfg = config
-    f = vae_scale_factor(cfg)
+    f = cfg.scale_factor
     h, w = default_image_shape(cfg) if image_shape is None else (int(d) for d in image_shape)
     if h % f or w % f or h <= 0 or w <= 0:
         raise ValueError(f"image shape {(h, w)} is not a positive multiple of the VAE scale factor {f}")

@@ -531,10 +531,10 @@ def test_calibration_run_shows_the_unet_the_schedule_and_stratified_timesteps(pi
     context: two rows each) and every noised sample (two rows each), the samples' timesteps being
     sensitivity.calibration_samples' (one per stratum of [0, 1000))."""
     import samplers
-    from quant.sensitivity import calibration_samples
+    from sdjax.evaluation.calibration import Calibration, calibration_samples, hessian_run
     prompts = ["a red circle", "a blue square", "a green triangle"]
     steps, n_t, seed = 2, 3, 5
-    run = gptq.calibration_run(pipe, prompts, steps=steps, n_timesteps=n_t, seed=seed, batch=2, progress=False)
+    run = hessian_run(pipe, Calibration(prompts, steps=steps, n_timesteps=n_t, seed=seed, batch=2), progress=False)
     # pipeline params, as apply_recipe passes them (unet-only params work the same way)
     h = gptq.collect(pipe.params, run, ["unet.time_embedding.linear_1"])["unet.time_embedding.linear_1"]
     plan = samplers.get("dpmpp_2m").plan(samplers.Schedule.from_config(pipe.scheduler_config), steps)
@@ -547,4 +547,4 @@ def test_calibration_run_shows_the_unet_the_schedule_and_stratified_timesteps(pi
                                          cfg.freq_shift), np.float64)
     np.testing.assert_allclose(h, e.T @ e / len(e), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="non-empty list of calibration prompts"):
-        gptq.calibration_run(pipe, [])
+        hessian_run(pipe, Calibration([]))

@@ -17,7 +17,7 @@ What is run, for every (prompt, seed) pair:
   own final latents of that pair at one timestep per pair (stratified over the training range) and
   noise drawn from ``noise_seed``: the quantity the UNet is trained to get right.
 
-All three go through the pipeline's own jitted functions (``sdjax.generate.denoise_step``), so
+All three go through the pipeline's own jitted functions (``sdjax.generate.denoise``), so
 what is measured is what ``sdjax generate`` would draw. The text encoder and VAE of the params
 given are used, so recipes quantizing them are measured too.
 
@@ -41,10 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import samplers
-from sdjax import unet as unet_model, vae as vae_model
-from sdjax.generate import denoise_step, initial_noise
-
-from . import metrics
+from quant import metrics
+from sdjax.generate import check_float, decode_images, denoise, initial_noise, unet_output
 
 DEFAULT_ONE_STEP = 8     # pairs in Apple's one-step protocol (their 8 fixed prompts)
 NOISE_SEED = 4242        # timesteps and noise of the noise-prediction samples
@@ -72,6 +70,7 @@ class Settings:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+        object.__setattr__(self, "guidance_scale", check_float("guidance_scale", self.guidance_scale, error=ValueError))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
@@ -82,17 +81,6 @@ class Settings:
 
     def to_json(self):
         return dataclasses.asdict(self) | {"prompts": list(self.prompts), "seeds": list(self.seeds)}
-
-
-# module-level jits: compiled once per config and shapes, shared by every Evaluator
-@functools.partial(jax.jit, static_argnames="config")
-def _decode(p, z, config):
-    return jnp.clip(vae_model.decode(p, config, z / config.scaling_factor).astype(jnp.float32) / 2 + 0.5, 0, 1)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _unet(p, x, t, c, config):
-    return unet_model.apply(p, config, x, t, c).astype(jnp.float32)
 
 
 def _gather(x):
@@ -130,13 +118,11 @@ class Evaluator:
         self.plan = s.plan(sched, settings.steps)
         self.plan1 = s.plan(sched, 1)
         self.n1 = min(settings.n_one_step, self.n)
-        self._decode = functools.partial(_decode, config=self.vcfg)
-        self._unet = functools.partial(_unet, config=self.ucfg)
         t0 = time.perf_counter()
         # ``reference``: the float outputs from an earlier run (``self.reference``), not recomputed
         self.reference = dict(reference) if reference is not None else self.outputs(pipe.params, desc="float model")
         # noise-prediction samples: the float model's own final latents, one stratified t per pair
-        from .sensitivity import noise_schedule
+        from .calibration import noise_schedule
         abar, _ = noise_schedule(pipe.scheduler_config)
         rng = np.random.default_rng([NOISE_SEED, 1])
         t = np.floor((np.arange(self.n) + rng.random(self.n)) * len(abar) / self.n).astype(np.int32)
@@ -178,21 +164,18 @@ class Evaluator:
 
     def _denoise(self, up, plan, neg, pos, n):
         out = np.zeros((n, *self.latent_shape), np.float32)
-        g = jnp.asarray(self.s.guidance_scale, jnp.float32)
-        seed = jnp.asarray(0, jnp.uint32)
         for s, idx, k in self._batches(n):
             # guided batches are [negatives; positives]: shard each half so every device gets its rows' pair
             context = jnp.concatenate([self._put(np.repeat(neg, len(idx), 0)), self._put(pos[idx])])
             state = self.sampler.init(plan, self._put(self.xT[idx]))
-            for _ in range(plan.num_calls):
-                state = denoise_step(up, self.ucfg, self.sampler, plan, state, context, g, seed, {})
+            state = denoise(up, self.ucfg, self.sampler, plan, state, context, self.s.guidance_scale)
             out[s:s + k] = _gather(self.sampler.result(plan, state))[:k]
         return out
 
     def _images(self, vp, latents):
         out = np.zeros((len(latents), self.image_size, self.image_size, 3), np.float32)
         for s, idx, k in self._batches(len(latents)):
-            out[s:s + k] = _gather(self._decode(vp, self._put(latents[idx])))[:k]
+            out[s:s + k] = _gather(decode_images(vp, self.vcfg, self._put(latents[idx])))[:k]
         return out
 
     def _eps(self, params, pos=None):
@@ -202,7 +185,7 @@ class Evaluator:
         x, t = self.noise_inputs
         out = np.zeros(x.shape, np.float32)
         for s, idx, k in self._batches(self.n):
-            out[s:s + k] = _gather(self._unet(up, self._put(x[idx]), self._put(t[idx]), self._put(pos[idx])))[:k]
+            out[s:s + k] = _gather(unet_output(up, self.ucfg, self._put(x[idx]), self._put(t[idx]), self._put(pos[idx])))[:k]
         return out
 
     def outputs(self, params, desc=None):

@@ -1,4 +1,4 @@
-"""sdjax eval's engine (quant.evaluate, quant.sweep) on the embedded reference model: the simulated
+"""sdjax eval's engine (sdjax.evaluation) on the embedded reference model: the simulated
 path equals the quantized one, resuming recomputes nothing, bad folders and names are refused, NaN
 is reported, mixed-bit families are built, and 4 host devices give the numbers of 1."""
 import json
@@ -11,8 +11,9 @@ import pytest
 
 import quant
 import sdjax
-from quant import metrics, sweep
-from quant.evaluate import Evaluator, Settings
+from quant import metrics
+from sdjax.evaluation import fisher, sweep
+from sdjax.evaluation.evaluator import Evaluator, Settings
 from sdjax import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -244,8 +245,8 @@ def test_nan_output_is_reported_and_the_sweep_goes_on(pipe, tmp_path, monkeypatc
 _DEVICE_RUN = """
 import json, sys, jax
 import quant, sdjax
-from quant import sweep
-from quant.evaluate import Evaluator, Settings
+from sdjax.evaluation import fisher, sweep
+from sdjax.evaluation.evaluator import Evaluator, Settings
 pipe = sdjax.load(None, progress=False)
 ev = Evaluator(pipe, Settings(prompts=%r, seeds=(0, 1), steps=2, batch=4, n_one_step=4), progress=False)
 m, _ = ev.metrics(ev.outputs(sweep.dequantized(quant.apply_recipe(pipe.params, "palette-3bit"))))
@@ -304,7 +305,7 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
         raise AssertionError("recomputed")
     monkeypatch.setattr(sweep.Sensitivity, "measure", no)
     monkeypatch.setattr(Evaluator, "outputs", no)
-    monkeypatch.setattr(quant.sensitivity, "fisher", no)
+    monkeypatch.setattr(fisher, "fisher", no)
     again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(2, 4, 6),
                  calibration=CALIBRATION)
     assert [r["metrics"] for r in again["recipes"]] == [r["metrics"] for r in res["recipes"]]

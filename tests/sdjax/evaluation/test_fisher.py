@@ -11,7 +11,9 @@ import torch
 
 import quant
 import sdjax
-from quant import palettize, sensitivity
+from quant import palettize
+from quant.metrics import weighted_error
+from sdjax.evaluation import calibration, fisher as sensitivity
 from quant.recipes import RecipeError, layers
 from sdjax.cli import main
 from sdjax.params import sdjax_to_torch
@@ -55,7 +57,7 @@ def _torch_fisher_1(ref, lat, seed, prompts, n_t):
     ids = ref.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     abar = ref.scheduler.alphas_cumprod.double()
     pred_type = ref.scheduler.config.prediction_type
-    idx, t, noise = sensitivity.calibration_samples(len(prompts), n_t, lat.shape[2:] + lat.shape[1:2], seed)
+    idx, t, noise = calibration.calibration_samples(len(prompts), n_t, lat.shape[2:] + lat.shape[1:2], seed)
     params = [(f"unet.{n}", p) for n, p in unet.named_parameters() if n.endswith(".weight")]
     params += [(f"te.{n}", p) for n, p in te.named_parameters() if n.endswith(".weight")]
     acc = {n: np.zeros(p.shape) for n, p in params}
@@ -118,11 +120,11 @@ def test_fisher_v_prediction_matches_torch(pipeline_dirs):
 
 
 def test_calibration_samples_are_stratified_and_seeded():
-    idx, t, noise = sensitivity.calibration_samples(3, 4, (2, 2, 4), seed=7, num_train_timesteps=1000)
+    idx, t, noise = calibration.calibration_samples(3, 4, (2, 2, 4), seed=7, num_train_timesteps=1000)
     assert idx.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and noise.shape == (12, 2, 2, 4)
     assert all(250 * k <= tk < 250 * (k + 1) for i in range(3) for k, tk in enumerate(t[4 * i:4 * i + 4]))
-    again = sensitivity.calibration_samples(3, 4, (2, 2, 4), seed=7, num_train_timesteps=1000)
-    other = sensitivity.calibration_samples(3, 4, (2, 2, 4), seed=8, num_train_timesteps=1000)
+    again = calibration.calibration_samples(3, 4, (2, 2, 4), seed=7, num_train_timesteps=1000)
+    other = calibration.calibration_samples(3, 4, (2, 2, 4), seed=8, num_train_timesteps=1000)
     assert np.array_equal(t, again[1]) and np.array_equal(noise, again[2]) and not np.array_equal(noise, other[2])
 
 
@@ -132,11 +134,11 @@ def test_default_latents_are_the_models_own_generations(sd1, monkeypatch):
     real = sdjax.pipeline.Pipeline.generate
 
     def spy(self, prompt, **kw):
-        calls.append((list(prompt), kw["steps"], kw["seed"]))
+        calls.append((list(prompt), kw["settings"].steps, kw["settings"].seed))
         return real(self, prompt, **kw)
     monkeypatch.setattr(sdjax.pipeline.Pipeline, "generate", spy)
     prompts = PROMPTS + ["a green square", "a photo of the cat"]  # the shapes of the experiment's --quick
-    x0 = sensitivity.self_generated_latents(pipe, prompts, steps=4, seed=4)  # batch 8: one call
+    x0 = calibration.self_generated_latents(pipe, calibration.Calibration(prompts, steps=4, seed=4))  # batch 8: one call
     assert calls == [(prompts, 4, 4)] and x0.shape == (4, 16, 16, 4) and np.isfinite(x0).all()
     default = sensitivity.fisher(pipe, prompts, n_timesteps=2, steps=4, seed=4, progress=False)
     given = sensitivity.fisher(pipe, prompts, latents=x0.transpose(0, 3, 1, 2), n_timesteps=2, seed=4,
@@ -184,8 +186,8 @@ def test_sensitive_kmeans_lowers_the_weighted_error(sd1, fishers):
         if np.prod(w.shape) <= 2048:
             continue
         w16 = np.asarray(w, np.float32).astype(np.float16).astype(np.float64)  # what k-means sees
-        e_plain = sensitivity.weighted_error(w16, palettize.kmeans(np.asarray(w), 2), imp[name])
-        e_sens = sensitivity.weighted_error(w16, palettize.kmeans(np.asarray(w), 2, importance=imp[name]), imp[name])
+        e_plain = weighted_error(w16, palettize.kmeans(np.asarray(w), 2), imp[name])
+        e_sens = weighted_error(w16, palettize.kmeans(np.asarray(w), 2, importance=imp[name]), imp[name])
         assert e_sens <= e_plain * (1 + 1e-3), name
         strictly += e_sens < 0.999 * e_plain
         count += 1

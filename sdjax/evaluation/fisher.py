@@ -1,7 +1,7 @@
 """Per-weight sensitivities for sensitive k-means: the diagonal Fisher of the denoising loss.
 
-    from quant import sensitivity
-    imp = sensitivity.fisher(pipe, prompts)            # {layer name: array of the weight's shape}
+    from sdjax.evaluation import fisher
+    imp = fisher.fisher(pipe, prompts)                # {layer name: array of the weight's shape}
     qparams = quant.apply_recipe(pipe.params, {"rules": [{"pattern": "*", "method": "palettize",
                                  "nbits": 4, "sensitive": True}]}, importance=imp)
 
@@ -43,18 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from samplers import schedule as sch
-from sdjax import clip, nn, unet as unet_model, vae as vae_model
+from sdjax import clip, nn, unet as unet_model
 
-from .calibrate import layer_names
+from quant.calibrate import layer_names
+
+from .calibration import Calibration, calibration_samples, noise_schedule, self_generated_latents
 
 COMPONENTS = ("unet", "text_encoder")   # the components the denoising loss runs through
 DEFAULT_TIMESTEPS = 8
-DEFAULT_BATCH = 8                       # largest automatic gradient batch; the generation batch
+DEFAULT_BATCH = 8                       # largest automatic gradient batch
 GRADIENT_BUDGET = 1 << 28               # automatic batch: per-sample gradients up to 1 GiB (float32)
-# DDPMScheduler's defaults, for keys a scheduler config leaves out (the training scheduler)
-_TRAIN_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                       trained_betas=None, prediction_type="epsilon")
 
 
 def _positive_int(name, value):
@@ -63,54 +61,8 @@ def _positive_int(name, value):
     return int(value)
 
 
-def noise_schedule(scheduler_config):
-    """(alphas_cumprod float64 (T,), prediction_type) of a diffusers scheduler config dict."""
-    cfg = dict(_TRAIN_DEFAULTS)
-    cfg.update({k: v for k, v in dict(scheduler_config or {}).items() if k in _TRAIN_DEFAULTS})
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"scheduler_config: prediction_type {cfg['prediction_type']!r} is not supported "
-                         "(epsilon, v_prediction, sample)")
-    return np.asarray(sch.alphas_cumprod(cfg), np.float64), cfg["prediction_type"]
-
-
-def calibration_samples(n_prompts, n_timesteps, latent_shape, seed=0, num_train_timesteps=1000):
-    """The calibration samples' (prompt index, timestep, noise), all from ``seed``.
-
-    Sample ``i * n_timesteps + k`` is prompt ``i`` at a timestep drawn uniformly from the k-th of
-    ``n_timesteps`` equal strata of ``[0, num_train_timesteps)``. Returns int32 ``(N,)``, int32
-    ``(N,)`` and float32 noise ``(N, *latent_shape)`` (NHWC), ``N = n_prompts * n_timesteps``.
-    """
-    n_prompts = _positive_int("n_prompts", n_prompts)
-    n_timesteps = _positive_int("n_timesteps", n_timesteps)
-    T = _positive_int("num_train_timesteps", num_train_timesteps)
-    rng = np.random.default_rng([int(seed), 0x5E5])
-    strata = (np.arange(n_timesteps)[None] + rng.random((n_prompts, n_timesteps))) * (T / n_timesteps)
-    t = np.clip(np.floor(strata), 0, T - 1).astype(np.int32).reshape(-1)
-    noise = rng.standard_normal((n_prompts * n_timesteps, *latent_shape), dtype=np.float32)
-    prompt = np.repeat(np.arange(n_prompts, dtype=np.int32), n_timesteps)
-    return prompt, t, noise
-
-
-def self_generated_latents(pipe, prompts, steps=25, guidance_scale=7.5, sampler="dpmpp_2m", seed=0,
-                           batch_size=DEFAULT_BATCH, progress=False, negative_prompt=""):
-    """x0 latents (NHWC, scaled as the UNet sees them) of the model's own images for ``prompts``:
-    ``pipe.generate`` (batch ``b`` of ``batch_size`` prompts with seed ``seed + b``), encoded back
-    by the VAE (mean of the latent distribution times ``scaling_factor``)."""
-    vp, vc = pipe.params["vae"], pipe.configs["vae"]
-    encode = jax.jit(lambda p, x: vae_model.encode(p, vc, x)[0].astype(jnp.float32) * vc.scaling_factor)
-    out = []
-    starts = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(starts, desc="self-generating x0", unit="batch", disable=not progress,
-                                   leave=False)):
-        images = pipe.generate(list(prompts[start:start + batch_size]), negative_prompt=negative_prompt, steps=steps,
-                               guidance_scale=guidance_scale, sampler=sampler, seed=seed + b, output_type="np",
-                               progress=False)
-        out.append(np.asarray(encode(vp, jnp.asarray(np.asarray(images) * 2 - 1))))
-    return np.concatenate(out)
-
-
 def _check_float(params, component, source):
-    quantized = [k for k, w in nn.flatten(params).items() if hasattr(w, "dequantize")]
+    quantized = [k for k, w in nn.flatten(params).items() if nn.is_quantized(w)]
     if quantized:
         raise ValueError(f"component {component!r} of {source or 'the pipeline'} holds quantized weights "
                          f"({quantized[0]}, ...): sensitivities are gradients of the float model; load it")
@@ -185,7 +137,9 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
     abar_table, prediction_type = noise_schedule(pipe.scheduler_config)
 
     if latents is None:
-        x0 = self_generated_latents(pipe, prompts, steps, guidance_scale, sampler, seed, DEFAULT_BATCH, progress)
+        x0 = self_generated_latents(pipe, Calibration(tuple(prompts), steps=steps, guidance_scale=guidance_scale,
+                                                      sampler=sampler, seed=seed, n_timesteps=n_timesteps),
+                                    progress)
     else:
         x0 = np.asarray(latents, np.float32)
         c = ucfg.in_channels
@@ -235,13 +189,4 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
     return {k: np.asarray(v, np.float32) / n for k, v in acc.items()}
 
 
-def weighted_error(w, wq, importance):
-    """``sum(importance * (w - wq)**2)`` in float64 (``wq`` a float array or a quantized weight)."""
-    if hasattr(wq, "dequantize"):
-        wq = wq.dequantize(jnp.float32)
-    d = np.asarray(w, np.float64) - np.asarray(wq, np.float64)
-    return float(np.sum(np.asarray(importance, np.float64) * d * d))
-
-
-__all__ = ["COMPONENTS", "calibration_samples", "fisher", "noise_schedule", "self_generated_latents",
-           "weighted_error"]
+__all__ = ["COMPONENTS", "fisher"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quant import report
+from sdjax.evaluation import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NBITS = [1, 2, 4, 6, 8]

@@ -57,10 +57,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import quant
+from quant import calibrate, gptq, metrics, mixed_bit
 from sdjax import nn
+from sdjax.files import Store, StoreError, atomic_write_json
+from sdjax.version import __version__
 
-from . import calibrate, gptq, metrics, mixed_bit, report
-from .evaluate import Evaluator, Settings
+from . import report
+from .calibration import Calibration, hessian_run
+from .evaluator import Evaluator, Settings
 
 GENERATED = ("mixed-apple", "mixed-sdjax", "mixed-gptq")
 # llm-int8 and w8-int8conv are left out of the default set (add them with recipe_names / -r): the
@@ -75,13 +79,8 @@ GPTQ_MAX_BITS = 10.0      # mixed-gptq at Apple's sizes up to this many bits (ab
 CANDIDATE_MIN = 2048      # layers with more weights take part in mixed-bit selection (recipes' threshold)
 
 
-class EvalError(ValueError):
-    pass
-
-
-def _version():
-    import sdjax
-    return sdjax.__version__
+class EvalError(StoreError):
+    """A bad evaluation request or output folder (names the argument, file or setting)."""
 
 
 def fingerprint(params):
@@ -153,8 +152,8 @@ def avg_bits(unet_params, min_numel=0):
 def weight_only(params):
     """True when every quantized weight is a weight-only type (palettized, int8 W8A16): then the
     model computes exactly what it computes with the dequantized weights."""
-    from .int8 import Int8Weight
-    from .palettize import PalettizedWeight
+    from quant.int8 import Int8Weight
+    from quant.palettize import PalettizedWeight
     leaves = jax.tree.leaves(params, is_leaf=quant.recipes.is_quantized)
     return all(isinstance(w, PalettizedWeight) or (isinstance(w, Int8Weight) and getattr(w, "act_scale", None) is None)
                for w in leaves if quant.recipes.is_quantized(w))
@@ -170,63 +169,15 @@ def component_bytes(params):
     return {c: quant.size_bytes(params[c]) for c in ("unet", "text_encoder", "vae") if c in params}
 
 
-class State:
+class State(Store):
     """OUT/state/: what a rerun reuses."""
+    error = EvalError
 
     def __init__(self, out_dir, writer=True):
         # writer=False (every process but the first under jax.distributed): reads, never writes
-        self.dir, self.writer = os.path.join(out_dir, "state"), writer
+        super().__init__(os.path.join(out_dir, "state"), writer)
         if writer:
-            os.makedirs(os.path.join(self.dir, "recipes"), exist_ok=True)
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    def read(self, *parts):
-        try:
-            with open(self.path(*parts)) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except ValueError as e:
-            raise EvalError(f"{self.path(*parts)}: unreadable ({e}); delete it to recompute") from None
-
-    def write(self, obj, *parts):
-        if self.writer:
-            report.atomic_write_json(self.path(*parts), obj)
-
-    def save_arrays(self, arrays, *parts):
-        if not self.writer:
-            return
-        path = self.path(*parts)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-
-    def load_recorded(self, record, arrays, meta, what):
-        """The arrays saved in ``arrays`` when the JSON ``record`` beside them holds ``meta`` (None when
-        either is missing). A record of other settings is refused, naming the fields that differ: what
-        was derived from those arrays (sweeps, recipes) is stale too, so the whole state folder goes."""
-        old = self.read(record)
-        if old is None:
-            return None
-        if old != meta:
-            diff = sorted(k for k in meta if old.get(k) != meta[k])
-            raise EvalError(f"{self.path(record)}: {what} ({', '.join(diff)} differ); use another output folder "
-                            f"or delete {self.dir}")
-        return self.load_arrays(arrays)
-
-    def save_recorded(self, record, arrays, meta, values):
-        """Save ``values`` as ``arrays`` and then ``meta`` as ``record``, whose presence marks them done."""
-        self.save_arrays(values, arrays)
-        self.write(meta, record)
-
-    def load_arrays(self, *parts):
-        try:
-            with np.load(self.path(*parts)) as z:
-                return {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            return None
+            os.makedirs(self.path("recipes"), exist_ok=True)
 
 
 def _not_evaluation(prompts, settings, what):
@@ -265,15 +216,15 @@ def hessians(pipe, prompts, settings: Settings, state: State, progress=True):
     prompts = _not_evaluation(prompts, settings, "calibration prompts")
     meta = {"prompts": prompts, "seed": CALIBRATION_SEED, "steps": settings.steps, "sampler": settings.sampler,
             "guidance_scale": settings.guidance_scale, "batch": settings.batch,
-            "n_timesteps": gptq.DEFAULT_CALIBRATION_TIMESTEPS}
+            "n_timesteps": Calibration.n_timesteps}
     saved = state.load_recorded("hessians.json", "hessians.npz", meta,
                                 "the saved GPTQ input statistics come from other calibration settings")
     if saved is not None:
         return saved
     unet = pipe.params["unet"]
-    run = gptq.calibration_run(pipe, prompts, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                               sampler=settings.sampler, negative_prompt=settings.negative_prompt,
-                               seed=CALIBRATION_SEED, batch=settings.batch, progress=progress)
+    run = hessian_run(pipe, Calibration(tuple(prompts), steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                        sampler=settings.sampler, negative_prompt=settings.negative_prompt,
+                                        seed=CALIBRATION_SEED, batch=settings.batch), progress=progress)
     t0 = time.perf_counter()
     H = gptq.collect(unet, run, calibrate.layer_names(unet))
     state.save_recorded("hessians.json", "hessians.npz", meta, H)
@@ -447,9 +398,9 @@ class Sensitivity:
         bits, and its time (the Fisher pass plus the estimate) against the measured sweep's."""
         if "fisher" in self.data:
             return self.data["fisher"]
-        from . import sensitivity
+        from . import fisher
         t0 = time.perf_counter()
-        imp = sensitivity.fisher(self.ev.pipe, list(dict.fromkeys(prompts)), n_timesteps=FISHER_TIMESTEPS,
+        imp = fisher.fisher(self.ev.pipe, list(dict.fromkeys(prompts)), n_timesteps=FISHER_TIMESTEPS,
                                  progress=self.progress)
         est = {b: {} for b in self.nbits}
         for n in self.layers:
@@ -565,7 +516,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     state = State(out_dir, writer)
-    manifest = {"sdjax_version": _version(), "fingerprint": fingerprint(pipe.params), "settings": settings.to_json(),
+    manifest = {"sdjax_version": __version__, "fingerprint": fingerprint(pipe.params), "settings": settings.to_json(),
                 "mixed": {"candidate_min": candidate_min, "nbits": list(mixed_nbits), "selection_seed": SELECTION_SEED,
                           "sweep_pairs": SWEEP_PAIRS}}
     _check_manifest(state, manifest, out_dir)
@@ -611,7 +562,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         todo += [(n, r) for n, r, _ in mixed]
         roles = {n: role for n, _, role in mixed}
 
-    results = {"sdjax_version": _version(),
+    results = {"sdjax_version": __version__,
                "model": {"source": model_label or pipe.source, "fingerprint": manifest["fingerprint"]},
                "settings": dict(settings.to_json(), metrics=list(metrics.BUILTIN) + [p.name for p in plugins]),
                "float": float_entry, "recipes": [], "sensitivity": S.block() if S else None,
@@ -659,9 +610,9 @@ def write_recipes(results, out_dir):
     for r in results["recipes"]:
         rec = r["recipe"]
         if quant.recipes.is_apple_recipe(rec):
-            report.atomic_write_json(os.path.join(d, _safe(r["name"]) + ".apple.json"), rec)
+            atomic_write_json(os.path.join(d, _safe(r["name"]) + ".apple.json"), rec)
             rec = quant.parse_recipe(rec).to_json() | {"name": r["name"]}
-        report.atomic_write_json(os.path.join(d, _safe(r["name"]) + ".json"), rec)
+        atomic_write_json(os.path.join(d, _safe(r["name"]) + ".json"), rec)
 
 
 def targets(results):

@@ -1,6 +1,6 @@
 """The "quality vs bits" report of ``sdjax eval``: results dict -> Markdown, JSON, plots, image grids.
 
-    from quant import report
+    from sdjax.evaluation import report
     files = report.write_report(results, "eval_out", images={"float": imgs, "palette-6bit": imgs6})
     # {"json": ".../report.json", "quality_vs_bits": ..., "sizes": ..., "sensitivity": ...,
     #  "grid": ..., "markdown": ".../report.md"}
@@ -52,58 +52,9 @@ GRID_MIN_TILE = 96               # images are upscaled (nearest neighbour) to at
 DPI = 100
 
 
-# ----------------------------------------------------------------------------------------- atomic
-
-
-def _atomic_write(path, write, mode="wb"):
-    """Call ``write(file)`` on ``<path>.tmp`` and move it onto ``path``; on error remove the temporary."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` (UTF-8) to ``path`` atomically. Returns ``path``."""
-    return _atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def _json_default(obj):
-    """numpy / jax scalars and arrays -> Python numbers and lists; anything else is an error."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray) or (hasattr(obj, "__array__") and hasattr(obj, "shape")):
-        return np.asarray(obj).tolist()
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path, obj, indent=1):
-    """Write ``obj`` as JSON to ``path`` atomically. Returns ``path``.
-
-    Non-finite floats become ``Infinity``/``-Infinity``/``NaN`` (``json.load`` reads them back);
-    numpy scalars and arrays are written as numbers and lists."""
-    def write(f):
-        json.dump(obj, f, indent=indent, allow_nan=True, default=_json_default)
-        f.write("\n")
-    return _atomic_write(path, write, mode="w")
-
-
-def atomic_save_figure(fig, path, dpi=DPI):
-    """Save a matplotlib figure as PNG to ``path`` atomically. Returns ``path``."""
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-
-
-def atomic_save_image(image, path):
-    """Save a PIL image as PNG to ``path`` atomically. Returns ``path``."""
-    return _atomic_write(path, lambda f: image.save(f, format="PNG"))
+# the project's atomic writers, under the names this module's users know
+from sdjax.files import (atomic_save_figure, atomic_save_image, atomic_write_json,  # noqa: E402,F401
+                         atomic_write_text)
 
 
 # ----------------------------------------------------------------------------------------- values
