@@ -15,6 +15,18 @@ class UsageError(Exception):
     """A bad argument: exit status 2."""
 
 
+def _finite_float(text):
+    """argparse type: a finite number (``nan`` and ``inf`` are refused, naming the flag)."""
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
 def _model_arg(p):
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model)")
@@ -513,7 +525,7 @@ def build_parser():
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=_finite_float, default=7.5)
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, plms, euler, euler_a, heun, lms, dpmpp_2m, "
                    "dpmpp_2m_karras, unipc, lcm (default dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0)
@@ -521,7 +533,7 @@ def build_parser():
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--latents", default=None, metavar="FILE.npy", help="x_T, NCHW float32 (as diffusers)")
     p.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=_finite_float, default=None,
                    help="how much of the init image to repaint, in [0, 1] (default 0.8, inpainting 1.0)")
     p.add_argument("--mask", default=None, metavar="IMAGE", help="inpainting mask: white is repainted")
     p.add_argument("--batch-size", type=int, default=1)
@@ -615,7 +627,7 @@ def build_parser():
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help="as sdjax generate's (default dpmpp_2m)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--batch", type=int, default=16, help="prompt/seed pairs per batch (default 16)")
     p.add_argument("--metric", action="append", metavar="MODULE:CALLABLE",
                    help="a plug-in metric (images, prompts, float images) -> per-image values (repeatable)")

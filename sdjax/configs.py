@@ -7,6 +7,7 @@ default value: a config is never silently half-honoured.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 from typing import Any
@@ -16,18 +17,54 @@ class ConfigError(ValueError):
     """A config the models cannot honour (names the file and the option)."""
 
 
+# options diffusers writes as null where the field has a default (null means that default's meaning)
+_NULLABLE = {"transformer_layers_per_block", "num_attention_heads", "projection_class_embeddings_input_dim",
+             "class_embed_type", "addition_embed_type", "time_embedding_type", "encoder_hid_dim"}
+
+
 def _norm(v):
     return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _check_object(d, source):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: a config must be a JSON object of options, not a {type(d).__name__}")
+
+
+def _wrong_type(value, default):
+    """Why ``value`` cannot stand where the field's ``default`` does (None when it can). Fields whose
+    default is None take any value, checked by ``validate``."""
+    number = (int, float)
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a boolean"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        kinds = {type(x) for x in default} or {int, str}
+        ok = isinstance(value, tuple) and all(isinstance(x, tuple(kinds)) and not isinstance(x, bool) for x in value)
+        return None if ok else f"a list of {' or '.join(sorted(k.__name__ for k in kinds))}"
+    return None
+
+
 def _build(cls, d: dict, unsupported: dict, source: str, ignore_unknown: bool):
-    fields = {f.name for f in dataclasses.fields(cls)}
+    _check_object(d, source)
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs, errors = {}, []
     for key, value in d.items():
         if key.startswith("_"):
             continue
         if key in fields:
             kwargs[key] = _norm(value)
+            want = _wrong_type(kwargs[key], fields[key])
+            if want is not None and not (value is None and fields[key] is not None and key in _NULLABLE):
+                errors.append(f"option {key}={value!r}: expected {want}")
         elif key in unsupported:
             if _norm(value) != _norm(unsupported[key]):
                 errors.append(f"option {key}={value!r} is not implemented by sdjax "
@@ -38,9 +75,11 @@ def _build(cls, d: dict, unsupported: dict, source: str, ignore_unknown: bool):
         raise ConfigError(f"{source}: " + "; ".join(errors))
     try:
         cfg = cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    cfg.validate(source)
+        cfg.validate(source)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, ZeroDivisionError) as e:
+        raise ConfigError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
     return cfg
 
 
@@ -211,6 +250,7 @@ def vae_config(d: dict, source: str = "vae config") -> VAEConfig:
 
 
 def clip_config(d: dict, source: str = "text_encoder config") -> CLIPConfig:
+    _check_object(d, source)
     arch = d.get("architectures") or ["CLIPTextModel"]
     if any(a not in CLIP_ARCHITECTURES for a in arch):
         raise ConfigError(f"{source}: architecture {arch} is not implemented (only CLIPTextModel)")

@@ -10,6 +10,7 @@ The writer likewise streams tensor by tensor instead of building the file in mem
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -29,6 +30,11 @@ class SafetensorsError(ValueError):
     """A safetensors file that cannot be read (names the file and the problem)."""
 
 
+def _is_count(v):
+    """A non-negative integer from JSON (bools and floats are not)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class Reader:
     """Open a safetensors file, validate its header against its size, read tensors one at a time."""
 
@@ -38,6 +44,13 @@ class Reader:
             self._f = open(self.path, "rb")
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: file not found") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _parse_header(self):
         size = os.fstat(self._f.fileno()).st_size
         head = self._f.read(8)
         if len(head) < 8:
@@ -48,9 +61,15 @@ class Reader:
                                    f"(header says {n} bytes, file has {size})")
         try:
             header = json.loads(self._f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise SafetensorsError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                                   "expected an object of tensor entries)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise SafetensorsError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings "
+                                   "to strings)")
         self._base = 8 + n
         self.entries = {}
         for key, e in header.items():
@@ -58,9 +77,11 @@ class Reader:
                 dtype = np.dtype(DTYPES[e["dtype"]])
                 shape = tuple(e["shape"])
                 start, end = e["data_offsets"]
+                if not all(_is_count(v) for v in (*shape, start, end)) or start > end:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise SafetensorsError(f"{self.path}: corrupt header entry for {key!r}") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             if end - start != nbytes:
                 raise SafetensorsError(f"{self.path}: tensor {key!r} has {end - start} bytes for "
                                        f"shape {shape} {e['dtype']}")

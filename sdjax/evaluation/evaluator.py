@@ -272,6 +272,7 @@ class Evaluator:
         if adherence is not None:
             m["adherence"] = adherence(out["images"], self.prompts) if images_ok else None
         for plugin in plugins:
-            m[plugin.name] = (float(np.mean(plugin(out["images"], self.prompts, ref["images"])))
+            # run_plugin checks the plug-in's output: one value per image (ValueError naming it otherwise)
+            m[plugin.name] = (float(np.mean(metrics.run_plugin(plugin, out["images"], self.prompts, ref["images"])))
                               if images_ok else float("nan"))
         return m, (None if not bad else "; ".join(bad))

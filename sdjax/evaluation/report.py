@@ -342,7 +342,7 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def _to_uint8(images):
+def to_uint8(images):
     """(N, H, W, 3) or (H, W, 3), float in [0, 1] or uint8 -> uint8 (N, H, W, 3); NaN/Inf -> magenta."""
     a = np.asarray(images)
     if a.ndim == 3:
@@ -404,7 +404,7 @@ def image_grid(rows, path, captions=None, max_cols=GRID_MAX_COLS, min_size=GRID_
     + rows * (tile_h + gap) + gap``, tile (i, j) at ``(label_w + gap + j * (tile_w + gap),
     caption_h + gap + i * (tile_h + gap))``; ``caption_h`` is 0 without captions."""
     from PIL import Image, ImageDraw
-    rows = [(str(label), _to_uint8(imgs)[:max_cols]) for label, imgs in rows]
+    rows = [(str(label), to_uint8(imgs)[:max_cols]) for label, imgs in rows]
     if not rows:
         raise ValueError("image_grid: no rows")
     ncols = max(len(imgs) for _, imgs in rows)

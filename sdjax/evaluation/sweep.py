@@ -252,10 +252,6 @@ def _check_manifest(state, manifest, out_dir):
                             f"use another output folder or delete {out_dir}")
 
 
-def _to_uint8(images):
-    return np.round(np.clip(np.nan_to_num(images, nan=0.0), 0, 1) * 255).astype(np.uint8)
-
-
 class Sensitivity:
     """Per-layer one-step PSNR sweeps with fake quantization: each layer's weight replaced by its
     palettized value (dequantized back to float), so every measurement reuses one compiled program
@@ -567,7 +563,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                "settings": dict(settings.to_json(), metrics=list(metrics.BUILTIN) + [p.name for p in plugins]),
                "float": float_entry, "recipes": [], "sensitivity": S.block() if S else None,
                "sensitivity_gptq": G.block() if G else None, "targets": None}
-    images = {"float": _to_uint8(ev.reference["images"])}
+    images = {"float": report.to_uint8(ev.reference["images"])}
     bar = tqdm(todo, desc="recipes", unit="recipe", disable=not progress)
     for name, r in bar:
         bar.set_postfix_str(name)
@@ -586,7 +582,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                    "avg_bits_candidates": avg_bits(qparams["unet"], candidate_min),
                    "bytes": component_bytes(qparams), "metrics": m, "finite": bad is None, "nonfinite": bad,
                    "seconds": time.perf_counter() - t0, "recipe": r, "path": path}
-            imgs = _to_uint8(out["images"])
+            imgs = report.to_uint8(out["images"])
             state.save_arrays({"images": imgs}, "recipes", key + ".npz")
             state.write(res, "recipes", key + ".json")  # last: its presence marks the recipe done
         if name in roles:

@@ -63,3 +63,23 @@ def test_usage_errors_exit_2_without_traceback_or_output(pipeline_dirs, tmp_path
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not any(p.name.startswith(("out", "x.")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value", [("--guidance-scale", "nan"), ("--guidance-scale", "inf"),
+                                         ("--strength", "-inf"), ("--guidance-scale", "x")])
+def test_non_finite_numbers_are_refused_naming_the_flag(tmp_path, flag, value):
+    out = tmp_path / "o.png"
+    r = _run("--prompt", "a red circle", flag, value, "--out", str(out), "-q")
+    assert r.returncode == 2 and flag in r.stderr and value in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(guidance_scale=float("nan")), "guidance_scale=nan: must be a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale=inf: must be a finite number"),
+    (dict(strength=float("nan")), "strength=nan: must be a finite number"),
+])
+def test_the_api_refuses_non_finite_numbers(kwargs, message):
+    import sdjax
+    from sdjax.generate import GenerationError
+    with pytest.raises(GenerationError, match=message):
+        sdjax.load(None, progress=False).generate("a red circle", steps=1, **kwargs)

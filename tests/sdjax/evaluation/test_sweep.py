@@ -240,6 +240,22 @@ def test_nan_output_is_reported_and_the_sweep_goes_on(pipe, tmp_path, monkeypatc
     assert not bad["finite"] and "NaN" in bad["nonfinite"] and np.isnan(bad["metrics"]["latent_psnr_1step_db"])
     assert good["finite"] and np.isfinite(good["metrics"]["latent_psnr_1step_db"])
     assert "NaN" in (tmp_path / "ev" / "report.md").read_text()
+    # NaN pixels reach the grid as magenta (the report's marking), not as black
+    stored = np.load(tmp_path / "ev" / "state" / "recipes" / "palette-2bit.npz")["images"]
+    magenta = (stored == np.array([255, 0, 255], np.uint8)).all(-1)
+    assert magenta.any() and not (stored == 0).all(-1).any()
+
+
+def test_metric_plugins_are_checked_for_one_value_per_image(pipe, ev):
+    """A plug-in from --metric goes through quant.metrics.run_plugin: a wrong shape names the plug-in."""
+    class Bad:
+        name = "bad_shape"
+
+        def __call__(self, images, prompts, ref_images):
+            return np.zeros((len(images), 2))
+    out = ev.outputs(pipe.params)
+    with pytest.raises(ValueError, match="plug-in metric 'bad_shape' returned shape"):
+        ev.metrics(out, plugins=[Bad()])
 
 
 _DEVICE_RUN = """
