@@ -12,6 +12,8 @@ The workflows that drive a pipeline (calibration runs, Fisher sensitivities, the
 the report) live in ``sdjax.evaluation``, above this package.
 """
 from . import calibrate, gptq, int8, llm_int8, palettize  # noqa: F401
-from . import recipes  # noqa: F401
+from . import recipes  # noqa: F401  (the recipe format)
 from . import io  # noqa: F401
-from .recipes import PRESETS, Recipe, RecipeError, apply_recipe, parse as parse_recipe, plan, size_bytes  # noqa: F401
+from . import allocation, apply, mixed_bit  # noqa: F401
+from .apply import apply_recipe, plan, size_bytes  # noqa: F401
+from .recipes import PRESETS, Recipe, RecipeError, parse as parse_recipe  # noqa: F401

@@ -98,7 +98,7 @@ class WeightProbe:
 
     def dequantize(self, dtype=jnp.float32):
         w = self.weight
-        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+        return w.dequantize(dtype) if nn.is_quantized(w) else w.astype(dtype)
 
     def _record_conv(self, x, stride, padding):
         self._record(x)

@@ -218,7 +218,7 @@ def reference_indices(w, hessian, pw, damp=DEFAULT_DAMP, order=None):
 def output_error(w, wq, hessian):
     """``tr((W - Q)^T H (W - Q))``: the summed squared output error over the inputs H came from."""
     w = np.asarray(w)
-    q = wq.dequantize(jnp.float32) if hasattr(wq, "dequantize") else wq
+    q = wq.dequantize(jnp.float32) if nn.is_quantized(wq) else wq
     d, out = _rows(w)
     diff = np.asarray(w, np.float64).reshape(d, out) - np.asarray(q, np.float64).reshape(d, out)
     return float(np.sum(diff * (np.asarray(hessian, np.float64) @ diff)))

@@ -91,6 +91,11 @@ class Int8Weight(Int8Data):
     path: str = flax.struct.field(pytree_node=False, default="integer")
 
     @property
+    def method(self):
+        """The recipe method (the weight protocol's name): "int8" (W8A16) or "int8-w8a8"."""
+        return "int8" if self.act_scale is None else "int8-w8a8"
+
+    @property
     def mode(self):
         return "w8a16" if self.act_scale is None else "w8a8"
 

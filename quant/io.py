@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 import sdjax.version
 from sdjax import checkpoint, configs as cfgs
-from sdjax.nn import flatten, unflatten
+from sdjax.nn import flatten, method_of as nn_method_of, unflatten
 from sdjax.params import CheckpointError, canonical_dtype, check_shapes
 from sdjax.safetensors_io import Reader, SafetensorsError, write
 
@@ -56,7 +56,9 @@ from . import calibrate
 from .int8 import Int8Weight
 from .llm_int8 import LLMInt8Weight
 from .palettize import PalettizedWeight
-from .recipes import Recipe, is_quantized
+from sdjax.nn import is_quantized
+
+from .recipes import Recipe
 
 FORMAT = "sdjax-quantized"
 FORMAT_VERSION = 1
@@ -87,15 +89,7 @@ METHODS = ("palettize", "int8", "int8-w8a8", "llm-int8")
 
 def method_of(w):
     """The recipe method a weight represents: "float", "palettize", "int8", "int8-w8a8", "llm-int8"."""
-    if isinstance(w, PalettizedWeight):
-        return "palettize"
-    if isinstance(w, Int8Weight):
-        return "int8" if w.act_scale is None else "int8-w8a8"
-    if isinstance(w, LLMInt8Weight):
-        return "llm-int8"
-    if is_quantized(w):
-        return type(w).__name__
-    return "float"
+    return nn_method_of(w)
 
 
 def _codec(method):

@@ -44,6 +44,7 @@ DEFAULT_THRESHOLD = 6.0
 @flax.struct.dataclass
 class LLMInt8Weight(int8.Int8Data):
     """Column-wise absmax int8 weight for LLM.int8() products; see the module docstring."""
+    method = "llm-int8"  # the recipe method (the weight protocol's name for this type)
     data: jax.Array     # int8, (in, out) or HWIO
     absmax: jax.Array   # float32 (out,): cw, the column absmax (bitsandbytes' SCB)
     threshold: float = flax.struct.field(pytree_node=False, default=DEFAULT_THRESHOLD)

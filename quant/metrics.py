@@ -143,12 +143,29 @@ def sqnr_db(ref, x) -> float:
     r, a = _pair(ref, x, "sqnr_db")
     if not (np.isfinite(r).all() and np.isfinite(a).all()):
         return math.nan
-    signal, noise = float(np.sum(r * r)), float(np.sum((r - a) ** 2))
+    return ratio_db(*signal_noise(r, a))
+
+
+def signal_noise(ref, x):
+    """``(sum(ref**2), sum((ref - x)**2))`` in float64: the two sums of an SQNR, to pool over tensors."""
+    r, a = _pair(ref, x, "signal_noise")
+    return float(np.sum(r * r)), float(np.sum((r - a) ** 2))
+
+
+def ratio_db(signal, noise) -> float:
+    """``10 log10(signal / noise)``: ``inf`` when the noise is 0, ``-inf`` when the signal is."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * (math.log10(signal) - math.log10(noise))
+
+
+def weight_stats(w):
+    """(absmax, std, fraction of |w| > 6 std) of a weight's values (float64)."""
+    a = _float64(w)
+    std = float(a.std())
+    return float(np.abs(a).max()), std, float(np.mean(np.abs(a) > 6 * std)) if std > 0 else 0.0
 
 
 def psnr_db(ref, x, peak=None, axis=None):

@@ -51,6 +51,7 @@ class PalettizedWeight:
     ``[g*group_size, (g+1)*group_size)``. ``scale`` (``(out,)``, or None) multiplies each output
     channel after the lookup.
     """
+    method = "palettize"               # the recipe method (the weight protocol's name for this type)
     packed: jax.Array                  # uint8 (ceil(size * nbits / 8),)
     lut: jax.Array                     # float16 (num_groups, 2**nbits)
     shape: tuple = flax.struct.field(pytree_node=False)

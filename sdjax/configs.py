@@ -9,17 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import json
-import os
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A config the models cannot honour (names the file and the option)."""
-
-
-# options diffusers writes as null where the field has a default (null means that default's meaning)
-_NULLABLE = {"transformer_layers_per_block", "num_attention_heads", "projection_class_embeddings_input_dim",
-             "class_embed_type", "addition_embed_type", "time_embedding_type", "encoder_hid_dim"}
 
 
 def _norm(v):
@@ -55,16 +49,18 @@ def _wrong_type(value, default):
 
 def _build(cls, d: dict, unsupported: dict, source: str, ignore_unknown: bool):
     _check_object(d, source)
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    kwargs, errors = {}, []
+    # options annotated Any (an int or a per-block list, ...) are left to ``validate``
+    fields = {f.name: (f.default if f.type in ("int", "float", "str", "bool", "tuple") else None)
+              for f in dataclasses.fields(cls)}
+    kwargs, errors, typing_errors = {}, [], []
     for key, value in d.items():
         if key.startswith("_"):
             continue
         if key in fields:
             kwargs[key] = _norm(value)
-            want = _wrong_type(kwargs[key], fields[key])
-            if want is not None and not (value is None and fields[key] is not None and key in _NULLABLE):
-                errors.append(f"option {key}={value!r}: expected {want}")
+            want = None if value is None else _wrong_type(kwargs[key], fields[key])  # null: checked by validate
+            if want is not None:
+                typing_errors.append(f"option {key}={value!r}: expected {want}")
         elif key in unsupported:
             if _norm(value) != _norm(unsupported[key]):
                 errors.append(f"option {key}={value!r} is not implemented by sdjax "
@@ -73,13 +69,16 @@ def _build(cls, d: dict, unsupported: dict, source: str, ignore_unknown: bool):
             errors.append(f"unknown option {key}={value!r}")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
-    try:
+    try:  # validate first: its messages are the specific ones
         cfg = cls(**kwargs)
         cfg.validate(source)
     except ConfigError:
         raise
     except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, ZeroDivisionError) as e:
-        raise ConfigError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{source}: invalid config ({type(e).__name__}: {e})"
+                          + "".join(f"; {t}" for t in typing_errors)) from None
+    if typing_errors:
+        raise ConfigError(f"{source}: " + "; ".join(typing_errors))
     return cfg
 
 

@@ -14,7 +14,6 @@ table read backwards writes single files.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import shutil
@@ -546,21 +545,9 @@ def clip_tokenizer_files(out_dir, kind):
     chars = _bytes_to_unicode()
     vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": PAD_TOKEN[kind]}
-    files = {
-        "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "special_tokens_map.json": json.dumps(special, indent=2),
-        "tokenizer_config.json": json.dumps({**special, "model_max_length": 77, "do_lower_case": True,
-                                             "errors": "replace", "add_prefix_space": False,
-                                             "tokenizer_class": "CLIPTokenizer"}, indent=2),
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in files.items():
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            f.write(text)
-    return str(out_dir)
+    from .tokenizer import write_files
+    return write_files(out_dir, vocab, merges, pad_token=PAD_TOKEN[kind],
+                       config={"errors": "replace", "add_prefix_space": False})
 
 
 def tokenizer_dir(kind):

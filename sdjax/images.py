@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from .files import atomic_save_image, atomic_save_npy
+
 
 class ImageError(ValueError):
     """An image argument that cannot be used (names it and what was expected)."""
@@ -79,21 +81,9 @@ def save_png(image, path, metadata: dict):
     info = PngInfo()
     for k, v in metadata.items():
         info.add_text(str(k), str(v))
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save_image(image, path, pnginfo=info)
 
 
 def save_npy(array, path):
     """Write an array as .npy atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        np.save(tmp, np.asarray(array))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save_npy(path, array)

@@ -5,6 +5,8 @@ primitives reach a quantized weight only through a small protocol so this module
 never needs to know which quantization methods exist:
 
 - ``w.dequantize(dtype)`` -> float array in sdjax layout (required);
+- ``w.method`` -> the recipe method it represents ("palettize", "int8", ...), which
+  ``quant.io`` and the Core ML exporter dispatch on (optional; the type's name otherwise);
 - ``w.linear(x)`` / ``w.conv2d(x, stride, padding)`` (optional) for weight types with
   their own integer compute path; when present they replace dequantize-then-float.
 
@@ -26,6 +28,13 @@ ATTENTION_CHUNK_ELEMENTS = 1 << 22
 def is_quantized(w) -> bool:
     """True for a weight of the protocol above (a quantized type or a probe), False for arrays."""
     return hasattr(w, "dequantize")
+
+
+def method_of(w) -> str:
+    """The recipe method a weight represents: "float" for arrays, else its ``method``."""
+    if not is_quantized(w):
+        return "float"
+    return getattr(w, "method", type(w).__name__)
 
 
 def float_value(w, dtype=np.float32):

@@ -17,6 +17,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from .files import atomic_write
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
@@ -146,14 +148,9 @@ def write(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align tensor data to 8 bytes
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, a in items:
-                f.write(np.ascontiguousarray(np.asarray(a)).tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    def write_all(f):
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, a in items:
+            f.write(np.ascontiguousarray(np.asarray(a)).tobytes())
+    atomic_write(path, write_all)

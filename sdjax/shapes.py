@@ -223,3 +223,21 @@ def score(images, captions) -> dict:
         all_right += all(ok)
     n = max(len(captions), 1)
     return {**{a: hits[a] / n for a in ATTRIBUTES}, "all": all_right / n, "n": len(captions)}
+
+
+def captions(n: int, seed: int, exclude=()) -> list[str]:
+    """``n`` distinct dataset captions, a fixed pick per ``seed`` (sorted in dataset order), none of
+    ``exclude``: prompt sets for evaluation and calibration that need no file."""
+    skip = set(exclude)
+    scenes = [s for s in all_scenes() if s.caption not in skip]
+    pick = np.random.default_rng([2026, seed]).choice(len(scenes), min(n, len(scenes)), replace=False)
+    return [scenes[i].caption for i in sorted(pick)]
+
+
+def shuffled_captions(n: int, seed: int, exclude=()) -> list[str]:
+    """``n`` dataset captions in a random order of ``seed`` (a sorted pick would be mostly small
+    shapes), none of ``exclude``."""
+    skip = set(exclude)
+    caps = [s.caption for s in all_scenes() if s.caption not in skip]
+    return [caps[i] for i in np.random.default_rng([2026, seed]).permutation(len(caps))[:n]]
+

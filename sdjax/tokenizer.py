@@ -73,16 +73,28 @@ def write_bpe(folder, words, pad_token="<|endoftext|>", max_length=77) -> int:
                 vocab.append(merged)
             parts = [merged] + parts[2:]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    import json
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({**special, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
-                   "do_lower_case": True}, f, indent=2)
+    write_files(folder, vocab, merges, pad_token=pad_token, max_length=max_length)
     return len(vocab)
+
+
+def write_files(folder, vocab, merges, pad_token=None, max_length=77, config=None):
+    """The one writer of CLIP BPE tokenizer files in the Hugging Face layout: ``vocab.json`` (``vocab``:
+    tokens in id order, or ``{token: id}``) and ``merges.txt`` (``merges``: "a b" strings or pairs);
+    with ``pad_token`` also ``special_tokens_map.json`` and ``tokenizer_config.json`` (``config``:
+    more fields for it). Each file is written atomically. Returns ``folder``."""
+    import json
+
+    from .files import atomic_write_text
+    os.makedirs(folder, exist_ok=True)
+    ids = vocab if isinstance(vocab, dict) else {t: i for i, t in enumerate(vocab)}
+    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    atomic_write_text(os.path.join(folder, "vocab.json"), json.dumps(ids, ensure_ascii=False))
+    atomic_write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(m + "\n" for m in lines))
+    if pad_token is not None:
+        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "pad_token": pad_token}
+        atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special, indent=2))
+        atomic_write_text(os.path.join(folder, "tokenizer_config.json"),
+                          json.dumps({**special, "model_max_length": max_length, "do_lower_case": True,
+                                      "tokenizer_class": "CLIPTokenizer", **(config or {})}, indent=2))
+    return str(folder)

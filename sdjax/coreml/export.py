@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 
+from ..files import Store, StoreError, replace_folder
 from ..memory import peak_rss_bytes
 
 MANIFEST = "sdjax_export.json"
@@ -94,21 +95,39 @@ def check_exportable(params, target_name):
     """Raise ExportError naming the first layer the deployment target or Core ML cannot express."""
     import coremltools as ct
     import quant
+    from ..nn import method_of
     needs18 = getattr(ct.target, target_name) < ct.target.iOS18  # iOS16/17, macOS13/14 (macOS15 is iOS18's opset)
     for comp in ("text_encoder", "unet", "vae"):
         for name, w in quant.recipes.layers(params[comp]).items():
-            kind = type(w).__name__
-            if kind == "PalettizedWeight" and needs18 and (w.num_groups != 1 or w.scale is not None):
+            kind = method_of(w)
+            if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None):
                 what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else "a per-channel scale"
                 raise ExportError(f"{comp}.{name} is palettized with {what}, which Core ML expresses only "
                                   f"from {GROUPED_LUT_TARGET} (macOS15): pass --min-deployment-target "
                                   f"{GROUPED_LUT_TARGET} (or macOS15), not {target_name}")
-            if kind == "Int8Weight" and w.act_scale is not None:
+            if kind == "int8-w8a8":
                 raise ExportError(f"{comp}.{name} is int8 W8A8 (quantized activations); Core ML weights are "
                                   "weight-only: use an int8 (W8A16) or palettize recipe")
-            if kind not in ("PalettizedWeight", "Int8Weight") and hasattr(w, "dequantize"):
-                raise ExportError(f"{comp}.{name} is {kind}, which has no Core ML weight form "
+            if kind not in ("palettize", "int8", "float"):
+                raise ExportError(f"{comp}.{name} is {type(w).__name__} ({kind}), which has no Core ML weight form "
                                   "(supported: palettize, int8 W8A16, float)")
+
+
+def check_recipe(recipe, label=None):
+    """Raise ExportError when a parsed recipe makes weights Core ML cannot hold (W8A8) or needs
+    statistics this exporter does not collect (sensitive or GPTQ palettization: quantize first)."""
+    label = label or recipe.name
+    if recipe.needs_calibration:  # check_exportable refuses such weights too, after `sdjax quantize`
+        raise ExportError(f"{label}: has int8-w8a8 rules (quantized activations, calibrated), "
+                          "which Core ML's weight-only compression cannot express: use an int8 (W8A16) or "
+                          "palettize recipe")
+    needs = [what for what, needed in (("sensitivities (sensitive palettize rules)", recipe.needs_importance),
+                                       ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian))
+             if needed]
+    if needs:
+        raise ExportError(f"{label}: needs {' and '.join(needs)}, which export-coreml does not "
+                          f"collect; quantize first, then export the folder: `sdjax quantize --recipe "
+                          f"{label} -o Q ...` then `sdjax export-coreml --quantized Q`")
 
 
 def _tokenizer_files(pipe, folder):
@@ -128,11 +147,8 @@ def _tokenizer_files(pipe, folder):
             vocab, merges = model["vocab"], model["merges"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{tj}: cannot read the BPE vocabulary and merges ({type(e).__name__}: {e})") from None
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
-            json.dump(vocab, fh, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
-            fh.write("#version: 0.2\n")
-            fh.writelines((m if isinstance(m, str) else " ".join(m)) + "\n" for m in merges)
+        from ..tokenizer import write_files
+        write_files(folder, vocab, merges)
         return "the checkpoint's tokenizer.json"
     from ..convert_ldm import clip_tokenizer_files
     import tempfile
@@ -189,12 +205,10 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
     target = settings.target()
     partial = out + ".partial"
     wanted = _manifest_settings(pipe, settings)
-    state_file = os.path.join(partial, MANIFEST)
     if os.path.isdir(partial):
         try:
-            with open(state_file) as fh:
-                before = json.load(fh).get("settings")
-        except (OSError, ValueError):
+            before = (Store(partial, writer=False).read(MANIFEST) or {}).get("settings")
+        except (StoreError, AttributeError):
             before = None
         if before != wanted and not overwrite:
             diff = sorted(k for k in wanted if (before or {}).get(k) != wanted[k])
@@ -202,17 +216,11 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
                                   "pass --overwrite to start afresh, or the same settings to resume")
         if before != wanted:
             shutil.rmtree(partial)
-    os.makedirs(partial, exist_ok=True)
-    manifest = {"settings": wanted, "packages": {}}
-    if os.path.isfile(state_file):
-        with open(state_file) as fh:
-            manifest["packages"] = json.load(fh).get("packages", {})
+    store = Store(partial)  # the interrupted export's record: which packages are complete
+    manifest = {"settings": wanted, "packages": (store.read(MANIFEST) or {}).get("packages", {})}
 
     def save_manifest():
-        tmp = state_file + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-        os.replace(tmp, state_file)
+        store.write(manifest, MANIFEST)
 
     save_manifest()
     jobs = _jobs(pipe, settings, target)
@@ -240,15 +248,7 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
     bar.close()
     manifest["tokenizer"] = _tokenizer_files(pipe, partial)
     save_manifest()
-    if os.path.lexists(out):  # overwrite: move the old folder aside, drop it after the rename
-        old = out + ".old"
-        if os.path.lexists(old):
-            shutil.rmtree(old)
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+    replace_folder(partial, out)  # overwrite: the old folder is moved aside and dropped after the rename
     return manifest
 
 

@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from ..nn import method_of
+
 SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT (any target)",
                      "PalettizedWeight with grouped LUTs and/or a per-channel scale (iOS18 (macOS15) or later)",
                      "Int8Weight W8A16 (act_scale None; any target)")
@@ -50,14 +52,11 @@ def tables_dtype(dtype):
 
 
 def _kind(w):
-    name = type(w).__name__
-    if name == "PalettizedWeight":
-        return "lut"
-    if name == "Int8Weight":
-        return "int8"
-    if hasattr(w, "dequantize") or not hasattr(w, "shape"):
+    """How a weight is written, from the weight protocol's ``method`` (see ``sdjax.nn``)."""
+    if not hasattr(w, "shape"):
         return "other"
-    return "float"
+    # an int8-w8a8 weight is refused before export (check_exportable); as a weight it is its int8 form
+    return {"palettize": "lut", "int8": "int8", "int8-w8a8": "int8", "float": "float"}.get(method_of(w), "other")
 
 
 def _unsupported(w, name, why=""):

@@ -189,4 +189,19 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
     return {k: np.asarray(v, np.float32) / n for k, v in acc.items()}
 
 
-__all__ = ["COMPONENTS", "fisher"]
+def for_recipe(pipe, recipe, prompts, n_timesteps=DEFAULT_TIMESTEPS, progress=True):
+    """``{component: {layer: importance}}`` for the components whose layers ``recipe`` (a parsed
+    ``quant.Recipe``) palettizes with sensitive k-means (``apply_recipe(..., importance=)``)."""
+    import quant
+    comps = sorted({c for c, table in quant.plan(pipe.params, recipe).items() for a in table.values()
+                    if a.method == "palettize" and a.options.get("sensitive")})
+    out = {}
+    for comp in comps:
+        try:
+            out[comp] = fisher(pipe, prompts, n_timesteps=n_timesteps, component=comp, progress=progress)
+        except ValueError as e:
+            raise ValueError(f"sensitivities of {comp} for recipe {recipe.name!r}: {e}") from None
+    return out
+
+
+__all__ = ["COMPONENTS", "fisher", "for_recipe"]

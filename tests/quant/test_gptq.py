@@ -476,7 +476,7 @@ def test_a_callable_hessian_is_collected_a_group_at_a_time_under_the_budget(unet
     whole = layers(quant.apply_recipe(unet, RECIPE, hessian=counting))
     assert len(calls) == 1
     calls.clear()
-    monkeypatch.setattr(quant.recipes, "HESSIAN_BUDGET", 8 * 32 * 32)  # one 32-row layer's statistics
+    monkeypatch.setattr(quant.apply, "HESSIAN_BUDGET", 8 * 32 * 32)  # one 32-row layer's statistics
     seen = []
     real = gptq.collect
     monkeypatch.setattr(gptq, "collect", lambda params, r, names: (seen.append(list(names)), real(params, r, names))[1])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quant import mixed_bit as mb
+from quant import allocation as al, mixed_bit as mb
 
 
 class Synthetic:
@@ -149,12 +149,12 @@ def test_nan_and_inf_in_sweeps():
     total = sum(m.numel.values())
     lowest = (total + 3 * m.numel["layer01"]) / total         # layer01 cannot go below 4 bits
     with pytest.raises(ValueError, match="below the minimum"):
-        mb.allocate(single, m.numel, 1.0)
+        al.allocate(single, m.numel, 1.0)
     for budget in (lowest, 1.5 * lowest, 2.0, 3.0):
-        got = mb.allocate(single, m.numel, budget)
+        got = al.allocate(single, m.numel, budget)
         assert got["layer01"] not in (1, 2)
-    assert mb.predicted_psnr(single, {"layer03": 8}) == math.inf
-    assert mb.predicted_psnr({1: {"a": math.nan}}, {"a": 1}) == -math.inf
+    assert al.predicted_psnr(single, {"layer03": 8}) == math.inf
+    assert al.predicted_psnr({1: {"a": math.nan}}, {"a": 1}) == -math.inf
 
 
 # --- Apple's recipes -------------------------------------------------------------------------
@@ -221,16 +221,16 @@ def test_allocate_is_optimal_against_brute_force(seed):
     for numel in (rng.integers(1, 40, 6) * 1000, rng.integers(1_000, 100_000, 6)):
         m = Synthetic(6, seed=seed, numel=numel)
         single = mb.single_layer_sweep(m.measure, m.layers, nbits=widths, progress=False)
-        prob = mb._Problem(single, m.numel, None, widths, include_float, None)
+        prob = al._Problem(single, m.numel, None, widths, include_float, None)
         lo, hi = prob.min_avg, prob.max_avg
         for budget in np.linspace(lo, hi, 9)[:-1] + rng.uniform(0, (hi - lo) / 8, 8):
-            got = mb.allocate(single, m.numel, budget, nbits=widths, include_float=include_float)
+            got = al.allocate(single, m.numel, budget, nbits=widths, include_float=include_float)
             assert mb.average_bits(got, m.numel) <= budget * (1 + 1e-12)
             best, _ = brute_force(m, widths, budget, include_float)
             assert energy_of(m, got) == pytest.approx(best, rel=1e-9, abs=1e-300)
             # coarse bins exercise the rounded DP alone: it keeps the guarantee of optimality
             # at the budget less one unit per layer
-            pick = mb._dp(prob, prob.budget_bits(budget), 16, cells=0)
+            pick = al._dp(prob, prob.budget_bits(budget), 16, cells=0)
             c, e = prob.totals(pick)
             assert c <= budget * prob.total_numel * (1 + 1e-12)
             unit = (budget - lo) * prob.total_numel / 16
@@ -244,14 +244,14 @@ def test_allocate_respects_the_budget_with_stored_sizes():
     cost = mb.stored_bits(m.numel)
     previous = math.inf
     for budget in np.linspace(1.02, 16, 25):
-        got = mb.allocate(single, m.numel, budget, cost_bits=cost)
+        got = al.allocate(single, m.numel, budget, cost_bits=cost)
         assert set(got) == set(m.layers)
         assert mb.average_bits(got, m.numel, cost) <= budget * (1 + 1e-12)
         e = energy_of(m, got)
         assert e <= previous * (1 + 1e-9)            # more budget never hurts
         previous = e
-        assert mb.predicted_psnr(single, got) == pytest.approx(m.psnr(got), rel=1e-9)
-    assert all(b == 16 for b in mb.allocate(single, m.numel, 16.0).values())
+        assert al.predicted_psnr(single, got) == pytest.approx(m.psnr(got), rel=1e-9)
+    assert all(b == 16 for b in al.allocate(single, m.numel, 16.0).values())
 
 
 def test_allocate_with_base_psnr_and_non_candidates():
@@ -259,9 +259,9 @@ def test_allocate_with_base_psnr_and_non_candidates():
     single = mb.single_layer_sweep(m.measure, m.layers[:4], progress=False)  # layers 4, 5: not candidates
     base = m.base_psnr()
     for budget in (6.0, 9.0, 12.0):
-        got = mb.allocate(single, m.numel, budget, base_psnr=base)
+        got = al.allocate(single, m.numel, budget, base_psnr=base)
         assert got["layer04"] == got["layer05"] == 16
-        assert mb.predicted_psnr(single, got, base_psnr=base) == pytest.approx(m.psnr(got), rel=1e-9)
+        assert al.predicted_psnr(single, got, base_psnr=base) == pytest.approx(m.psnr(got), rel=1e-9)
         # the same as the best over the candidates alone, with what the float layers leave
         fixed = 16 * (m.numel["layer04"] + m.numel["layer05"])
         sub = Synthetic(4, numel=[m.numel[x] for x in m.layers[:4]], a=[m.a[x] for x in m.layers[:4]])
@@ -270,8 +270,8 @@ def test_allocate_with_base_psnr_and_non_candidates():
         assert energy_of(m, got) == pytest.approx(best, rel=1e-9)
         assert mb.average_bits(got, m.numel) <= budget
     # the floor is not counted per layer: without base_psnr the palettized layers look worse
-    biased = mb.predicted_psnr(single, {x: 8 for x in m.layers[:4]})
-    assert biased < mb.predicted_psnr(single, {x: 8 for x in m.layers[:4]}, base_psnr=base)
+    biased = al.predicted_psnr(single, {x: 8 for x in m.layers[:4]})
+    assert biased < al.predicted_psnr(single, {x: 8 for x in m.layers[:4]}, base_psnr=base)
 
 
 def apple_pipeline(m, single, wide=False):
@@ -291,7 +291,7 @@ def margins_over_apple(m, single, wide=True):
     out = []
     for recipe in apple_pipeline(m, single, wide):
         bits = mb.average_bits(recipe, m.numel)
-        ours = mb.allocate(single, m.numel, bits, base_psnr=m.base_psnr())
+        ours = al.allocate(single, m.numel, bits, base_psnr=m.base_psnr())
         assert mb.average_bits(ours, m.numel) <= bits * (1 + 1e-12)
         out.append(m.psnr(ours) - m.psnr(recipe))
     return np.array(out)
@@ -323,7 +323,7 @@ def test_allocate_for_quality_finds_the_smallest_size():
     base = m.base_psnr()
     for target in (20.0, 30.0, 40.0):
         m.calls.clear()
-        got, measured, bits, history = mb.allocate_for_quality(
+        got, measured, bits, history = al.allocate_for_quality(
             m.measure, single, m.numel, target, base_psnr=base, progress=False)
         assert measured >= target and measured == m.psnr(got)
         assert bits == pytest.approx(mb.average_bits(got, m.numel))
@@ -351,16 +351,16 @@ def test_allocate_for_quality_with_an_imperfect_prediction():
         e = m.base + energy_of(m, assignment) * (1.4 + 0.05 * len(assignment))
         return -10 * math.log10(e)
 
-    got, measured, bits, history = mb.allocate_for_quality(
+    got, measured, bits, history = al.allocate_for_quality(
         measure, single, m.numel, 35.0, base_psnr=m.base_psnr(), progress=False, tol_bits=0.05)
     assert measured >= 35.0 and len(history) <= 12
     assert all(meas < pred for _, pred, meas in history)
     assert any(meas < 35.0 for *_, meas in history)
-    fewer = mb.allocate(single, m.numel, bits - 0.05, base_psnr=m.base_psnr())
+    fewer = al.allocate(single, m.numel, bits - 0.05, base_psnr=m.base_psnr())
     assert measure({x: b for x, b in fewer.items() if b != 16}) < 35.0
     # unreachable: a warning, and the best evaluation
     with pytest.warns(RuntimeWarning, match="no evaluated allocation"):
-        _, measured, _, history = mb.allocate_for_quality(
+        _, measured, _, history = al.allocate_for_quality(
             lambda a: 10.0, single, m.numel, 35.0, progress=False, max_evals=4)
     assert measured == 10.0 and len(history) <= 4
 
@@ -408,7 +408,7 @@ def test_bad_input():
         with pytest.raises(ValueError, match="unknown nbits"):
             mb.single_layer_sweep(m.measure, m.layers, nbits=(4, bad), progress=False)
         with pytest.raises(ValueError, match="unknown nbits"):
-            mb.allocate(single, m.numel, 8.0, nbits=(bad,))
+            al.allocate(single, m.numel, 8.0, nbits=(bad,))
         with pytest.raises(ValueError, match="unknown nbits"):
             mb.apple_recipe({4: [("layer00", 30.0)]}, 20.0, default_nbits=bad)
         with pytest.raises(ValueError, match="unknown nbits"):
@@ -427,13 +427,13 @@ def test_bad_input():
         mb.single_layer_sweep(m.measure, ["a", "a"], progress=False)
     assert mb.average_bits({x: 1 for x in m.layers}, m.numel) == 1.0
     with pytest.raises(ValueError, match=r"budget 0\.9 bits/weight is below the minimum 1 bits/weight"):
-        mb.allocate(single, m.numel, 0.9)
+        al.allocate(single, m.numel, 0.9)
     with pytest.raises(ValueError, match=r"budget 3\.5 bits/weight is below the minimum 4 bits/weight"):
-        mb.allocate(single, m.numel, 3.5, nbits=(4, 8))
-    assert set(mb.allocate(single, m.numel, 4.0, nbits=(4, 8)).values()) == {4}
+        al.allocate(single, m.numel, 3.5, nbits=(4, 8))
+    assert set(al.allocate(single, m.numel, 4.0, nbits=(4, 8)).values()) == {4}
     with pytest.raises(ValueError, match="missing from numel"):
-        mb.allocate(single, {"layer00": 10}, 8.0)
+        al.allocate(single, {"layer00": 10}, 8.0)
     with pytest.raises(ValueError, match="positive integer"):
-        mb.allocate(single, {**m.numel, "layer00": 0}, 8.0)
+        al.allocate(single, {**m.numel, "layer00": 0}, 8.0)
     with pytest.raises(ValueError, match="rank_agreement needs at least 2"):
         mb.rank_agreement({"a": 1.0}, {"a": 2.0})

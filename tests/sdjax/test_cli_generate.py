@@ -69,7 +69,7 @@ def test_usage_errors_exit_2_without_traceback_or_output(pipeline_dirs, tmp_path
                                          ("--strength", "-inf"), ("--guidance-scale", "x")])
 def test_non_finite_numbers_are_refused_naming_the_flag(tmp_path, flag, value):
     out = tmp_path / "o.png"
-    r = _run("--prompt", "a red circle", flag, value, "--out", str(out), "-q")
+    r = _run("--prompt", "a red circle", f"{flag}={value}", "--out", str(out), "-q")
     assert r.returncode == 2 and flag in r.stderr and value in r.stderr and not out.exists()
 
 

@@ -11,7 +11,7 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
 import quant  # noqa: E402
-from quant import recipes  # noqa: E402
+from quant import apply as recipes  # noqa: E402  (quantize_weight)
 from sdjax.coreml import interp, mil, text_encoder, unet  # noqa: E402
 import test_coreml_unet as unet_tests  # noqa: E402
 

@@ -319,7 +319,7 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     # rerun: sweeps, Fisher, recipes and their metrics all come from the folder
     def no(*a, **k):
         raise AssertionError("recomputed")
-    monkeypatch.setattr(sweep.Sensitivity, "measure", no)
+    monkeypatch.setattr(sweep.LayerSweep, "measure", no)
     monkeypatch.setattr(Evaluator, "outputs", no)
     monkeypatch.setattr(fisher, "fisher", no)
     again = _run(pipe, out, ["mixed-apple", "mixed-sdjax"], candidate_min=40000, mixed_nbits=(2, 4, 6),
@@ -359,7 +359,7 @@ def test_mixed_gptq_family_end_to_end(pipe, tmp_path):
     # of the final images too
     state = sweep.State(str(out))
     sel = sweep.selection(pipe, CALIBRATION, SETTINGS, state, progress=False)
-    plain6 = sweep.Sensitivity(sel, state, progress=False, candidate_min=40000, nbits=(2, 4, 6))
+    plain6 = sweep.LayerSweep(sel, state, progress=False, candidate_min=40000, nbits=(2, 4, 6))
     assert sel.s.prompts == CALIBRATION and plain6.layers == g["layers"]
     want = plain6.quality({n: 6 for n in plain6.layers}, final=True)
     H = state.load_arrays("hessians.npz")

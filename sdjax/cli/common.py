@@ -1,0 +1,50 @@
+"""What every subcommand shares: the usage error, argument types, the model flags, prompt files."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class UsageError(Exception):
+    """A bad argument: exit status 2."""
+
+
+def finite_float(text):
+    """argparse type: a finite number (``nan`` and ``inf`` are refused, naming the flag)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def model_arg(p):
+    p.add_argument("--model", "-m", default=None,
+                   help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter and compute dtype (default float32)")
+
+
+def read_prompts(flag, path):
+    """The non-empty lines of a prompts file, or a UsageError naming the flag and file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: cannot read the prompts file ({e})") from None
+    if not prompts:
+        raise UsageError(f"{flag} {path}: the file has no prompts (one per line)")
+    return prompts
+
+
+def int_list(name, text):
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: a comma-separated list of integers") from None
+    if not out:
+        raise UsageError(f"{name}: empty")
+    return out
+

@@ -1,0 +1,110 @@
+"""``sdjax export-coreml``: the Core ML resource folder of apple/ml-stable-diffusion's Swift package."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from .common import UsageError
+
+
+def register(sub):
+    """Add the subcommand and its arguments to ``sub`` (argparse subparsers)."""
+    p = sub.add_parser("export-coreml", help="the Core ML resource folder apple/ml-stable-diffusion's Swift package "
+                       "loads (TextEncoder, Unet, VAEDecoder, VAEEncoder .mlpackage + vocab.json, merges.txt), "
+                       "quantized weights carried over as they are")
+    p.add_argument("--model", "-m", default=None,
+                   help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model); "
+                        "float weights load as float16 for a float16 export, else float32")
+    p.add_argument("--recipe", "-r", default=None,
+                   help="quantize the model by this recipe first (a preset such as palette-6bit, or a JSON file)")
+    p.add_argument("--quantized", default=None, metavar="DIR", help="a folder written by `sdjax quantize`")
+    p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21"],
+                   help="full-size architecture with random weights (for size and memory work)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--compute-precision", default="float16", choices=["float16", "float32"],
+                   help="Core ML compute precision (default float16, as Apple's packages)")
+    p.add_argument("--attention", default="split_einsum_v2", choices=["split_einsum_v2", "original"],
+                   help="split_einsum_v2 for the Neural Engine (default), original for GPU; text encoder and UNet")
+    p.add_argument("--min-deployment-target", default="iOS16", metavar="TARGET",
+                   help="iOS16 (default), iOS17, iOS18, macOS13, macOS14, macOS15; grouped LUTs and "
+                        "per-channel scales need iOS18 / macOS15")
+    p.add_argument("--chunk-unet", action="store_true",
+                   help="write the UNet as UnetChunk1/UnetChunk2 split by weight size (for iOS)")
+    p.add_argument("--unet-batch", type=int, default=2, help="UNet batch (default 2: classifier-free guidance)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (or an interrupted export with other settings)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    import sdjax
+    from quant import io as qio
+    from sdjax.coreml import export as cx
+    from sdjax.memory import peak_rss_bytes
+    cx.import_coremltools()
+    if args.quantized and (args.model or args.recipe):
+        raise UsageError("--quantized DIR is a model already quantized by `sdjax quantize`: give it alone, "
+                         "without --model or --recipe")
+    if args.quantized and not qio.is_quantized_folder(args.quantized):
+        raise UsageError(f"--quantized {args.quantized}: not an sdjax quantized folder (write one with "
+                         "`sdjax quantize`, or pass a float model with --model)")
+    recipe = None
+    if args.recipe:
+        import quant
+        try:
+            recipe = quant.parse_recipe(args.recipe)
+        except quant.RecipeError as e:
+            raise UsageError(str(e)) from None
+        try:
+            cx.check_recipe(recipe, args.recipe)
+        except cx.ExportError as e:
+            raise UsageError(f"--recipe {e}") from None
+    if (args.height is None) != (args.width is None):
+        raise UsageError("give both --height and --width, or neither")
+    settings = cx.Settings(args.compute_precision, args.attention, args.min_deployment_target, args.chunk_unet,
+                           args.unet_batch)
+    try:
+        settings.check()
+    except cx.ExportError as e:
+        raise UsageError(str(e)) from None
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
+    # float16 packages: float weights load as float16 (half the memory, the same package); a
+    # recipe quantizes the float32 weights, as `sdjax quantize` does
+    dtype = "float16" if args.compute_precision == "float16" and recipe is None else "float32"
+    if args.random:
+        if args.model or args.quantized:
+            raise UsageError("give either a model or --random, not both")
+        from sdjax.pipeline import random
+        pipe = random(args.random, dtype=dtype)
+    else:
+        pipe = sdjax.load(args.quantized or args.model, dtype=dtype, progress=not args.quiet)
+    if args.height is not None:
+        try:
+            latent = cx.latent_from_image(args.height, args.width, pipe.vae_scale_factor,
+                                          2 ** (len(pipe.configs["unet"].block_out_channels) - 1))
+        except cx.ExportError as e:
+            raise UsageError(str(e)) from None
+        settings = dataclasses.replace(settings, latent_shape=latent)
+    if recipe is not None:
+        try:
+            pipe = pipe.quantize(recipe, progress=not args.quiet)
+        except quant.RecipeError as e:
+            raise UsageError(str(e)) from None
+    t0 = time.perf_counter()
+    try:
+        manifest = cx.export_pipeline(pipe, args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
+    except cx.ExportError as e:
+        raise UsageError(str(e)) from None
+    except FileExistsError as e:
+        raise UsageError(str(e)) from None
+    except NotImplementedError as e:  # a model feature or weight type the exporter does not build
+        from sdjax.configs import ConfigError
+        raise ConfigError(f"cannot export {pipe.source}: {e}") from None
+    print(cx.summary(manifest))
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s (peak RSS {peak_rss_bytes() / 2**30:.2f} GiB); "
+          f"on a Mac: for p in {args.out}/*.mlpackage; do xcrun coremlcompiler compile \"$p\" {args.out}; done")
