@@ -34,7 +34,7 @@ import numpy as np
 from sdjax.files import atomic_save_figure, atomic_save_image, atomic_write_json, atomic_write_text  # noqa: F401
 
 from .figures import *  # noqa: F401,F403
-from .figures import _default_captions, _family_order  # noqa: F401
+from .figures import _default_captions, _family_order, _font, _line_height, _wrap  # noqa: F401
 from .results import *  # noqa: F401,F403
 from .results import _fmt, _fmt_mb, _has_values, _is_finite_recipe, _mb, _metric_list, _num, _title, _total_bytes  # noqa: F401
 
