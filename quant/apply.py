@@ -145,7 +145,7 @@ def _importances(importance, needs, pipeline):
     if importance is None:
         raise RecipeError(f"{first.rule}: sensitive palettization needs per-weight importances: pass "
                           "importance= ({layer: array of the weight's shape}, e.g. from "
-                          "quant.sensitivity.fisher(pipe, prompts); `sdjax quantize` computes them with "
+                          "sdjax.evaluation.fisher.fisher(pipe, prompts); `sdjax quantize` computes them with "
                           "--sensitivity-prompts)")
     if not isinstance(importance, dict):
         raise RecipeError(f"importance must be a dict {{layer: array}} or {{component: {{layer: array}}}}; "
@@ -299,7 +299,7 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
 
     ``importance`` (only for ``"sensitive": true`` palettize rules, ignored by the others):
     ``{layer: array of the weight's shape}`` of nonnegative per-weight importances, from
-    ``quant.sensitivity.fisher``; nested as ``{component: {layer: array}}`` like ``calibration``.
+    ``sdjax.evaluation.fisher.fisher``; nested as ``{component: {layer: array}}`` like ``calibration``.
     A sensitive layer missing from it is an error naming the layer.
 
     ``cache``: a dict shared between calls on the same params (``sdjax eval`` quantizes one model

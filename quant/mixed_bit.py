@@ -336,7 +336,7 @@ def fisher_estimate(weights, importance, nbits=NBITS, quantize=None):
 
         0.5 * sum(F * (w - q_b(w))**2)        (float64)
 
-    with ``F = importance[layer]`` (e.g. ``quant.sensitivity.fisher``) and ``q_b(w) =
+    with ``F = importance[layer]`` (e.g. ``sdjax.evaluation.fisher.fisher``) and ``q_b(w) =
     quantize(w, b)``, by default the per-tensor k-means palette ``quant.palettize.kmeans(w,
     b).dequantize()`` (which clusters the float16-rounded ``w``). Larger = more sensitive.
     """

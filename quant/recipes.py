@@ -32,7 +32,7 @@ Methods and their options (any other key in a rule is an error naming the rule):
   channels of every layer the rule takes unless ``"indivisible": "per_tensor"``, which gives
   those layers one LUT), ``per_channel_scale`` (bool), ``sensitive`` (bool, default false):
   sensitivity-weighted k-means, minimising ``sum(importance * (w - w_q)**2)`` with per-weight
-  importances (squared gradients of the denoising loss, ``quant.sensitivity.fisher``) that
+  importances (squared gradients of the denoising loss, ``sdjax.evaluation.fisher.fisher``) that
   ``apply_recipe`` takes as ``importance=``; a sensitive rule without them is an error.
   ``gptq`` (bool, default false): GPTQ palettization (``quant.gptq.palettize``): the same LUTs and
   bytes, with indices chosen to minimise the layer's *output* error on calibration inputs, given

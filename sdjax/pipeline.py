@@ -79,7 +79,7 @@ class Pipeline:
         """A new pipeline whose params are quantized by ``recipe`` (a preset name, a JSON file, a
         dict; see ``quant.recipes``). ``components`` replaces the recipe's components;
         ``calibration``, ``importance`` (for "sensitive" palettize rules, e.g. from
-        ``quant.sensitivity.fisher``) and ``hessian`` (for "gptq" palettize rules) as
+        ``sdjax.evaluation.fisher.fisher``) and ``hessian`` (for "gptq" palettize rules) as
         ``quant.apply_recipe``."""
         import quant
         r = quant.parse_recipe(recipe, select=select, components=components)

@@ -40,7 +40,7 @@ def register(sub):
     p.add_argument("--sensitivity-prompts", default=None, metavar="FILE",
                    help="for recipes with \"sensitive\": true palettize rules (sensitivity-weighted k-means): "
                    "a text file of calibration prompts, one per line; the model generates an image for each and "
-                   "the squared gradients of its denoising loss (quant.sensitivity.fisher) weight each layer's "
+                   "the squared gradients of its denoising loss (sdjax.evaluation.fisher.fisher) weight each layer's "
                    f"k-means. Default for the embedded reference model: {SENSITIVITY_REFERENCE_PROMPTS} of its "
                    "dataset's captions; required for other models; an error for recipes without sensitive rules")
     p.add_argument("--sensitivity-timesteps", type=int, default=8,
