@@ -234,7 +234,7 @@ def test_recipe_sensitive_option(sd1, fishers):
 @pytest.mark.parametrize("recipe, importance, message", [
     (_rule(sensitive="yes"), None, r"rule 1 \(pattern '\*'\): sensitive must be true or false; got 'yes'"),
     (_rule(sensitive=True), None, r"rule 1 \(pattern '\*', method 'palettize'\): sensitive palettization needs "
-                                  r"per-weight importances: pass importance=.*quant\.sensitivity\.fisher"),
+                                  r"per-weight importances: pass importance=.*sdjax\.evaluation\.fisher\.fisher"),
     (_rule(sensitive=True), "drop", r"rule 1 .*no importance for 1 sensitive layer\(s\) of unet: mid_block\.resnets\.0\.conv1$"),
     (_rule(sensitive=True), "shape", r"rule 1 .*unet layer 'mid_block\.resnets\.0\.conv1' .*importance must have the shape"),
     (_rule(sensitive=True), [1], r"importance must be a dict"),
