@@ -13,7 +13,6 @@ and writes a JSON report and a captioned grid of generated images (the README's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -25,6 +24,7 @@ import numpy as np
 
 import sdjax
 from sdjax import shapes, vae
+from sdjax.files import atomic_write, atomic_write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT_SEED = 12345          # dataset stream never used in training (training uses seeds 0..3)
@@ -76,10 +76,8 @@ def save_grid(images, captions, path, cols=6):
         ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(cap.removeprefix("a "), 20)), fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -112,9 +110,7 @@ def main(argv=None):
     for k, v in report["adherence"].items():
         print(f"  {k:<11} {v:.3f}" if k != "n" else f"  {k:<11} {v}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
+    atomic_write_json(args.json, report, indent=2)
     print(f"wrote {args.json}")
     if args.grid:
         save_grid(images[:18], captions[:18], args.grid)

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 
@@ -43,6 +42,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from sdjax.files import atomic_write  # noqa: E402
 
 # captions the embedded reference model was trained on (sdjax.shapes)
 DEFAULT_PROMPTS = [
@@ -321,21 +322,6 @@ def plot(report, path, top=8):
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None):

@@ -119,6 +119,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from sdjax.files import atomic_write_json  # noqa: E402
+
 GIB = 2 ** 30
 MIB = 2 ** 20
 VARIANTS = ("float16", "palettized6", "int8")
@@ -228,9 +230,7 @@ def prepare(config, workdir, nbits, min_size, seed=0, progress=True):
     for v, m in manifests.items():
         m["prepare_seconds"] = time.perf_counter() - t0
         path = os.path.join(workdir, v, "manifest.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(m, f)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, m, indent=None)
 
 
 def _read_manifest(workdir, variant):
@@ -623,10 +623,7 @@ def main(argv=None):
                   f"{'' if ratio is None else f' ({ratio:.3f} of float16)'}{'' if target is None else f' target <={target:.2f}'}"
                   f"{verdict}; weights {r['device_weights'] / MIB:.0f} MiB + temporaries {temp} MiB")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(dict(config=args.config, nbits=args.nbits, min_size=args.min_size, results=results), fh, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, dict(config=args.config, nbits=args.nbits, min_size=args.min_size, results=results))
     return results
 
 

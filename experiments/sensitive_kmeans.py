@@ -54,7 +54,6 @@ the UNet's output error, not a measurable change in what the images show.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,6 +69,7 @@ from quant.metrics import weighted_error
 from sdjax.evaluation import calibration, fisher as sensitivity
 from sdjax import shapes, unet as unet_model, vae as vae_model
 from sdjax.generate import denoise_step, initial_noise
+from sdjax.files import atomic_write, atomic_write_json
 
 CAPTION_SEED = 2026            # the shuffle that splits calibration from evaluation captions
 PAIR_SEED = 54321              # x_T of evaluation pair i: initial_noise(PAIR_SEED + i)
@@ -228,10 +228,8 @@ def plot(report, path):
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -303,9 +301,7 @@ def main(argv=None):
     print_table(report)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_json(args.json, report, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
         plot(report, args.plot)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from sdjax import checkpoint, clip, shapes, unet, vae
 from sdjax import configs as cfgs
 from sdjax.tokenizer import Tokenizer, write_bpe
+from sdjax.files import atomic_write, atomic_write_json, staged_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,10 +92,7 @@ def optimizer(lr, steps, warmup):
 # ------------------------------------------------------------------ checkpoints
 
 def save_state(path, state):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.to_bytes(state))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(serialization.to_bytes(state)))
 
 
 def load_state(path, template):
@@ -327,18 +325,14 @@ def main(argv=None):
 
     dest = os.path.join(args.out, "model")
     export(args, vparams, vcfg, tparams, ucfg, ccfg, tok_dir, dest)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump(log, f, indent=2)
+    atomic_write_json(os.path.join(args.out, "train_log.json"), log, indent=2)
     print(json.dumps({k: v for k, v in log.items() if k != "args"}, indent=2))
     print(f"exported {dest}")
     if args.ship:
         ship = os.path.join(REPO, "sdjax", "reference_model")
-        tmp = ship + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(dest, tmp)
-        shutil.copy(os.path.join(args.out, "train_log.json"), os.path.join(tmp, "train_log.json"))
-        shutil.rmtree(ship, ignore_errors=True)
-        os.replace(tmp, ship)
+        with staged_path(ship, overwrite=True) as tmp:
+            shutil.copytree(dest, tmp)
+            shutil.copy(os.path.join(args.out, "train_log.json"), os.path.join(tmp, "train_log.json"))
         print(f"shipped to {ship}")
     return 0
 

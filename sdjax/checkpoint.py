@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import clip, configs as cfgs, unet, vae
+from .files import atomic_folder, atomic_write_json
 from .nn import flatten, unflatten
 from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_shape, torch_to_sdjax
 from .safetensors_io import Lazy, Reader, SafetensorsError, write
@@ -271,7 +272,6 @@ def load_single_file(path, dtype="float32", configs=None, progress=True) -> Chec
             inferred[comp] = {**inferred[comp], **override}
         conf = {c: cfgs.READERS[c](inferred[c], source=f"{path} ({c}, inferred)") for c in MODELS}
         # a mapping entry may fan one ldm tensor out to several params (packed qkv)
-        per_comp = {c: {} for c in MODELS}
         found = {c: {} for c in MODELS}
         for ldm_key, targets in mapping:
             for comp, dkey, fn in targets:
@@ -352,17 +352,14 @@ def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True, write_weight
     ``write_weights(folder, component, params)`` writes each component's weights (the quantized
     format passes its own). Written under a temporary name and renamed when complete."""
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         index = dict(ckpt.model_index or DEFAULT_MODEL_INDEX)
         for comp in MODELS:
             d = os.path.join(tmp, comp)
             os.makedirs(d)
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(cfgs.to_dict(ckpt.configs[comp]), f, indent=2)
+            atomic_write_json(os.path.join(d, "config.json"), cfgs.to_dict(ckpt.configs[comp]), indent=2)
             write_weights(d, comp, ckpt.params[comp])
             index[comp] = CLASS_NAMES[comp]
         if ckpt.tokenizer_dir:
@@ -374,14 +371,7 @@ def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True, write_weight
             index["tokenizer"] = CLASS_NAMES["tokenizer"]
         if ckpt.scheduler_config:
             os.makedirs(os.path.join(tmp, "scheduler"))
-            with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-                json.dump(ckpt.scheduler_config, f, indent=2)
+            atomic_write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), ckpt.scheduler_config, indent=2)
             index["scheduler"] = ["diffusers", ckpt.scheduler_config.get("_class_name", "PNDMScheduler")]
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(os.path.join(tmp, "model_index.json"), index, indent=2)
     return out_dir

@@ -16,11 +16,10 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 
+from .files import atomic_folder
 from .params import CheckpointError
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -556,11 +555,10 @@ def tokenizer_dir(kind):
     cache = os.environ.get("SDJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdjax")
     out = os.path.join(cache, f"clip-tokenizer-{kind}")
     if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
-        os.makedirs(cache, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".clip-tokenizer-{kind}-", dir=cache)
-        clip_tokenizer_files(tmp, kind)
         try:
-            os.replace(tmp, out)  # atomic: a concurrent writer's complete folder may already be there
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_folder(out) as tmp:
+                clip_tokenizer_files(tmp, kind)
+        except OSError:  # a concurrent writer's complete folder got there first
+            if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
+                raise
     return out

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -84,20 +85,33 @@ def atomic_save_npz(path, arrays):
 
 
 @contextlib.contextmanager
-def atomic_folder(path, overwrite=False):
-    """``with atomic_folder(out) as tmp:`` fill ``tmp``; on success it replaces ``out`` (an existing
-    ``out`` only with ``overwrite``: FileExistsError otherwise); on error it is removed."""
-    path = os.fspath(path).rstrip(os.sep)
+def staged_path(path, overwrite=False):
+    """``with staged_path(out) as p:`` create ``p`` (a file or a folder; it has ``out``'s base name, in
+    a temporary folder beside ``out``); on success it replaces ``out`` (an existing ``out`` only with
+    ``overwrite``: FileExistsError otherwise); on error nothing of it stays."""
+    path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    tmp = _tmp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
-        yield tmp
-        replace_folder(tmp, path)
+        staged = os.path.join(tmp, os.path.basename(path))
+        yield staged
+        if os.path.lexists(path):  # move the old one aside first; it goes with the temporary folder
+            os.rename(path, os.path.join(tmp, "old"))
+        os.rename(staged, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, overwrite=False):
+    """``with atomic_folder(out) as tmp:`` fill the folder ``tmp``; on success it replaces ``out`` (an
+    existing ``out`` only with ``overwrite``: FileExistsError otherwise); on error it is removed."""
+    with staged_path(path, overwrite) as staged:
+        os.makedirs(staged)
+        yield staged
 
 
 def replace_folder(src, dst):

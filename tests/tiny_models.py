@@ -2,7 +2,6 @@
 ``save_pretrained``: the oracle side of every parity test. Nothing is downloaded."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -105,3 +104,25 @@ def rel_err(got, ref):
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+TOL = 1e-4  # the models' parity bound: max|diff| <= 1e-4 x max|ref| in float32
+
+
+def unet_io(cfg, seed=0, h=16, w=24):
+    """Random UNet inputs (NCHW sample, two timesteps, context) as torch tensors."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, h, w, generator=g)
+    t = torch.tensor([3.0, 741.0])
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    return x, t, ctx
+
+
+def torch_shapes(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def in_torch_layout(shapes):
+    """{name: sdjax shape} -> {name: PyTorch shape}."""
+    from sdjax.params import torch_shape
+    return {k: torch_shape(k, s) for k, s in shapes.items()}

@@ -117,10 +117,10 @@ def run(args):
         from sdjax import shapes
         adherence = shapes.score
     try:
-        results = sweep.run(pipe, names, args.out, settings, adherence=adherence, plugins=plugins,
-                            progress=not args.quiet, fisher=not args.no_fisher,
-                            model_label=args.model or "embedded reference model",
-                            calibration=_eval_calibration_prompts(args, settings.prompts))
+        options = sweep.Options(calibration=_eval_calibration_prompts(args, settings.prompts), adherence=adherence,
+                                plugins=plugins, fisher=not args.no_fisher,
+                                model_label=args.model or "embedded reference model")
+        results = sweep.run(pipe, names, args.out, settings, options, progress=not args.quiet)
     except sweep.EvalError as e:
         raise UsageError(str(e)) from None
     import jax
@@ -156,15 +156,16 @@ def _eval_calibration_prompts(args, eval_prompts):
 
 
 def _print_eval_summary(results):
+    """One line per recipe of an ``EvalResult``, then its targets."""
     def f(v, nd=2):
         return "-" if v is None else ("inf" if v == float("inf") else f"{v:.{nd}f}")
     print(f"{'recipe':<22} {'bits':>5} {'UNet MiB':>8} {'1-step dB':>9} {'image dB':>8} {'SSIM':>6} {'noise dB':>8}")
-    for r in results["recipes"]:
-        m = r["metrics"]
-        if not r["finite"]:
-            print(f"{r['name']:<22} {r['avg_bits']:5.2f} {r['bytes']['unet'] / 2**20:8.2f}  NaN/Inf in output ({r['nonfinite']})")
+    for r in results.recipes:
+        m = r.metrics
+        if not r.finite:
+            print(f"{r.name:<22} {r.avg_bits:5.2f} {r.bytes['unet'] / 2**20:8.2f}  NaN/Inf in output ({r.nonfinite})")
             continue
-        print(f"{r['name']:<22} {r['avg_bits']:5.2f} {r['bytes']['unet'] / 2**20:8.2f} {f(m.get('latent_psnr_1step_db')):>9} "
+        print(f"{r.name:<22} {r.avg_bits:5.2f} {r.bytes['unet'] / 2**20:8.2f} {f(m.get('latent_psnr_1step_db')):>9} "
               f"{f(m.get('image_psnr_db')):>8} {f(m.get('ssim'), 3):>6} {f(m.get('noise_psnr_db')):>8}")
-    for t in results.get("targets") or ():
-        print(f"target {'PASS' if t['pass'] else 'FAIL'}: {t['name']}: {t['got']}")
+    for t in results.targets:
+        print(f"target {'PASS' if t.passed else 'FAIL'}: {t.name}: {t.got}")

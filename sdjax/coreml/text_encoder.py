@@ -22,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
+from ..files import staged_path
 from . import mil
 
 MASK_VALUE = -1e4  # finite: -inf scores can give NaN on some Core ML backends; exp underflows to 0 anyway
@@ -140,23 +139,10 @@ def convert(prog, compute_precision="float32", minimum_deployment_target=None):
 
 
 def save_atomically(model, path, overwrite=False):
-    """Save an MLModel to ``path`` via a temporary sibling directory and a rename."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        staged = os.path.join(tmp, os.path.basename(path))
+    """Save an MLModel to ``path`` (an .mlpackage) whole or not at all (``sdjax.files.staged_path``)."""
+    with staged_path(path, overwrite) as staged:
         model.save(staged)
-        if os.path.lexists(path):  # overwrite: move the old one aside first, drop it after
-            old = os.path.join(tmp, "old")
-            os.rename(path, old)
-        os.rename(staged, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return os.path.abspath(os.fspath(path))
 
 
 def export(params, config, path, compute_precision="float32", minimum_deployment_target=None,

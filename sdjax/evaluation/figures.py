@@ -7,9 +7,6 @@ Image grids use Pillow only. Every file is written atomically (``sdjax.files``).
 from __future__ import annotations
 
 import math
-import os
-import re
-import warnings
 
 import numpy as np
 

@@ -63,6 +63,7 @@ from .calibration import Calibration, hessian_run
 from .evaluator import Evaluator, Settings
 from .families import GENERATED, GPTQ_MAX_BITS, ROLES, family, gptq_recipe, mixed_recipes, quality_margin  # noqa: F401
 from .layer_sweep import CANDIDATE_MIN, FISHER_TIMESTEPS, SWEEP_PAIRS, LayerSweep  # noqa: F401
+from .outcome import EvalResult, RecipeResult, TargetResult  # noqa: F401
 from .state import EvalError, State, _check_manifest, _safe, fingerprint  # noqa: F401
 from .targets import targets
 
@@ -172,18 +173,46 @@ def hessians(pipe, prompts, settings: Settings, state: State, progress=True):
     state.write({"seconds": time.perf_counter() - t0}, "hessians-time.json")
     return H
 
-def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settings | None = None, *,
-        adherence=None, plugins=(), devices=None, progress=True, fisher=True, model_label=None,
-        candidate_min=CANDIDATE_MIN, mixed_nbits=mixed_bit.NBITS, calibration=None):
-    """Evaluate ``pipe`` (float) and every recipe; write OUT/report.{md,json}, plots and grids.
-    Returns the results dict (``quant.report``'s schema). See the module docstring.
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a run measures besides the generation settings, and how it builds mixed-bit recipes.
 
     ``calibration``: prompts for GPTQ's input statistics and the prompts of the selection pairs
-    (needed by GPTQ recipes and the generated mixed-bit families; none of them may be an evaluation
-    prompt)."""
+    (needed by GPTQ recipes and the generated mixed-bit families; none may be an evaluation prompt).
+    ``adherence``: (images, prompts) -> scores (the embedded model's ``shapes.score``); ``plugins``:
+    ``quant.metrics`` plug-ins; ``fisher``: also rank layers by the Fisher estimate;
+    ``model_label``: the model's name in the report; ``candidate_min``, ``mixed_nbits``: the
+    mixed-bit candidate layers (at least this many weights) and their bit widths."""
+    calibration: tuple = ()
+    adherence: object = None
+    plugins: tuple = ()
+    fisher: bool = True
+    model_label: str | None = None
+    candidate_min: int = CANDIDATE_MIN
+    mixed_nbits: tuple = tuple(mixed_bit.NBITS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "calibration", tuple(self.calibration or ()))
+        object.__setattr__(self, "plugins", tuple(self.plugins or ()))
+        object.__setattr__(self, "mixed_nbits", tuple(self.mixed_nbits))
+
+
+def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settings | None = None,
+        options: Options | None = None, *, devices=None, progress=True, **option_fields) -> EvalResult:
+    """Evaluate ``pipe`` (float) and every recipe; write OUT/report.{md,json}, plots and grids, and
+    OUT/recipes/. Returns an ``EvalResult`` (see the module docstring).
+
+    ``options``: an ``Options``, or its fields as keywords (``calibration=``, ``adherence=``, ...)."""
+    if option_fields:
+        if options is not None:
+            raise TypeError("pass options= or its fields as keywords, not both")
+        options = Options(**option_fields)
+    o = options or Options()
+    adherence, plugins, calibration = o.adherence, o.plugins, list(o.calibration)
+    candidate_min, mixed_nbits = o.candidate_min, o.mixed_nbits
     recipes = resolve(list(recipe_names))
     if settings is None:
-        raise EvalError("settings: a quant.evaluate.Settings (prompts, seeds, ...)")
+        raise EvalError("settings: an sdjax.evaluation.evaluator.Settings (prompts, seeds, ...)")
     if pipe.is_quantized:
         raise EvalError(f"{pipe.source}: sdjax eval needs the float model (the reference every recipe is compared with)")
     # under jax.distributed every process runs the same computation (its devices take their share
@@ -233,13 +262,13 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         else:
             mixed = mixed_recipes(S, want, "mixed-apple" in want, "mixed-sdjax" in want, G)
             state.write({"families": key, "recipes": [list(x) for x in mixed]}, "mixed.json")
-        if fisher:
+        if o.fisher:
             S.fisher(S.single(), sel.s.prompts)
         todo += [(n, r) for n, r, _ in mixed]
         roles = {n: role for n, _, role in mixed}
 
     results = {"sdjax_version": __version__,
-               "model": {"source": model_label or pipe.source, "fingerprint": manifest["fingerprint"]},
+               "model": {"source": o.model_label or pipe.source, "fingerprint": manifest["fingerprint"]},
                "settings": dict(settings.to_json(), metrics=list(metrics.BUILTIN) + [p.name for p in plugins]),
                "float": float_entry, "recipes": [], "sensitivity": S.block() if S else None,
                "sensitivity_gptq": G.block() if G else None, "targets": None}
@@ -271,11 +300,12 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         images[name] = imgs if imgs is not None else state.load_arrays("recipes", key + ".npz")["images"]
     results["targets"] = targets(results)
     if not writer:
-        return results
+        return EvalResult.from_json(results)
     write_recipes(results, out_dir)
     captions = [f"{p} (seed {s})" for p, s in settings.pairs]
     results["files"] = report.write_report(results, out_dir, images=images, captions=captions)
-    return results
+    return EvalResult.from_json(results)
+
 
 def write_recipes(results, out_dir):
     """OUT/recipes/NAME.json (sdjax rules) and, for mixed-bit recipes, NAME.apple.json (Apple's

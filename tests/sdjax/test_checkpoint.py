@@ -1,7 +1,6 @@
 """Checkpoint I/O: diffusers folders (variants, shards), save -> load, bad input."""
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import sdjax
 from sdjax import checkpoint, unet
 from sdjax.nn import flatten
 from sdjax.params import CheckpointError
-from tiny_models import nchw, nhwc, rel_err
+from tiny_models import nchw, nhwc
 
 
 def _unet_out(params, cfg, seed=0):

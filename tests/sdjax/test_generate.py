@@ -6,7 +6,7 @@ import torch
 
 import sdjax
 from sdjax import generate as gen
-from tiny_models import DIFFUSERS_SCHEDULERS, nchw, nhwc
+from tiny_models import DIFFUSERS_SCHEDULERS, nchw
 
 PSNR_MIN = 70.0
 PROMPTS = ["a red circle", "the small blue square"]

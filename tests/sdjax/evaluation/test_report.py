@@ -150,34 +150,6 @@ def test_write_report_minimal(tmp_path):
     assert report.render_markdown({}, {}).startswith("# Quality vs bits")
 
 
-def test_atomic_write_keeps_old_file(tmp_path):
-    path = tmp_path / "report.json"
-    report.atomic_write_json(path, {"ok": [1.0, math.inf, math.nan]})
-    before = path.read_bytes()
-    # json.dump has streamed the big list into the temporary file when it meets the object
-    with pytest.raises(TypeError):
-        report.atomic_write_json(path, {"a": list(range(20000)), "b": object()})
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["report.json"]
-    loaded = json.loads(before)
-    assert loaded["ok"][1] == math.inf and math.isnan(loaded["ok"][2])
-    # numpy values are written as numbers
-    report.atomic_write_json(path, {"x": np.float32(1.5), "y": np.arange(3), "z": np.int64(2)})
-    assert json.loads(path.read_text()) == {"x": 1.5, "y": [0, 1, 2], "z": 2}
-
-    class Boom:
-        def savefig(self, f, **kw):
-            f.write(b"partial")
-            raise RuntimeError("killed")
-    fig_path = tmp_path / "plot.png"
-    fig_path.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        report.atomic_save_figure(Boom(), fig_path)
-    assert fig_path.read_bytes() == b"old" and not (tmp_path / "plot.png.tmp").exists()
-    report.atomic_write_text(tmp_path / "a.md", "héllo\n")
-    assert (tmp_path / "a.md").read_text(encoding="utf-8") == "héllo\n"
-
-
 def test_heatmap_inf_nan(tmp_path):
     layers = _layers(40)
     psnr = np.full((40, 3), 30.0)

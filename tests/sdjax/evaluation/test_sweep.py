@@ -91,6 +91,19 @@ def test_sweep_writes_a_report_and_resumes_without_recomputing(pipe, tmp_path, m
     assert r4["path"] == "simulated" and r4["finite"] and 4.0 < r4["avg_bits"] < 5.0
     assert r4["bytes"]["unet"] < quant.size_bytes(pipe.params["unet"]) / 6
     assert set(r4["metrics"]["adherence"]) >= {"color", "shape", "all"}
+    # the typed view of the same record
+    assert isinstance(res, sweep.EvalResult) and [r.name for r in res.recipes] == names
+    t4 = res.recipe("palette-4bit")
+    assert (t4.avg_bits, t4.bytes, t4.metrics, t4.path) == (r4["avg_bits"], r4["bytes"], r4["metrics"], "simulated")
+    assert res.files and all(os.path.exists(os.path.join(out, f)) for f in res.files.values() if isinstance(f, str))
+    with pytest.raises(KeyError, match="no recipe 'palette-9bit'.*palette-3bit"):
+        res.recipe("palette-9bit")
+    # the same run with its options as one value
+    again = sweep.run(pipe, ["palette-4bit", "palette-3bit"], str(out), SETTINGS,
+                      sweep.Options(adherence=shapes.score), progress=False)
+    assert again.record["recipes"] == res["recipes"]
+    with pytest.raises(TypeError, match="not both"):
+        sweep.run(pipe, ["palette-4bit"], str(out), SETTINGS, sweep.Options(), fisher=False)
     # a third run with one more recipe computes only that one
     calls.clear()
     res = _run(pipe, out, ["palette-4bit", "palette-3bit", "w8-int8"])
