@@ -31,36 +31,8 @@ is the optimistic reading. ``run(..., dtype=np.float16)`` rounds every float res
 float16 even in an fp32 program; ``dtype=np.float32`` ignores the fp16 casts (fp16-stored
 weights keep their fp16 values), which separates weight rounding from activation rounding.
 
-What the exporter must know about coremltools 9's conversion (found by reading programs
-back; tests/sdjax/test_coreml_interp.py pins all but the last two):
-
-* ``ct.convert`` runs its passes on the Program *in place*: converting the same Builder
-  program twice converts the first result again. Pass ``copy.deepcopy(prog)``.
-* fp32: ``ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=...,
-  compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY)`` keeps the
-  program as built. The default pipeline would fuse (matmul + add becomes ``linear``, gelu
-  patterns, ...), const-fold, and rename.
-* fp16: ``EMPTY`` with ``compute_precision=FLOAT16`` inserts NO casts (the fp16 pass is part
-  of the pipeline; the precision argument only configures it). Use
-  ``ct.PassPipeline(pass_names=["common::add_fp16_cast", "common::const_elimination",
-  "common::cast_optimization", "common::dead_code_elimination"], pipeline_name="fp16")``:
-  add_fp16_cast alone leaves the weights fp32 behind runtime casts and keeps fp16->fp32->fp16
-  cast pairs; the other three fold them into fp16 consts. constexpr ops survive it: write
-  fp16 LUTs/scales, ``cast`` the result to fp32 in the fp32-typed Builder program, and the
-  cast pair disappears. (Under EMPTY that cast stays, and ``linear``/``conv`` refuse a weight
-  that is not const or constexpr: there, write fp32 LUTs.)
-* Part of the backend pipeline runs whatever ``pass_pipeline`` says: it fuses ``sigmoid``
-  times x into ``silu``, replaces ``sqrt(pow(x, 2))`` by ``identity`` (x, not |x|: do not emit
-  that pattern), and rewrites names to identifiers (``"out.1/x"`` becomes ``"out_1_x"``,
-  output names too, with only a warning). Name everything ``[A-Za-z_][A-Za-z0-9_]*``.
-* MIL ``einsum`` accepts only ``"nchw,nwhu->nchu"`` (rank 3: ``"chw,whr->chr"``) up to
-  renaming letters. Apple's split-einsum attention equations are written with the operands
-  swapped: ``einsum(values=(k, q), equation="bkhc,bchq->bkhq")`` for ``"bchq,bkhc->bkhq"``,
-  and ``einsum(values=(v, w), equation="bchk,bkhq->bchq")`` for ``"bkhq,bchk->bchq"``.
-* Constexpr ops (palettized/quantized weights) are stored as written: LUTs, indices and
-  scales come back bit-identical (``constexpr_values``).
-* Tensors are limited to rank 5 (the Builder refuses more); Builder ``Var``s have no
-  arithmetic operators (``x * 2`` fails: use ``mb.mul``).
+What the exporter must know about coremltools 9's conversion (ops it accepts, the passes that
+run whatever ``pass_pipeline`` says, fp16 casts, names) is written down in docs/coreml.md.
 """
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def test_check_shapes_names_every_problem():
     assert "missing keys (2): k0, k11" in msg and "unexpected keys (1): extra" in msg
     assert "k10 expected (2, 2) got (3, 2)" in msg
     many = {f"m{i}": (1,) for i in range(11)}
-    with pytest.raises(CheckpointError, match=r"missing keys \(11\): .*\.\.\. \(3 more\)"):
+    with pytest.raises(CheckpointError) as e:
         params.check_shapes({}, many, "f")
+    assert str(e.value).endswith("missing keys (11): m0, m1, m2, m3, m4, m5, m6, m7, ... (3 more)")
     params.check_shapes(dict(expected), expected, "f")  # a match raises nothing
 
 
