@@ -277,10 +277,10 @@ def _rule(index, d):
         except re.error as e:
             raise RecipeError(f"{where}: not a valid regular expression ({e})") from None
     method = d.get("method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{where}: unknown method {method!r}; choose from {sorted(METHODS)}")
     kind = d.get("kind")
-    if kind is not None and kind not in KINDS:
+    if kind is not None and (not isinstance(kind, str) or kind not in KINDS):
         raise RecipeError(f"{where}: kind must be 'conv' or 'linear'; got {kind!r}")
     comps = None
     if "component" in d or "components" in d:

@@ -8,7 +8,7 @@ from sdjax import configs
 
 
 @pytest.mark.parametrize("option,value", [("class_embed_type", "timestep"), ("resnet_time_scale_shift", "scale_shift"),
-                                          ("time_cond_proj_dim", 256), ("addition_embed_type", "text_time")])
+                                          ("time_cond_proj_dim", 256), ("addition_embed_type", "text")])
 def test_unimplemented_unet_option_is_refused_by_name(option, value):
     with pytest.raises(configs.ConfigError, match=option):
         configs.unet_config({option: value}, source="x/unet/config.json")

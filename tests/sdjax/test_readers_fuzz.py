@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import quant
 from quant import io as qio
@@ -101,6 +101,8 @@ def test_recipe_parser_any_json(value):
 @given(st.dictionaries(st.sampled_from(["pattern", "method", "nbits", "group_size", "kind", "regex",
                                         "components", "threshold", "gptq", "sensitive", "weight_threshold"]),
                        json_values, max_size=5))
+@example({"pattern": "0", "method": []})     # an unhashable method once escaped as TypeError
+@example({"pattern": "*", "method": "int8", "kind": {}})
 def test_recipe_parser_rule_fields(rule):
     try:
         quant.parse_recipe({"rules": [rule]})
