@@ -1,7 +1,9 @@
-"""CLIP text encoder (transformers' CLIPTextModel) as a pure function.
+"""CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection, SDXL's
+text_encoder_2) as pure functions.
 
-Parameter names are transformers' without the ``text_model.`` prefix (transformers v5
-writes them that way; v4 checkpoints' prefix is stripped at load).
+Parameter names are transformers' without the ``text_model.`` prefix (transformers v5 writes
+CLIPTextModel's that way; v4 checkpoints' prefix is stripped at load); the projection of
+CLIPTextModelWithProjection is ``text_projection.weight``, ``(hidden, projection_dim)`` as every linear.
 """
 from __future__ import annotations
 
@@ -24,10 +26,14 @@ def _layer(x, p, cfg: CLIPConfig, mask):
 
 
 def apply(params, config: CLIPConfig, input_ids):
-    """input_ids (B, L) int -> (last_hidden_state (B, L, D), hidden_states, pooled (B, D)).
+    """input_ids (B, L) int -> (last_hidden_state (B, L, D), hidden_states, pooled).
 
     ``hidden_states`` is a tuple of num_hidden_layers + 1 arrays as transformers returns
     them: the embeddings, then each layer's output (before the final layer norm).
+    ``pooled`` is the final-layer-normed state at each sequence's EOS token, (B, D), as
+    CLIPTextModel's ``pooler_output``; for a ``config.with_projection`` model it is that state
+    through ``text_projection``, (B, projection_dim), as CLIPTextModelWithProjection's
+    ``text_embeds`` (SDXL's pooled conditioning).
     """
     emb = params["embeddings"]
     dtype = emb["token_embedding"]["weight"].dtype
@@ -46,6 +52,8 @@ def apply(params, config: CLIPConfig, input_ids):
     else:
         eos_pos = jnp.argmax(input_ids == config.eos_token_id, axis=-1)
     pooled = last[jnp.arange(b), eos_pos]
+    if config.with_projection:
+        pooled = nn.linear(pooled, params["text_projection"])
     return last, tuple(hidden_states), pooled
 
 
@@ -65,9 +73,11 @@ def param_shapes(config: CLIPConfig) -> dict:
             s[f"{p}{n}.bias"] = (d,)
         s[f"{p}mlp.fc1.weight"], s[f"{p}mlp.fc1.bias"] = (d, f), (f,)
         s[f"{p}mlp.fc2.weight"], s[f"{p}mlp.fc2.bias"] = (f, d), (d,)
+    if config.with_projection:
+        s["text_projection.weight"] = (d, config.projection_dim)
     return s
 
 
 def init_params(config: CLIPConfig, seed: int = 0, dtype="float32"):
-    """Random parameters for ``config`` (any size, full CLIP ViT-L/14 included)."""
+    """Random parameters for ``config`` (any size, full CLIP ViT-L/14 and OpenCLIP bigG included)."""
     return make_params(param_shapes(config), seed, dtype)

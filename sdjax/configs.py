@@ -102,14 +102,19 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
-    transformer_layers_per_block: Any = 1
+    transformer_layers_per_block: Any = 1  # an int, one per block, or per block a list per layer
+    reverse_transformer_layers_per_block: Any = None  # the up blocks' (else the down list reversed)
     attention_head_dim: Any = 8
     num_attention_heads: Any = None
     use_linear_projection: bool = False
     upcast_attention: bool = False  # sdjax always computes scores and softmax in float32
     resnet_out_scale_factor: float = 1.0
     only_cross_attention: Any = False
-    addition_embed_type_num_heads: int = 64  # unused without addition_embed_type
+    # SDXL's micro-conditioning ("text_time"): pooled text embeds + sinusoidal time_ids -> add_embedding
+    addition_embed_type: Any = None
+    addition_time_embed_dim: Any = None
+    projection_class_embeddings_input_dim: Any = None
+    addition_embed_type_num_heads: int = 64  # unused by text_time
 
     def _per_block(self, v, name):
         v = (v,) * len(self.down_block_types) if not isinstance(v, tuple) else v
@@ -126,7 +131,53 @@ class UNetConfig:
 
     @property
     def transformer_layers(self):
+        """Per down block: an int, or a tuple with one count per attention (asymmetric UNets)."""
         return self._per_block(self.transformer_layers_per_block, "transformer_layers_per_block")
+
+    def _depth_entries(self):
+        """The transformer counts as given, checked against the layout diffusers builds from them
+        (without expanding them): (down entries, mid count, up entries), each entry a count or a
+        tuple with one count per layer of its block."""
+        def count(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+        def check(v, n, kind, name):
+            if not (count(v) or isinstance(v, tuple) and len(v) == n and all(map(count, v))):
+                raise ConfigError(f"{name} entry {v!r}: expected a count or a list of {n} counts for "
+                                  f"a {kind} of {n} layers")
+
+        tl, layers = self.transformer_layers, self.layers
+        rev = self.reverse_transformer_layers_per_block
+        if rev is None:
+            if any(isinstance(t, tuple) for t in tl):
+                raise ConfigError("transformer_layers_per_block with per-layer lists needs "
+                                  "reverse_transformer_layers_per_block (as diffusers requires)")
+            rev = tl[::-1]
+        rev = self._per_block(rev, "reverse_transformer_layers_per_block")
+        for entries, counts, kinds, name in (
+                (tl, layers, self.down_block_types, "transformer_layers_per_block"),
+                (rev, [n + 1 for n in layers[::-1]], self.up_block_types, "reverse_transformer_layers_per_block")):
+            for v, n, kind in zip(entries, counts, kinds):
+                if "CrossAttn" in kind:
+                    check(v, n, kind, name)
+        mid = tl[-1] if not isinstance(tl[-1], tuple) else tl[-1][:1]  # diffusers' mid block: the first
+        check(mid, 1, "mid block", "transformer_layers_per_block")
+        return tl, mid if isinstance(mid, int) else mid[0], rev
+
+    @property
+    def transformer_depths(self):
+        """Transformer blocks in each attention as diffusers builds them: ``(down, mid, up)`` with
+        ``down[i][j]`` for down block i's attention j (0 where the block has none), ``mid`` an int and
+        ``up[i][j]`` likewise for the up blocks (one more layer each), which take
+        reverse_transformer_layers_per_block when set, else the down blocks' list reversed."""
+        tl, mid, rev = self._depth_entries()
+
+        def expand(entries, counts, kinds):
+            return tuple((0,) * n if "CrossAttn" not in kind else v if isinstance(v, tuple) else (v,) * n
+                         for v, n, kind in zip(entries, counts, kinds))
+        layers = self.layers
+        return (expand(tl, layers, self.down_block_types), mid,
+                expand(rev, [n + 1 for n in layers[::-1]], self.up_block_types))
 
     @property
     def layers(self):
@@ -135,6 +186,26 @@ class UNetConfig:
     @property
     def time_embed_dim(self):
         return self.block_out_channels[0] * 4
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's conditioning: ``unet.apply`` needs ``added_cond`` (pooled text embeds, time_ids)."""
+        return self.addition_embed_type == "text_time"
+
+    def time_ids_length(self, text_embeds_dim: int) -> int:
+        """time_ids per sample this SDXL UNet takes beside pooled text embeds of width
+        ``text_embeds_dim`` (text_encoder_2's projection_dim): 6 for SDXL base, 5 for the refiner
+        (``SDXL_TIME_IDS`` says what they hold). add_embedding reads the pooled embeds followed by
+        each time id's sinusoidal embedding, so the count is the rest of its input width over
+        addition_time_embed_dim."""
+        if not self.is_sdxl:
+            raise ValueError(f"addition_embed_type is {self.addition_embed_type!r}: this UNet takes no time_ids")
+        rest = self.projection_class_embeddings_input_dim - text_embeds_dim
+        if rest <= 0 or rest % self.addition_time_embed_dim:
+            raise ValueError(f"text_embeds of width {text_embeds_dim} do not fit this UNet: add_embedding "
+                             f"reads {self.projection_class_embeddings_input_dim} values, the pooled embeds "
+                             f"then {self.addition_time_embed_dim} per time id")
+        return rest // self.addition_time_embed_dim
 
     def validate(self, source):
         errs = []
@@ -156,8 +227,16 @@ class UNetConfig:
             errs.append("only_cross_attention is not implemented")
         if isinstance(self.cross_attention_dim, tuple):
             errs.append("a per-block cross_attention_dim list is not implemented")
+        if self.addition_embed_type not in (None, "text_time"):
+            errs.append(f"addition_embed_type {self.addition_embed_type!r} is not implemented "
+                        "(only 'text_time', SDXL's, or null)")
+        elif self.is_sdxl:
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                v = getattr(self, name)
+                if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                    errs.append(f"addition_embed_type 'text_time' needs {name} (a positive integer), not {v!r}")
         try:
-            self.heads, self.transformer_layers, self.layers
+            self.heads, self.layers, self._depth_entries()
         except ConfigError as e:
             errs.append(str(e))
         if errs:
@@ -165,14 +244,19 @@ class UNetConfig:
 
 
 UNET_UNSUPPORTED = dict(
-    dual_cross_attention=False, class_embed_type=None, addition_embed_type=None, num_class_embeds=None,
+    dual_cross_attention=False, class_embed_type=None, num_class_embeds=None,
     resnet_time_scale_shift="default", resnet_skip_time_act=False, time_embedding_type="positional",
     time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
     conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None, encoder_hid_dim=None,
-    encoder_hid_dim_type=None, reverse_transformer_layers_per_block=None, addition_time_embed_dim=None,
-    projection_class_embeddings_input_dim=None,
+    encoder_hid_dim_type=None,
 )
+
+# what SDXL's time_ids hold, per sample, by their count (UNetConfig.time_ids_length)
+SDXL_TIME_IDS = {
+    6: "SDXL base: original size (height, width), crop top-left (top, left), target size (height, width)",
+    5: "SDXL refiner: original size (height, width), crop top-left (top, left), aesthetic score",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +311,15 @@ class CLIPConfig:
     bos_token_id: int = 49406
     pad_token_id: Any = 1
     projection_dim: Any = None  # only used by CLIPTextModelWithProjection
+    # CLIPTextModelWithProjection (SDXL's text_encoder_2): the pooled output goes through text_projection.
+    # Set from the config's architectures, not a transformers option: to_dict writes it back as them.
+    with_projection: bool = False
 
     def validate(self, source):
+        p = self.projection_dim
+        if self.with_projection and not (isinstance(p, int) and not isinstance(p, bool) and p > 0):
+            raise ConfigError(f"{source}: CLIPTextModelWithProjection needs projection_dim (a positive "
+                              f"integer), not {p!r}")
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"{source}: hidden_act {self.hidden_act!r} is not implemented "
                               "(quick_gelu, gelu)")
@@ -237,7 +328,7 @@ class CLIPConfig:
                               f"num_attention_heads {self.num_attention_heads}")
 
 
-CLIP_ARCHITECTURES = ("CLIPTextModel",)
+CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 def unet_config(d: dict, source: str = "unet config") -> UNetConfig:
@@ -251,10 +342,14 @@ def vae_config(d: dict, source: str = "vae config") -> VAEConfig:
 def clip_config(d: dict, source: str = "text_encoder config") -> CLIPConfig:
     _check_object(d, source)
     arch = d.get("architectures") or ["CLIPTextModel"]
-    if any(a not in CLIP_ARCHITECTURES for a in arch):
-        raise ConfigError(f"{source}: architecture {arch} is not implemented (only CLIPTextModel)")
+    if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in CLIP_ARCHITECTURES:
+        raise ConfigError(f"{source}: architecture {arch} is not implemented (only one of "
+                          f"{', '.join(CLIP_ARCHITECTURES)})")
     if d.get("model_type", "clip_text_model") != "clip_text_model":
         raise ConfigError(f"{source}: model_type {d['model_type']!r} is not a CLIP text model")
+    d = dict(d, with_projection=arch[0] == "CLIPTextModelWithProjection")
+    if d["with_projection"] and "projection_dim" not in d:
+        d["projection_dim"] = 512  # transformers' CLIPTextConfig default
     # transformers configs carry dozens of generic generation/runtime keys: only the
     # architecture's own are read.
     return _build(CLIPConfig, d, {}, source, ignore_unknown=True)
@@ -272,11 +367,26 @@ PRESETS = {
                           up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=768),
                  text_encoder=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                                    num_hidden_layers=23, hidden_act="gelu")),
+    # SDXL base 1.0: text_encoder CLIP ViT-L, text_encoder_2 OpenCLIP ViT-bigG; both configs keep
+    # eos_token_id 2 (transformers' legacy pooling at the largest token id) as SDXL ships them
+    "sdxl": dict(unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                           attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                           addition_embed_type="text_time", addition_time_embed_dim=256,
+                           projection_class_embeddings_input_dim=2816),
+                 vae=dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                          up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=1024,
+                          scaling_factor=0.13025, force_upcast=True),
+                 text_encoder=dict(bos_token_id=0, eos_token_id=2, projection_dim=768),
+                 text_encoder_2=dict(architectures=["CLIPTextModelWithProjection"], hidden_size=1280,
+                                     intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                     hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2)),
 }
 
 
 def preset(name: str) -> dict:
-    """{component: config} of a full-size architecture ("sd15", "sd21")."""
+    """{component: config} of a full-size architecture ("sd15", "sd21", "sdxl")."""
     try:
         p = PRESETS[name]
     except KeyError:
@@ -284,7 +394,7 @@ def preset(name: str) -> dict:
     return {c: READERS[c](d, source=f"preset {name}") for c, d in p.items()}
 
 
-READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config}
+READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config, "text_encoder_2": clip_config}
 
 
 def read(component: str, path: str):
@@ -309,5 +419,6 @@ def to_dict(cfg) -> dict:
     elif isinstance(cfg, VAEConfig):
         d["_class_name"] = "AutoencoderKL"
     else:
-        d.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+        arch = "CLIPTextModelWithProjection" if d.pop("with_projection") else "CLIPTextModel"
+        d.update(architectures=[arch], model_type="clip_text_model")
     return d

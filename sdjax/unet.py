@@ -1,14 +1,16 @@
-"""UNet2DConditionModel (SD 1.x / 2.x, inpainting included) as a pure function, NHWC.
+"""UNet2DConditionModel (SD 1.x / 2.x, inpainting, SDXL base and refiner) as a pure function, NHWC.
 
 Parameter names are diffusers' module names; ``param_shapes`` lists them all for a config
-and is the single statement of the architecture's parameters (init, load checks).
+and is the single statement of the architecture's parameters (init, load checks). SDXL's
+"text_time" conditioning (pooled text embeds and size/crop/aesthetic time_ids) comes in as
+``added_cond`` and is checked against the config before anything runs.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from . import nn
-from .configs import UNetConfig
+from .configs import SDXL_TIME_IDS, UNetConfig
 from .params import make_params, conv_shape as _conv, linear_shape as _lin, norm_shape as _norm
 
 
@@ -62,18 +64,70 @@ def transformer_2d(x, ctx, p, heads, layers, groups, linear_projection):
 
 # --- the model ------------------------------------------------------------------------
 
-def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
+def _check_inputs(cfg: UNetConfig, b, encoder_hidden_states, added_cond):
+    """ValueErrors naming what was expected, for inputs that would otherwise fail deep inside."""
+    got = encoder_hidden_states.shape[-1]
+    if got != cfg.cross_attention_dim:
+        why = ("; SDXL concatenates both text encoders' penultimate states (the refiner takes "
+               "text_encoder_2's alone)" if cfg.is_sdxl else "")
+        raise ValueError(f"encoder_hidden_states has last dimension {got}: expected {cfg.cross_attention_dim} "
+                         f"(the UNet's cross_attention_dim){why}")
+    if not cfg.is_sdxl:
+        if added_cond is not None:
+            raise ValueError("added_cond given to a UNet without SDXL conditioning "
+                             f"(addition_embed_type is {cfg.addition_embed_type!r})")
+        return
+    want = "added_cond={'text_embeds': (B, pooled width), 'time_ids': (B, n)}"
+    if not isinstance(added_cond, dict) or {"text_embeds", "time_ids"} - set(added_cond):
+        have = "none" if added_cond is None else sorted(added_cond) if isinstance(added_cond, dict) else added_cond
+        raise ValueError(f"this SDXL UNet (addition_embed_type 'text_time') needs {want}; got {have}")
+    te, ids = added_cond["text_embeds"], added_cond["time_ids"]
+    for name, a in (("text_embeds", te), ("time_ids", ids)):
+        if len(a.shape) != 2 or a.shape[0] != b:
+            raise ValueError(f"added_cond[{name!r}] has shape {tuple(a.shape)}: expected ({b}, n) for a batch of {b}")
+    width, n = te.shape[1], ids.shape[1]
+    total, per_id = cfg.projection_class_embeddings_input_dim, cfg.addition_time_embed_dim
+    if width + n * per_id == total:
+        return
+    rest = total - width
+    if rest > 0 and rest % per_id == 0 and rest // per_id in SDXL_TIME_IDS:
+        k = rest // per_id
+        raise ValueError(f"time_ids has {n} values per sample: this UNet expects {k} ({SDXL_TIME_IDS[k]})"
+                         + (f"; {n} is the form of {SDXL_TIME_IDS[n].split(':')[0]}" if n in SDXL_TIME_IDS else ""))
+    raise ValueError(f"text_embeds has width {width}: with {n} time_ids this UNet expects {total - n * per_id} "
+                     f"(projection_class_embeddings_input_dim {total} - {n} x addition_time_embed_dim {per_id}; "
+                     "the pooled, projected output of text_encoder_2)")
+
+
+def _added_embedding(params, cfg: UNetConfig, added_cond, dtype):
+    """SDXL's "text_time" embedding: [text_embeds, sinusoid of each time id] -> add_embedding."""
+    te, ids = added_cond["text_embeds"], added_cond["time_ids"]
+    b, n = ids.shape
+    t = nn.timestep_embedding(jnp.asarray(ids).reshape(-1), cfg.addition_time_embed_dim,
+                              cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)
+    x = jnp.concatenate([jnp.asarray(te).astype(jnp.float32), t], axis=-1).astype(dtype)
+    ae = params["add_embedding"]
+    return nn.linear(nn.silu(nn.linear(x, ae["linear_1"])), ae["linear_2"])
+
+
+def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *, added_cond=None):
     """Noise (or v) prediction.
 
     sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
-    (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in the params' dtype.
+    (B, L, cross_attention_dim). SDXL UNets (``config.is_sdxl``) also take ``added_cond``
+    ``{"text_embeds": (B, P), "time_ids": (B, n)}``: text_encoder_2's pooled, projected output and
+    n = ``config.time_ids_length(P)`` micro-conditioning values (6 for base, 5 for the refiner:
+    ``configs.SDXL_TIME_IDS``); other UNets take none. Inputs that do not fit the config raise
+    ValueError. Returns (B, H, W, out_channels) in the params' dtype.
     """
     cfg = config
     dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
-    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
+    heads, layers = cfg.heads, cfg.layers
+    down_depth, mid_depth, up_depth = cfg.transformer_depths
     lin = cfg.use_linear_projection
     b = sample.shape[0]
+    _check_inputs(cfg, b, encoder_hidden_states, added_cond)
     x = sample.astype(dtype)
     if cfg.center_input_sample:
         x = 2 * x - 1.0
@@ -83,6 +137,8 @@ def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
     temb = nn.timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     te = params["time_embedding"]
     temb = nn.linear(nn.silu(nn.linear(temb.astype(dtype), te["linear_1"])), te["linear_2"])
+    if cfg.is_sdxl:
+        temb = temb + _added_embedding(params, cfg, added_cond, dtype)
 
     x = nn.conv2d(x, params["conv_in"])
     skips = [x]
@@ -91,7 +147,7 @@ def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
         for j in range(layers[i]):
             x = resnet(x, p["resnets"][str(j)], temb, groups, eps, cfg.resnet_out_scale_factor)
             if kind == "CrossAttnDownBlock2D":
-                x = transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], tlayers[i], groups, lin)
+                x = transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], down_depth[i][j], groups, lin)
             skips.append(x)
         if "downsamplers" in p:
             pad = cfg.downsample_padding or ((0, 1), (0, 1))  # diffusers pads right/bottom when 0
@@ -100,17 +156,17 @@ def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states):
 
     p = params["mid_block"]
     x = resnet(x, p["resnets"]["0"], temb, groups, eps, cfg.resnet_out_scale_factor)
-    x = transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], tlayers[-1], groups, lin)
+    x = transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], mid_depth, groups, lin)
     x = resnet(x, p["resnets"]["1"], temb, groups, eps, cfg.resnet_out_scale_factor)
 
-    up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
+    up_heads, up_layers = heads[::-1], layers[::-1]
     for i, kind in enumerate(cfg.up_block_types):
         p = params["up_blocks"][str(i)]
         for j in range(up_layers[i] + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = resnet(x, p["resnets"][str(j)], temb, groups, eps, cfg.resnet_out_scale_factor)
             if kind == "CrossAttnUpBlock2D":
-                x = transformer_2d(x, ctx, p["attentions"][str(j)], up_heads[i], up_tlayers[i], groups, lin)
+                x = transformer_2d(x, ctx, p["attentions"][str(j)], up_heads[i], up_depth[i][j], groups, lin)
         if "upsamplers" in p:
             # upsample to the size of the skip it meets next (odd latent sizes round up there)
             size = skips[-1].shape[1:3] if skips else (2 * x.shape[1], 2 * x.shape[2])
@@ -155,23 +211,27 @@ def param_shapes(config: UNetConfig) -> dict:
     """{dotted diffusers name: shape} of every parameter, in sdjax layout."""
     cfg, s = config, {}
     ch, td, ctx = cfg.block_out_channels, cfg.time_embed_dim, cfg.cross_attention_dim
-    tl, layers, lin = cfg.transformer_layers, cfg.layers, cfg.use_linear_projection
+    layers, lin = cfg.layers, cfg.use_linear_projection
+    down_depth, mid_depth, up_depth = cfg.transformer_depths
     _conv(s, "conv_in", cfg.in_channels, ch[0])
     _lin(s, "time_embedding.linear_1", ch[0], td)
     _lin(s, "time_embedding.linear_2", td, td)
+    if cfg.is_sdxl:
+        _lin(s, "add_embedding.linear_1", cfg.projection_class_embeddings_input_dim, td)
+        _lin(s, "add_embedding.linear_2", td, td)
     cout = ch[0]
     for i, kind in enumerate(cfg.down_block_types):
         cin, cout = cout, ch[i]
         for j in range(layers[i]):
             resnet_shapes(s, f"down_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout, td)
             if kind == "CrossAttnDownBlock2D":
-                _transformer_shapes(s, f"down_blocks.{i}.attentions.{j}", cout, ctx, tl[i], lin)
+                _transformer_shapes(s, f"down_blocks.{i}.attentions.{j}", cout, ctx, down_depth[i][j], lin)
         if i < len(ch) - 1:
             _conv(s, f"down_blocks.{i}.downsamplers.0.conv", cout, cout)
     resnet_shapes(s, "mid_block.resnets.0", ch[-1], ch[-1], td)
-    _transformer_shapes(s, "mid_block.attentions.0", ch[-1], ctx, tl[-1], lin)
+    _transformer_shapes(s, "mid_block.attentions.0", ch[-1], ctx, mid_depth, lin)
     resnet_shapes(s, "mid_block.resnets.1", ch[-1], ch[-1], td)
-    rch, rtl, rlayers = ch[::-1], tl[::-1], layers[::-1]
+    rch, rlayers = ch[::-1], layers[::-1]
     prev = rch[0]
     for i, kind in enumerate(cfg.up_block_types):
         cout = rch[i]
@@ -181,7 +241,7 @@ def param_shapes(config: UNetConfig) -> dict:
             cin = prev if j == 0 else cout
             resnet_shapes(s, f"up_blocks.{i}.resnets.{j}", cin + skip, cout, td)
             if kind == "CrossAttnUpBlock2D":
-                _transformer_shapes(s, f"up_blocks.{i}.attentions.{j}", cout, ctx, rtl[i], lin)
+                _transformer_shapes(s, f"up_blocks.{i}.attentions.{j}", cout, ctx, up_depth[i][j], lin)
         if i < len(ch) - 1:
             _conv(s, f"up_blocks.{i}.upsamplers.0.conv", cout, cout)
         prev = cout
@@ -191,5 +251,5 @@ def param_shapes(config: UNetConfig) -> dict:
 
 
 def init_params(config: UNetConfig, seed: int = 0, dtype="float32"):
-    """Random parameters for ``config`` (full-size SD 1.5 included)."""
+    """Random parameters for ``config`` (full-size SD 1.5 and SDXL included)."""
     return make_params(param_shapes(config), seed, dtype)

@@ -18,6 +18,7 @@ def pipeline_dirs(tmp_path_factory):
     def get(style):
         if style not in cache:
             folder = str(tmp_path_factory.mktemp(style))
-            cache[style] = (folder, tiny_models.build_pipeline(folder, style))
+            build = tiny_models.build_sdxl_pipeline if style in tiny_models.SDXL_STYLES else tiny_models.build_pipeline
+            cache[style] = (folder, build(folder, style))
         return cache[style]
     return get

@@ -81,6 +81,96 @@ def build_pipeline(folder, style="sd1", seed=0):
     return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
+# SDXL: two text encoders (CLIP ViT-L- and OpenCLIP bigG-like: quick_gelu / gelu + projection), a UNet
+# with no attention at the first level, per-block transformer depths, linear projections and "text_time"
+# conditioning on the pooled projected output and 6 (base) or 5 (refiner: aesthetic score) time ids.
+# The encoders keep SDXL's eos_token_id 2 (transformers' legacy argmax pooling).
+SDXL_TIME_EMBED_DIM = 8
+SDXL_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                 hidden_act="quick_gelu")
+SDXL_CLIP_2 = dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                   hidden_act="gelu", projection_dim=40)
+_SDXL_UNET = dict(norm_num_groups=8, sample_size=16, use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=SDXL_TIME_EMBED_DIM)
+SDXL_STYLES = {
+    "sdxl": dict(clip=SDXL_CLIP, clip_2=SDXL_CLIP_2, time_ids=6, unet=dict(
+        _SDXL_UNET, block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_CLIP["hidden_size"] + SDXL_CLIP_2["hidden_size"],
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_CLIP_2["projection_dim"])),
+    # the refiner: text_encoder_2 alone, one more level, attention only in the middle ones
+    "sdxl-refiner": dict(clip=None, clip_2=SDXL_CLIP_2, time_ids=5, unet=dict(
+        _SDXL_UNET, block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=2,
+        attention_head_dim=(2, 4, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_CLIP_2["hidden_size"],
+        projection_class_embeddings_input_dim=5 * SDXL_TIME_EMBED_DIM + SDXL_CLIP_2["projection_dim"])),
+}
+
+
+def build_sdxl_pipeline(folder, style="sdxl", seed=0):
+    """Save a tiny random diffusers SDXL pipeline into ``folder``; returns it read back.
+
+    ``style`` "sdxl" is a StableDiffusionXLPipeline (two tokenizers: tokenizer pads with
+    <|endoftext|>, tokenizer_2 with "!" as SDXL's do), "sdxl-refiner" a StableDiffusionXLImg2ImgPipeline
+    without text_encoder/tokenizer and with requires_aesthetics_score; either with SDXL's
+    EulerDiscreteScheduler and a VAE with SDXL's scaling_factor. Weights get extra noise as in
+    ``build_pipeline``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    s = SDXL_STYLES[style] if isinstance(style, str) else style
+    torch.manual_seed(seed)
+
+    def text_config(folder, pad_token, kw):
+        n_vocab = write_tokenizer(folder, pad_token)
+        return CLIPTokenizer.from_pretrained(folder), CLIPTextConfig(
+            vocab_size=n_vocab, bos_token_id=0, eos_token_id=2, pad_token_id=1, max_position_embeddings=77, **kw)
+
+    tokenizer = text_encoder = None
+    if s["clip"] is not None:
+        tokenizer, cfg = text_config(os.path.join(folder, "_tok"), "<|endoftext|>", s["clip"])
+        text_encoder = CLIPTextModel(cfg)
+    tokenizer_2, cfg = text_config(os.path.join(folder, "_tok_2"), "!", s["clip_2"])
+    text_encoder_2 = CLIPTextModelWithProjection(cfg)
+    unet = UNet2DConditionModel(**s["unet"])
+    v = s.get("vae", TINY_VAE)
+    n = len(v["block_out_channels"])
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        latent_channels=4, scaling_factor=0.13025, force_upcast=True, **v)
+    with torch.no_grad():
+        for m in (unet, vae, text_encoder, text_encoder_2):
+            for p in (m.parameters() if m is not None else ()):
+                p.add_(torch.randn_like(p) * 0.05)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading", interpolation_type="linear")
+    refiner = s["time_ids"] == 5
+    cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+    extra = dict(requires_aesthetics_score=True) if refiner else {}
+    pipe = cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+               tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False, **extra)
+    pipe.save_pretrained(folder)
+    return cls.from_pretrained(folder, local_files_only=True, add_watermarker=False)
+
+
+def params_from_torch(module, prefix_strip=""):
+    """A torch module's state_dict as an sdjax parameter tree (sdjax layouts; ``prefix_strip`` removed
+    from the front of each name, e.g. "text_model." for CLIP; position_ids buffers dropped)."""
+    import jax.numpy as jnp
+    from sdjax.nn import unflatten
+    from sdjax.params import torch_to_sdjax
+    flat = {}
+    for k, v in module.state_dict().items():
+        if k.endswith("position_ids"):
+            continue
+        k = k.removeprefix(prefix_strip)
+        flat[k] = jnp.asarray(np.ascontiguousarray(torch_to_sdjax(k, v.detach().cpu().float().numpy())))
+    return unflatten(flat)
+
+
 # sdjax sampler name -> (diffusers scheduler class, from_config overrides)
 DIFFUSERS_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
