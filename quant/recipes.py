@@ -90,7 +90,7 @@ from sdjax import nn
 
 from . import calibrate, int8, llm_int8, palettize
 
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")   # text_encoder_2: SDXL's second
 DEFAULT_COMPONENTS = ("unet",)
 DEFAULT_WEIGHT_THRESHOLD = 2048
 APPLE_FLOAT_NBITS = (16, 32)

@@ -82,7 +82,7 @@ def run(args):
         print(f"  quantized     recipe {recipe.get('name', '?')!r} ({', '.join(comps)}; "
               f"sdjax quantized format v{qio.FORMAT_VERSION})")
     total = total_params = 0
-    for comp in ("text_encoder", "unet", "vae"):
+    for comp in _components(pipe):
         flat = flatten(pipe.params[comp])
         n = sum(int(np.prod(v.shape)) for v in flat.values())
         nbytes = size_bytes(pipe.params[comp])
@@ -100,6 +100,13 @@ def run(args):
     if sched:
         print(f"  scheduler     {sched.get('_class_name', '?')}, prediction_type={sched.get('prediction_type', 'epsilon')}")
     print(f"  tokenizer     {pipe.tokenizer.folder if pipe.tokenizer else 'none'}")
-    for comp in ("text_encoder", "unet", "vae"):
+    for comp in _components(pipe):
         if args.layers or qio.has_quantized(pipe.params[comp]):
             _print_layers(comp, pipe.params[comp], against, pipe.source)
+
+
+def _components(pipe):
+    """The pipeline's model components in the recipe format's order (SDXL has text_encoder_2; a refiner
+    has no text_encoder)."""
+    from quant.recipes import COMPONENTS
+    return [c for c in COMPONENTS if c in pipe.params]

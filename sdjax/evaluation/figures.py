@@ -194,7 +194,8 @@ def plot_sizes(results, path):
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     left = np.zeros(len(rows))
-    for i, comp in enumerate(COMPONENTS):
+    present = [c for c in COMPONENTS if any(b.get(c) is not None for _, b in rows)]  # SD 1.x has no text_encoder_2
+    for i, comp in enumerate(present):
         mb = np.array([_mb(b.get(comp)) or 0.0 for _, b in rows])
         ax.barh(y, mb, left=left, color=f"C{i}", label=comp, height=0.7)
         left += mb

@@ -6,7 +6,7 @@ import math
 import re
 
 
-COMPONENTS = ("unet", "text_encoder", "vae")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 STANDARD_METRICS = ("noise_psnr_db", "latent_psnr_1step_db", "image_psnr_db", "ssim", "adherence")
 ADHERENCE_KEYS = ("color", "shape", "size", "position", "background", "all")
 METRIC_TITLES = {

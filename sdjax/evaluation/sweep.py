@@ -122,7 +122,7 @@ def dequantized(params, dtype=np.float32):
                         params, is_leaf=nn.is_quantized)
 
 def component_bytes(params):
-    return {c: quant.size_bytes(params[c]) for c in ("unet", "text_encoder", "vae") if c in params}
+    return {c: quant.size_bytes(params[c]) for c in quant.recipes.COMPONENTS if c in params}
 
 def _not_evaluation(prompts, settings, what):
     prompts = list(dict.fromkeys(prompts))
