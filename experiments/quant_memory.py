@@ -137,23 +137,39 @@ CONFIGS = {
     "micro": (dict(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
                    up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, norm_num_groups=8,
                    cross_attention_dim=32, attention_head_dim=2, sample_size=8), 8, 8),  # for tests
+    # SDXL base (2.57 B parameters), 1024x1024 images; and a tiny SDXL-shaped one for checks
+    "sdxl": (dict(), 128, 77),
+    "sdxl-micro": (dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8,
+                        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=32,
+                        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                        sample_size=16), 16, 8),
 }
+BASES = {"sdxl": "sdxl", "sdxl-micro": "sdxl"}   # the preset a config overrides (sd15 otherwise)
+SDXL_TIME_IDS = 6                                # SDXL base's micro-conditioning values per sample
 
 
 def unet_config(name):
     from sdjax import configs
     overrides, _, _ = CONFIGS[name]
-    return dataclasses.replace(configs.preset("sd15")["unet"], **overrides)
+    return dataclasses.replace(configs.preset(BASES.get(name, "sd15"))["unet"], **overrides)
 
 
 def inputs(name, cfg):
-    """(sample NHWC, timesteps, context) of one guided evaluation: batch 2, fixed seed."""
+    """(sample NHWC, timesteps, context, added_cond) of one guided evaluation: batch 2, fixed seed.
+    ``added_cond`` (SDXL: pooled text embeddings and the six micro-conditioning values) is None for SD."""
     import jax.numpy as jnp
     _, side, ctx_len = CONFIGS[name]
     rng = np.random.default_rng(1234)
     x = rng.standard_normal((2, side, side, cfg.in_channels), np.float32)
     ctx = rng.standard_normal((2, ctx_len, cfg.cross_attention_dim), np.float32)
-    return jnp.asarray(x), jnp.asarray([500.0, 500.0], jnp.float32), jnp.asarray(ctx)
+    added = None
+    if cfg.is_sdxl:
+        pooled = cfg.projection_class_embeddings_input_dim - SDXL_TIME_IDS * cfg.addition_time_embed_dim
+        side_px = side * 8
+        added = {"text_embeds": jnp.asarray(rng.standard_normal((2, pooled), np.float32)),
+                 "time_ids": jnp.asarray([[side_px, side_px, 0, 0, side_px, side_px]] * 2, jnp.float32)}
+    return jnp.asarray(x), jnp.asarray([500.0, 500.0], jnp.float32), jnp.asarray(ctx), added
 
 
 def current_rss_bytes():
@@ -184,9 +200,9 @@ def quantizable(name, shape, min_size):
     return name.endswith(".weight") and len(shape) in (2, 4) and int(np.prod(shape)) >= min_size
 
 
-def prepare(config, workdir, nbits, min_size, seed=0, progress=True):
-    """Write workdir/<variant>/manifest.json + one .npy per array, for every variant (skipped when a
-    manifest with the same settings exists)."""
+def prepare(config, workdir, nbits, min_size, seed=0, progress=True, variants=VARIANTS):
+    """Write workdir/<variant>/manifest.json + one .npy per array, for every one of ``variants`` (skipped
+    when a manifest with the same settings exists)."""
     import jax
     from tqdm.auto import tqdm
 
@@ -194,12 +210,13 @@ def prepare(config, workdir, nbits, min_size, seed=0, progress=True):
     from sdjax import unet
 
     settings = dict(config=config, nbits=nbits, min_size=min_size, seed=seed)
-    done = all(_read_manifest(workdir, v).get("settings") == settings for v in VARIANTS)
+    variants = [v for v in VARIANTS if v in variants or v == "float16"]
+    done = all(_read_manifest(workdir, v).get("settings") == settings for v in variants)
     if done:
         return
     shapes = unet.param_shapes(unet_config(config))
-    manifests = {v: dict(settings=settings, entries=[]) for v in VARIANTS}
-    for v in VARIANTS:
+    manifests = {v: dict(settings=settings, entries=[]) for v in variants}
+    for v in variants:
         os.makedirs(os.path.join(workdir, v), exist_ok=True)
 
     def save(variant, i, key, a):
@@ -214,19 +231,23 @@ def prepare(config, workdir, nbits, min_size, seed=0, progress=True):
         dense = dict(name=name, kind="dense", shape=list(shape), files={"value": save("float16", i, "value", w16)})
         manifests["float16"]["entries"].append(dense)
         if not quantizable(name, shape, min_size):
-            for v in ("palettized6", "int8"):
+            for v in variants[1:]:
                 manifests[v]["entries"].append(dict(dense, files={"value": save(v, i, "value", w16)}))
             continue
-        pw = palettize.kmeans(w16, nbits)
-        manifests["palettized6"]["entries"].append(dict(
-            name=name, kind="palettized", shape=list(shape), nbits=nbits,
-            files={"packed": save("palettized6", i, "packed", pw.packed), "lut": save("palettized6", i, "lut", pw.lut)}))
-        qw = int8.quantize(w16)
-        jax.block_until_ready(qw.data)
-        manifests["int8"]["entries"].append(dict(
-            name=name, kind="int8", shape=list(shape),
-            files={"data": save("int8", i, "data", qw.data), "scale": save("int8", i, "scale", qw.scale)}))
-        del w, w16, pw, qw
+        if "palettized6" in manifests:
+            pw = palettize.kmeans(w16, nbits)
+            manifests["palettized6"]["entries"].append(dict(
+                name=name, kind="palettized", shape=list(shape), nbits=nbits,
+                files={"packed": save("palettized6", i, "packed", pw.packed), "lut": save("palettized6", i, "lut", pw.lut)}))
+            del pw
+        if "int8" in manifests:
+            qw = int8.quantize(w16)
+            jax.block_until_ready(qw.data)
+            manifests["int8"]["entries"].append(dict(
+                name=name, kind="int8", shape=list(shape),
+                files={"data": save("int8", i, "data", qw.data), "scale": save("int8", i, "scale", qw.scale)}))
+            del qw
+        del w, w16
     for v, m in manifests.items():
         m["prepare_seconds"] = time.perf_counter() - t0
         path = os.path.join(workdir, v, "manifest.json")
@@ -355,13 +376,13 @@ def child(config, workdir, variant, order, stage, reps, out_path, warm_only=Fals
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     cfg = unet_config(config)
-    x, t, ctx = inputs(config, cfg)
+    x, t, ctx, added = inputs(config, cfg)
     r = dict(variant=variant, order=order, stage=stage, rss_after_imports=peak_rss_bytes())
     f = jax.jit(unet.apply, static_argnums=1)
 
     def compile_(params):
         t0 = time.perf_counter()
-        compiled = f.lower(params, cfg, x, t, ctx).compile()
+        compiled = f.lower(params, cfg, x, t, ctx, added_cond=added).compile()
         r["compile_s"] = time.perf_counter() - t0
         try:
             ma = compiled.memory_analysis()
@@ -391,7 +412,7 @@ def child(config, workdir, variant, order, stage, reps, out_path, warm_only=Fals
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = compiled(params, x, t, ctx)
+        out = compiled(params, x, t, ctx, added_cond=added)
         out.block_until_ready()
         times.append(time.perf_counter() - t0)
     r["eval_s"] = min(times)
@@ -400,6 +421,50 @@ def child(config, workdir, variant, order, stage, reps, out_path, warm_only=Fals
     r["rss_end"] = current_rss_bytes()
     r.update(device_memory(params, compiled))
     np.save(out_path, np.asarray(out, np.float32))
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def child_torch(config, workdir, reps, out_path):
+    """The same evaluation in diffusers/PyTorch (float32 compute, what a CPU user runs) on the float16
+    variant's weights: the alternative a user would pick, on the same weights and inputs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdjax import configs
+    from sdjax.memory import peak_rss_bytes
+    from sdjax.params import sdjax_to_torch
+
+    cfg = unet_config(config)
+    x, t, ctx, added = inputs(config, cfg)
+    r = dict(variant="diffusers", order="load-first", stage="none", rss_after_imports=peak_rss_bytes(),
+             temp_bytes=None, peak_after_compile=0, threads=torch.get_num_threads())
+    with torch.device("meta"):
+        m = UNet2DConditionModel.from_config(configs.to_dict(cfg))
+    r["rss_before_weights"] = current_rss_bytes()
+    t0 = time.perf_counter()
+    state = {}
+    for e in _read_manifest(workdir, "float16")["entries"]:
+        a = np.load(os.path.join(workdir, "float16", e["files"]["value"]))
+        state[e["name"]] = torch.from_numpy(np.ascontiguousarray(sdjax_to_torch(e["name"], a), np.float32))
+        del a
+    m.load_state_dict(state, assign=True, strict=True)
+    del state
+    m.eval()
+    r["load_s"] = time.perf_counter() - t0
+    r["weights_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+    tt = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    args = (tt(np.asarray(x).transpose(0, 3, 1, 2)), tt(t), tt(ctx))
+    kw = {} if added is None else {"added_cond_kwargs": {k: tt(v) for k, v in added.items()}}
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            out = m(*args, **kw).sample
+            times.append(time.perf_counter() - t0)
+    r["compile_s"], r["times"] = times[0], times[1:]   # the first call stands for compilation
+    r["eval_s"] = min(times[1:])
+    r["peak_rss"] = peak_rss_bytes()
+    np.save(out_path, out.numpy().transpose(0, 2, 3, 1))
     print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -519,7 +584,8 @@ def budget_lines(results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma list of {', '.join(VARIANTS)}, diffusers (PyTorch float32 on the float16 weights)")
     ap.add_argument("--order", default="load-first,compile-first,cached",
                     help="comma list of load-first / compile-first / cached (see the docstring)")
     ap.add_argument("--stage", default="none,dep",
@@ -545,12 +611,14 @@ def main(argv=None):
             print(f"{r['blocks']:4d} blocks: {r['fusions']:5d} fusion kernels, executable keeps "
                   f"{r['kept_bytes'] / MIB:6.1f} MiB ({r['per_fusion_bytes'] / 1024:.0f} KiB per kernel)")
         return rows
+    if args.child == "diffusers":
+        return child_torch(args.config, args.workdir, args.reps, args.out_npy)
     if args.child:
         return child(args.config, args.workdir, args.child, args.order, args.stage, args.reps, args.out_npy,
                      args.warm_only)
 
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS) - {"diffusers"}
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {VARIANTS}")
     if "float16" not in variants:
@@ -566,18 +634,20 @@ def main(argv=None):
     print(f"preparing weights in {args.workdir} ...", file=sys.stderr, flush=True)
     # here, one tensor at a time: this process never holds more than one float tensor, and its
     # memory is not what is measured
-    prepare(args.config, args.workdir, args.nbits, args.min_size, progress=not args.no_progress)
+    prepare(args.config, args.workdir, args.nbits, args.min_size, progress=not args.no_progress, variants=variants)
 
     results = []
     for order in orders:
         for stage in stages:
             base = None
             for variant in variants:
+                if variant == "diffusers" and (order, stage) != (orders[0], stages[0]):
+                    continue  # PyTorch has no compile order or staging: measured once
                 print(f"running {variant} ({order}, stage {stage}) ...", file=sys.stderr, flush=True)
-                if order == "cached":
+                if order == "cached" and variant != "diffusers":
                     warm = run_child(args, variant, order, stage, warm_only=True)
                 r = run_child(args, variant, order, stage)
-                if order == "cached":
+                if order == "cached" and variant != "diffusers":
                     r["warm_compile_s"] = warm["compile_s"]
                 if variant == "float16":
                     base = r

@@ -82,6 +82,22 @@ def test_quant_memory_end_to_end(tmp_path, capsys):
     assert "leaves" in printed and "besides the weights" in printed
 
 
+def test_quant_memory_sdxl_beside_diffusers(tmp_path, capsys):
+    """An SDXL-shaped UNet (text_time conditioning) measured beside diffusers on the same weights."""
+    results = quant_memory.main(["--config", "sdxl-micro", "--workdir", str(tmp_path / "w"), "--min-size", "1024",
+                                 "--variants", "palettized6,diffusers", "--order", "load-first", "--stage", "none",
+                                 "--reps", "1", "--no-progress"])
+    by = {r["variant"]: r for r in results}
+    assert set(by) == {"float16", "palettized6", "diffusers"}
+    assert not os.path.exists(tmp_path / "w" / "int8")      # only the variants asked for are prepared
+    d = by["diffusers"]
+    # PyTorch (float32 compute) on the same float16 weights: the same function, to float16 rounding
+    assert d["finite"] and d["max_abs_diff"] < 0.01 * d["ref_absmax"]
+    assert d["weights_bytes"] == 2 * by["float16"]["weights_bytes"]  # float32 copy of the float16 weights
+    assert 0 < by["palettized6"]["max_abs_diff"] < by["palettized6"]["ref_absmax"]
+    assert "diffusers" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("wq,wf,target", [(615.0, 1639.0, 0.5), (821.0, 1639.0, 0.65), (10.0, 100.0, 0.3)])
 def test_budget_is_where_the_ratio_meets_the_target(wq, wf, target):
     c = quant_memory.budget(wq, wf, target)
