@@ -1,9 +1,10 @@
 """Quantized models on disk: a diffusers-layout folder whose quantized components are sdjax files.
 
-``save`` writes a folder with ``model_index.json``, ``tokenizer/``, ``scheduler/`` and one folder
-per component with its ``config.json``, like a diffusers pipeline. A component holding quantized
-weights is written as ``<component>/sdjax_quantized.safetensors`` (diffusers and transformers cannot
-read it); a component left float is written as the usual diffusers safetensors file.
+``save`` writes a folder with ``model_index.json``, ``tokenizer/`` (and SDXL's ``tokenizer_2/``),
+``scheduler/`` and one folder per component with its ``config.json``, like a diffusers pipeline. A
+component holding quantized weights is written as ``<component>/sdjax_quantized.safetensors``
+(diffusers and transformers cannot read it); a component left float is written as the usual
+diffusers safetensors file.
 
 An ``sdjax_quantized.safetensors`` file holds every tensor of the component in **sdjax layout**
 (linear ``(in, out)``, conv ``HWIO``) under its diffusers parameter name. A quantized weight at
@@ -212,13 +213,13 @@ def save(pipe, out_dir, recipe=None, overwrite=False, progress=True):
     temporary name and renamed when complete."""
     if recipe is None:
         recipe = (getattr(pipe, "quantization", None) or {}).get("recipe")
+    index = getattr(pipe, "model_index", None)
     src_index = os.path.join(getattr(pipe, "source", "") or "", "model_index.json")
-    index = None
-    if os.path.isfile(src_index):
+    if not index and os.path.isfile(src_index):
         with open(src_index) as f:
             index = json.load(f)
-    index = dict(index or checkpoint.DEFAULT_MODEL_INDEX)
-    quantized = [c for c in COMPONENTS if has_quantized(pipe.params[c])]
+    index = dict(index or checkpoint.default_model_index(pipe.configs))
+    quantized = [c for c in COMPONENTS if c in pipe.params and has_quantized(pipe.params[c])]
     # keys starting with "_" are ignored by diffusers; this one is for people reading the file
     index["_sdjax_quantized"] = {"format_version": FORMAT_VERSION, "components": quantized,
                                  "weights": WEIGHTS_NAME, "note": "sdjax format: diffusers cannot load "
@@ -230,9 +231,10 @@ def save(pipe, out_dir, recipe=None, overwrite=False, progress=True):
         else:
             checkpoint.write_float_component(folder, comp, params)
 
-    tok = getattr(pipe, "tokenizer", None)
+    tok, tok_2 = getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)
     ckpt = checkpoint.Checkpoint(pipe.params, pipe.configs, getattr(tok, "folder", None) if tok is not None else None,
-                                 getattr(pipe, "scheduler_config", None), index, getattr(pipe, "source", ""))
+                                 getattr(pipe, "scheduler_config", None), index, getattr(pipe, "source", ""),
+                                 getattr(tok_2, "folder", None) if tok_2 is not None else None)
     return checkpoint.save(ckpt, out_dir, overwrite=overwrite, progress=progress, write_weights=write_weights)
 
 
@@ -345,7 +347,8 @@ def load(path, dtype="float32", progress=True):
     info: {"recipe": the recipe dict (or None), "components": {component: metadata}}."""
     path = os.fspath(path)
     params, configs, info = {}, {}, {"recipe": None, "components": {}}
-    for comp in COMPONENTS:
+    index = checkpoint.read_json(os.path.join(path, "model_index.json"))
+    for comp in checkpoint.folder_components(path, index):
         folder = os.path.join(path, comp)
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
             params[comp], configs[comp], meta = load_component(folder, comp, dtype, progress)
@@ -354,8 +357,8 @@ def load(path, dtype="float32", progress=True):
                 info["recipe"] = meta["recipe"]
         else:
             params[comp], configs[comp] = checkpoint.load_component(folder, comp, dtype, None, progress)
+    checkpoint.check_conditioning(configs, path)
     sched = checkpoint.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    index = checkpoint.read_json(os.path.join(path, "model_index.json"))
-    tok = os.path.join(path, "tokenizer")
-    ckpt = checkpoint.Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, index, path)
+    ckpt = checkpoint.Checkpoint(params, configs, scheduler_config=sched, model_index=index, source=path,
+                                 **checkpoint.folder_tokenizers(path))
     return ckpt, info

@@ -159,24 +159,58 @@ class Sampler:
                                  f"(supported: {', '.join(map(repr, ok))})")
         return cfg
 
-    def plan(self, schedule, steps: int, strength: float = 1.0) -> Plan:
+    def plan(self, schedule, steps: int, strength: float = 1.0, *, denoising_start: float | None = None,
+             denoising_end: float | None = None) -> Plan:
         """Tables of a run of ``steps`` inference steps. strength < 1 is img2img: the plan
         starts where diffusers' StableDiffusionImg2ImgPipeline.get_timesteps starts
-        (``t_start = steps - min(int(steps * strength), steps)``, calls from ``t_start * order``)."""
+        (``t_start = steps - min(int(steps * strength), steps)``, calls from ``t_start * order``).
+
+        SDXL's ensemble of experts cuts the schedule at a fraction f of the training timesteps,
+        the discrete threshold ``c = int(round(T - f * T))`` (T = num_train_timesteps) as diffusers'
+        SDXL pipelines compute it. ``denoising_start`` (replaces strength) starts at the calls whose
+        timestep is below c(denoising_start), one call earlier for a second-order sampler whose
+        count would split a step (StableDiffusionXLImg2ImgPipeline.get_timesteps);
+        ``denoising_end`` keeps the leading calls whose timestep is >= c(denoising_end)."""
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         steps = int(steps)
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        for name, f in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if f is not None and not 0.0 < float(f) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {f!r}")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
         cfg = self.options(schedule)
         if steps > cfg["num_train_timesteps"]:
             raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({cfg['num_train_timesteps']})")
-        init_steps = min(int(steps * strength), steps)
-        if init_steps < 1:
-            raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "
-                             f"(int(steps * strength) must be at least 1)")
-        start = (steps - init_steps) * self.order
+
+        def cutoff(f):
+            n_train = cfg["num_train_timesteps"]
+            return int(round(n_train - f * n_train))
+
+        if denoising_start is None:
+            init_steps = min(int(steps * strength), steps)
+            if init_steps < 1:
+                raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step "
+                                 f"(int(steps * strength) must be at least 1)")
+            start = (steps - init_steps) * self.order
+        else:
+            every = np.asarray(self._tables(cfg, steps, 0)["timesteps"])
+            calls = int((every < cutoff(denoising_start)).sum())
+            if self.order == 2 and calls % 2 == 0:
+                calls += 1  # never start between a step's two calls
+            if calls < 1:
+                raise ValueError(f"denoising_start {denoising_start} with {steps} steps leaves no denoising step")
+            start = len(every) - min(calls, len(every))
         t = self._tables(cfg, steps, start)
+        if denoising_end is not None:
+            keep = int((np.asarray(t["timesteps"]) >= cutoff(denoising_end)).sum())
+            if keep < 1:
+                raise ValueError(f"denoising_end {denoising_end} with {steps} steps leaves no denoising step")
+            t = dict(t, timesteps=t["timesteps"][:keep], noise_level=t["noise_level"][:keep],
+                     coef={k: np.asarray(v)[:keep] for k, v in t["coef"].items()},
+                     **{k: np.asarray(t[k])[:keep] for k in ("input_scale", "signal") if k in t})
         n = len(t["timesteps"])
         f = lambda a: np.asarray(a, np.float32)  # noqa: E731
         return Plan(timesteps=f(t["timesteps"]),

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: diffusers folders and single-file (CompVis/LDM) checkpoints, streamed.
+"""Checkpoint I/O: diffusers folders and single-file (CompVis/LDM, SDXL's SGM) checkpoints, streamed.
 
 Every tensor is read, converted to sdjax layout and dtype, and handed to JAX one at a
 time, so peak memory is the final params plus one tensor. Keys and shapes are checked
@@ -16,16 +16,21 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import clip, configs as cfgs, unet, vae
+from . import clip, configs as cfgs, tokenizer as clip_tokenizer, unet, vae
 from .files import atomic_folder, atomic_write_json
 from .nn import flatten, unflatten
 from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_shape, torch_to_sdjax
 from .safetensors_io import Lazy, Reader, SafetensorsError, write
 
-MODELS = {"text_encoder": clip, "unet": unet, "vae": vae}
-WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
-CLASS_NAMES = {"text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
-               "vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+MODELS = {"text_encoder": clip, "text_encoder_2": clip, "unet": unet, "vae": vae}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+WEIGHT_STEMS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
+                "vae": "diffusion_pytorch_model"}
+CLASS_NAMES = {"text_encoder": ["transformers", "CLIPTextModel"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
                    "tokenizer.json", "added_tokens.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -33,13 +38,63 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 @dataclasses.dataclass
 class Checkpoint:
-    """What a checkpoint holds: params and configs per component, and the pipeline's files."""
+    """What a checkpoint holds: params and configs per component ("unet", "vae", and "text_encoder"
+    and/or "text_encoder_2"), and the pipeline's files. ``model_index``: the folder's
+    model_index.json (for a single file, the one diffusers would write: its ``_class_name`` says
+    "StableDiffusionXLPipeline" or "StableDiffusionXLImg2ImgPipeline" for an SDXL base or refiner)."""
     params: dict
     configs: dict
     tokenizer_dir: str | None = None
     scheduler_config: dict | None = None
     model_index: dict | None = None
     source: str = ""
+    tokenizer_2_dir: str | None = None
+
+    @property
+    def architecture(self) -> str:
+        return architecture(self.configs)
+
+
+def architecture(configs) -> str:
+    """"sd" (SD 1.x/2.x), "sdxl" (SDXL base: 6 time ids) or "sdxl-refiner" (5: an aesthetic score
+    instead of the target size) from a checkpoint's configs, as its UNet's conditioning says
+    ("sdxl-like" for a text_time UNet that fits neither; loading refuses those)."""
+    u = configs.get("unet")
+    if u is None or not u.is_sdxl:
+        return "sd"
+    te2 = configs.get("text_encoder_2")
+    try:
+        n = u.time_ids_length(te2.projection_dim) if te2 is not None and te2.with_projection else None
+    except ValueError:  # they do not fit: check_conditioning says how
+        n = None
+    return {6: "sdxl", 5: "sdxl-refiner"}.get(n, "sdxl-like")
+
+
+def check_conditioning(configs, source):
+    """An SDXL UNet (text_time) needs text_encoder_2's projected pooled output and SDXL's 6
+    (base) or 5 (refiner) time ids, and cross-attends to its text encoders' states side by side:
+    CheckpointError naming what does not fit."""
+    u = configs.get("unet")
+    if u is None or not u.is_sdxl:
+        return
+    te2 = configs.get("text_encoder_2")
+    if te2 is None or not te2.with_projection:
+        raise CheckpointError(f"{source}: the UNet takes SDXL's text_time conditioning (pooled text embeds and "
+                              "time ids), which needs a text_encoder_2 (CLIPTextModelWithProjection); this checkpoint "
+                              + ("has a text_encoder_2 without a projection" if te2 else "has none"))
+    try:
+        n = u.time_ids_length(te2.projection_dim)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: unet and text_encoder_2 do not fit: {e}") from None
+    if n not in cfgs.SDXL_TIME_IDS:
+        raise CheckpointError(f"{source}: the UNet takes {n} time ids beside text_encoder_2's pooled embeds; "
+                              "SDXL's take 6 (base) or 5 (refiner)")
+    texts = [c for c in TEXT_ENCODERS if c in configs]
+    width = sum(configs[c].hidden_size for c in texts)
+    if u.cross_attention_dim != width:
+        raise CheckpointError(f"{source}: the UNet cross-attends to {u.cross_attention_dim} features, its text "
+                              f"encoders give {width} (" + " + ".join(f"{c} {configs[c].hidden_size}" for c in texts)
+                              + ")")
 
 
 # --- tensor sources -------------------------------------------------------------------
@@ -174,7 +229,7 @@ _VAE_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to
 
 def normalize_key(component, key):
     """The sdjax name of a diffusers/transformers key, or None for buffers we do not keep."""
-    if component == "text_encoder":
+    if component in TEXT_ENCODERS:
         if key.endswith("position_ids"):
             return None
         return key[len("text_model."):] if key.startswith("text_model.") else key
@@ -245,41 +300,75 @@ def read_json(path):
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def folder_components(path, model_index):
+    """The model components of the diffusers folder ``path`` to load, in ``MODELS`` order: unet and
+    vae always; a text encoder that model_index.json names (not [null, null], as the SDXL refiner's
+    text_encoder), or that it does not mention and whose folder exists; text_encoder when no text
+    encoder was found. A named component whose folder is missing is an error at load."""
+    if model_index is not None and not isinstance(model_index, dict):
+        raise CheckpointError(f"{os.path.join(path, 'model_index.json')}: not a JSON object")
+    out, dropped = [], set()
+    for comp in MODELS:
+        entry = (model_index or {}).get(comp)
+        listed = isinstance(entry, (list, tuple)) and len(entry) == 2
+        if comp in ("unet", "vae") or (listed and None not in entry):
+            out.append(comp)
+        elif listed:
+            dropped.add(comp)
+        elif os.path.isdir(os.path.join(path, comp)):
+            out.append(comp)
+    if not any(c in out for c in TEXT_ENCODERS) and "text_encoder" not in dropped:
+        out.insert(0, "text_encoder")  # loading names the missing folder
+    return out
+
+
+def folder_tokenizers(path):
+    """{"tokenizer_dir", "tokenizer_2_dir"}: the folder's tokenizer folders that exist (else None)."""
+    return {f"{t}_dir": (d if os.path.isdir(d := os.path.join(path, t)) else None) for t in TOKENIZERS}
+
+
 def load_folder(path, dtype="float32", variant=None, progress=True) -> Checkpoint:
     model_index = read_json(os.path.join(path, "model_index.json"))
     if model_index is None and not os.path.isdir(os.path.join(path, "unet")):
         raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json, no unet/)")
     params, configs = {}, {}
-    for comp in MODELS:
+    for comp in folder_components(path, model_index):
         params[comp], configs[comp] = load_component(os.path.join(path, comp), comp, dtype, variant, progress)
+    check_conditioning(configs, path)
     sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    tok = os.path.join(path, "tokenizer")
-    return Checkpoint(params, configs, tok if os.path.isdir(tok) else None, sched, model_index, path)
+    return Checkpoint(params, configs, scheduler_config=sched, model_index=model_index, source=path,
+                      **folder_tokenizers(path))
 
 
 def load_single_file(path, dtype="float32", configs=None, progress=True) -> Checkpoint:
-    """A CompVis/LDM single file (.safetensors or .ckpt); architecture inferred from shapes.
+    """A CompVis/LDM (SD 1.x/2.x) or SGM (SDXL base or refiner) single file (.safetensors or
+    .ckpt); architecture inferred from shapes.
 
     ``configs`` may override the inferred config dicts per component (e.g. attention heads,
     which shapes cannot tell)."""
-    from . import convert_ldm
+    from . import convert_ldm, convert_sdxl
     src = open_source(path)
     try:
         shapes = {k: tuple(src.shape(k)) for k in src.keys()}
-        inferred, mapping, _skipped = convert_ldm.plan(shapes)
+        inferred, mapping, _skipped = (convert_sdxl if convert_sdxl.is_sgm(shapes) else convert_ldm).plan(shapes)
         kind = inferred.pop("kind", None)
+        comps = [c for c in MODELS if c in inferred]
         for comp, override in (configs or {}).items():
+            if comp not in inferred:
+                raise CheckpointError(f"{path}: configs= overrides {comp!r}, which this {kind} file does not "
+                                      f"have (it has {', '.join(comps)})")
             inferred[comp] = {**inferred[comp], **override}
-        conf = {c: cfgs.READERS[c](inferred[c], source=f"{path} ({c}, inferred)") for c in MODELS}
+        conf = {c: cfgs.READERS[c](inferred[c], source=f"{path} ({c}, inferred)") for c in comps}
+        check_conditioning(conf, path)
         # a mapping entry may fan one ldm tensor out to several params (packed qkv)
-        found = {c: {} for c in MODELS}
+        found = {c: {} for c in comps}
         for ldm_key, targets in mapping:
             for comp, dkey, fn in targets:
                 n = normalize_key(comp, dkey)
                 if n is None:
                     continue
                 found[comp][n] = (ldm_key, dkey, fn)
-        for comp in MODELS:
+        for comp in comps:
             got = {n: _squeeze_1x1(n, tuple(fn(np.broadcast_to(np.zeros((), np.float32), shapes[lk])).shape))
                    for n, (lk, _, fn) in found[comp].items()}
             check_shapes(got, _expected_torch_shapes(comp, conf[comp]), f"{path} ({comp})")
@@ -294,7 +383,7 @@ def load_single_file(path, dtype="float32", configs=None, progress=True) -> Chec
             return fn(cache[ldm_key])
 
         params = {}
-        for comp in MODELS:
+        for comp in comps:
             entries = sorted(found[comp].items(), key=lambda kv: kv[1][0])
             flat = _stream([(n, (lambda lk=lk, fn=fn: fetch(lk, fn))) for n, (lk, _, fn) in entries],
                            dt, f"{path} {comp}", progress)
@@ -303,14 +392,20 @@ def load_single_file(path, dtype="float32", configs=None, progress=True) -> Chec
     finally:
         src.close()
     # A single file carries no scheduler: SD's training schedule, and v-prediction for SD 2
-    # as diffusers' single-file loader assumes (SD 2.x-base files need prediction_type="epsilon").
-    sched = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
-             "prediction_type": "v_prediction" if kind == "sd2" else "epsilon"}
-    # nor a tokenizer: the vendored CLIP BPE, when the text encoder has CLIP's vocabulary
-    tok_dir = convert_ldm.tokenizer_dir(kind) if conf["text_encoder"].vocab_size == 49408 else None
-    return Checkpoint(params, conf, tok_dir, sched, None, path)
+    # as diffusers' single-file loader assumes (SD 2.x-base files need prediction_type="epsilon");
+    # SDXL's folders' EulerDiscreteScheduler config.
+    sched = dict(convert_sdxl.SCHEDULER) if kind in convert_sdxl.LAYOUTS else {
+        "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+        "prediction_type": "v_prediction" if kind == "sd2" else "epsilon"}
+    # nor a tokenizer: the vendored CLIP BPE, when a text encoder has CLIP's vocabulary, padded
+    # with <|endoftext|> (SD 1.x, SDXL's tokenizer) or "!" (SD 2.x, SDXL's tokenizer_2)
+    tokenizers = convert_sdxl.TOKENIZERS if kind in convert_sdxl.LAYOUTS else {"text_encoder": ("tokenizer", kind)}
+    dirs = {f"{tok}_dir": clip_tokenizer.tokenizer_dir(tok_kind) for comp, (tok, tok_kind) in tokenizers.items()
+            if comp in conf and conf[comp].vocab_size == 49408}
+    return Checkpoint(params, conf, scheduler_config=sched, model_index=default_model_index(conf), source=path,
+                      **dirs)
 
 
 def load(path, dtype="float32", variant=None, configs=None, progress=True) -> Checkpoint:
@@ -330,6 +425,21 @@ def load(path, dtype="float32", variant=None, configs=None, progress=True) -> Ch
 
 DEFAULT_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
                        "safety_checker": [None, None], "feature_extractor": [None, None]}
+# what diffusers writes for SDXL base and refiner pipelines, less the components listed on save
+MODEL_INDEX = {
+    "sd": DEFAULT_MODEL_INDEX,
+    "sdxl": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "feature_extractor": [None, None], "image_encoder": [None, None]},
+    "sdxl-refiner": {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+                     "force_zeros_for_empty_prompt": False, "text_encoder": [None, None], "tokenizer": [None, None],
+                     "feature_extractor": [None, None], "image_encoder": [None, None]},
+}
+
+
+def default_model_index(configs) -> dict:
+    """The model_index.json diffusers' pipeline class for these configs starts from."""
+    arch = architecture(configs)
+    return dict(MODEL_INDEX.get(arch, MODEL_INDEX["sdxl"]))
 
 
 def write_float_component(folder, comp, params):
@@ -340,8 +450,9 @@ def write_float_component(folder, comp, params):
     if bad:
         raise CheckpointError(f"{comp}: cannot save non-float weights as a diffusers "
                               f"checkpoint: {bad[:5]} (quantized models have their own format)")
-    prefix = "text_model." if comp == "text_encoder" else ""  # read by transformers v4 and v5
-    tensors = {prefix + k: Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
+    def name(k):  # read by transformers v4 and v5; the projection sits beside text_model
+        return "text_model." + k if comp in TEXT_ENCODERS and not k.startswith("text_projection.") else k
+    tensors = {name(k): Lazy(torch_shape(k, v.shape), v.dtype, lambda k=k, v=v: np.ascontiguousarray(
         sdjax_to_torch(k, np.asarray(v)))) for k, v in flat.items()}
     write(os.path.join(folder, f"{WEIGHT_STEMS[comp]}.safetensors"), tensors, {"format": "pt"})
 
@@ -355,23 +466,34 @@ def save(ckpt: Checkpoint, out_dir, overwrite=False, progress=True, write_weight
     if os.path.lexists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     with atomic_folder(out_dir, overwrite) as tmp:
-        index = dict(ckpt.model_index or DEFAULT_MODEL_INDEX)
-        for comp in MODELS:
+        index = dict(ckpt.model_index or default_model_index(ckpt.configs))
+        written = set()
+        for comp in [c for c in MODELS if c in ckpt.params]:
             d = os.path.join(tmp, comp)
             os.makedirs(d)
-            atomic_write_json(os.path.join(d, "config.json"), cfgs.to_dict(ckpt.configs[comp]), indent=2)
+            config = cfgs.to_dict(ckpt.configs[comp])
+            atomic_write_json(os.path.join(d, "config.json"), config, indent=2)
             write_weights(d, comp, ckpt.params[comp])
-            index[comp] = CLASS_NAMES[comp]
-        if ckpt.tokenizer_dir:
-            os.makedirs(os.path.join(tmp, "tokenizer"))
-            for name in TOKENIZER_FILES:
-                src = os.path.join(ckpt.tokenizer_dir, name)
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(tmp, "tokenizer", name))
-            index["tokenizer"] = CLASS_NAMES["tokenizer"]
+            index[comp] = ["transformers", config["architectures"][0]] if comp in TEXT_ENCODERS else CLASS_NAMES[comp]
+            written.add(comp)
+        for tok, folder in (("tokenizer", ckpt.tokenizer_dir), ("tokenizer_2", ckpt.tokenizer_2_dir)):
+            if folder:
+                os.makedirs(os.path.join(tmp, tok))
+                for name in TOKENIZER_FILES:
+                    src = os.path.join(folder, name)
+                    if os.path.exists(src):
+                        shutil.copy(src, os.path.join(tmp, tok, name))
+                index[tok] = CLASS_NAMES[tok]
+                written.add(tok)
         if ckpt.scheduler_config:
             os.makedirs(os.path.join(tmp, "scheduler"))
             atomic_write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), ckpt.scheduler_config, indent=2)
             index["scheduler"] = ["diffusers", ckpt.scheduler_config.get("_class_name", "PNDMScheduler")]
+            written.add("scheduler")
+        # components the source listed that are not written (a safety checker, an image encoder,
+        # a dropped text encoder) become [null, null], which diffusers loads as None
+        for k, v in index.items():
+            if not k.startswith("_") and k not in written and isinstance(v, list) and len(v) == 2 and v[1] is not None:
+                index[k] = [None, None]
         atomic_write_json(os.path.join(tmp, "model_index.json"), index, indent=2)
     return out_dir

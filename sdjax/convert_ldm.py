@@ -13,13 +13,10 @@ table read backwards writes single files.
 """
 from __future__ import annotations
 
-import gzip
-import os
 import re
 
 import numpy as np
 
-from .files import atomic_folder
 from .params import CheckpointError
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -28,18 +25,22 @@ CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_s
 # Tensors that belong to no component we load: EMA copies (diffusers also loads the non-EMA
 # weights by default), the DDPM schedule buffers (the scheduler config is rebuilt), the VAE's
 # training loss, OpenCLIP's image tower and contrastive head, CLIP's position_ids buffer.
+SCHEDULE_BUFFERS = (r"betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod|"
+                    r"sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|"
+                    r"logvar|lvlb_weights")
 SKIP = re.compile(
     r"model_ema\..*|first_stage_model\.loss\..*|cond_stage_model\.model\.(visual\..*|logit_scale|"
     r"text_projection|attn_mask)|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids|"
-    r"betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod|"
-    r"sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|"
-    r"logvar|lvlb_weights")
+    + SCHEDULE_BUFFERS)
 
 # What shapes cannot tell, as diffusers' own single-file loader sets it: its SD 2.x default
-# is stable-diffusion-2-1 (768 px, upcast attention), SD 1.x is stable-diffusion-v1-5.
+# is stable-diffusion-2-1 (768 px, upcast attention), SD 1.x is stable-diffusion-v1-5, SDXL
+# stable-diffusion-xl-base-1.0 / -refiner-1.0 (1024 px, VAE latents scaled by 0.13025).
 CONVENTIONS = {
-    "sd1": dict(image_size=512, upcast_attention=False, hidden_act="quick_gelu"),
-    "sd2": dict(image_size=768, upcast_attention=True, hidden_act="gelu"),
+    "sd1": dict(image_size=512, upcast_attention=False, hidden_act="quick_gelu", scaling_factor=0.18215),
+    "sd2": dict(image_size=768, upcast_attention=True, hidden_act="gelu", scaling_factor=0.18215),
+    "sdxl": dict(image_size=1024, upcast_attention=False, hidden_act="gelu", scaling_factor=0.13025),
+    "sdxl-refiner": dict(image_size=1024, upcast_attention=False, hidden_act="gelu", scaling_factor=0.13025),
 }
 NORM_GROUPS = 32
 HEAD_DIM = 64  # SD 2.x UNet heads and every CLIP text encoder's heads are 64 wide
@@ -68,11 +69,15 @@ def _third(i):
 _QKV = [_third(i) for i in range(3)]
 
 
+def _transpose(a):  # OpenCLIP's text_projection: (hidden, proj) used as x @ P; nn.Linear's is (proj, hidden)
+    return a.T
+
+
 def _inverse(fns, arrays):
     """The LDM tensor whose parts, through ``fns``, are ``arrays``."""
     if len(arrays) > 1:
         return np.concatenate(arrays, axis=0)
-    return arrays[0][:, :, None, None] if fns[0] is _squeeze_1x1 else arrays[0]
+    return arrays[0][:, :, None, None] if fns[0] is _squeeze_1x1 else arrays[0].T if fns[0] is _transpose else arrays[0]
 
 
 # --- the key table ---------------------------------------------------------------------
@@ -87,7 +92,7 @@ def _leaves(pairs):
     return [row for ldm, dif in pairs for row in _wb(ldm, dif)]
 
 
-_PLAIN = [("weight", "weight", _same), ("bias", "bias", _same)]  # a conv, linear or norm kept as is
+PLAIN = [("weight", "weight", _same), ("bias", "bias", _same)]  # a conv, linear or norm kept as is
 
 
 def _unet_resnet(shortcut):
@@ -126,14 +131,14 @@ def _per_level(v, n):
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
 
 
-def _unet_table(c):
+def unet_table(c):
     boc, lpb = c["block_out_channels"], c["layers_per_block"]
     n = len(boc)
     depth = _per_level(c.get("transformer_layers_per_block", 1), n)
     down_attn = [t.startswith("CrossAttn") for t in c["down_block_types"]]
     up_attn = [t.startswith("CrossAttn") for t in c["up_block_types"]]
-    mods = [("time_embed.0", "time_embedding.linear_1", _PLAIN), ("time_embed.2", "time_embedding.linear_2", _PLAIN),
-            ("input_blocks.0.0", "conv_in", _PLAIN), ("out.0", "conv_norm_out", _PLAIN), ("out.2", "conv_out", _PLAIN)]
+    mods = [("time_embed.0", "time_embedding.linear_1", PLAIN), ("time_embed.2", "time_embedding.linear_2", PLAIN),
+            ("input_blocks.0.0", "conv_in", PLAIN), ("out.0", "conv_norm_out", PLAIN), ("out.2", "conv_out", PLAIN)]
     ch = boc[0]
     for lv in range(n):
         for j in range(lpb):
@@ -143,7 +148,7 @@ def _unet_table(c):
             if down_attn[lv]:
                 mods.append((f"input_blocks.{k}.1", f"down_blocks.{lv}.attentions.{j}", _transformer(depth[lv])))
         if lv < n - 1:
-            mods.append((f"input_blocks.{(lv + 1) * (lpb + 1)}.0.op", f"down_blocks.{lv}.downsamplers.0.conv", _PLAIN))
+            mods.append((f"input_blocks.{(lv + 1) * (lpb + 1)}.0.op", f"down_blocks.{lv}.downsamplers.0.conv", PLAIN))
     mods += [("middle_block.0", "mid_block.resnets.0", _unet_resnet(False)),
              ("middle_block.1", "mid_block.attentions.0", _transformer(depth[-1])),
              ("middle_block.2", "mid_block.resnets.1", _unet_resnet(False))]
@@ -156,16 +161,16 @@ def _unet_table(c):
                 mods.append((f"output_blocks.{k}.1", f"up_blocks.{u}.attentions.{j}", _transformer(d)))
         if u < n - 1:
             upsampler = f"output_blocks.{k}.{2 if up_attn[u] else 1}.conv"
-            mods.append((upsampler, f"up_blocks.{u}.upsamplers.0.conv", _PLAIN))
+            mods.append((upsampler, f"up_blocks.{u}.upsamplers.0.conv", PLAIN))
     return mods
 
 
-def _vae_table(c):
+def vae_table(c):
     boc, lpb = c["block_out_channels"], c["layers_per_block"]
     n = len(boc)
-    mods = [(f"{s}.{m}", f"{s}.{m}", _PLAIN) for s in ("encoder", "decoder") for m in ("conv_in", "conv_out")]
-    mods += [(f"{s}.norm_out", f"{s}.conv_norm_out", _PLAIN) for s in ("encoder", "decoder")]
-    mods += [(m, m, _PLAIN) for m in ("quant_conv", "post_quant_conv") if c.get(f"use_{m}", True)]
+    mods = [(f"{s}.{m}", f"{s}.{m}", PLAIN) for s in ("encoder", "decoder") for m in ("conv_in", "conv_out")]
+    mods += [(f"{s}.norm_out", f"{s}.conv_norm_out", PLAIN) for s in ("encoder", "decoder")]
+    mods += [(m, m, PLAIN) for m in ("quant_conv", "post_quant_conv") if c.get(f"use_{m}", True)]
     for s in ("encoder", "decoder"):
         mods += [(f"{s}.mid.block_1", f"{s}.mid_block.resnets.0", _vae_resnet(False)),
                  (f"{s}.mid.block_2", f"{s}.mid_block.resnets.1", _vae_resnet(False))]
@@ -178,7 +183,7 @@ def _vae_table(c):
                          _vae_resnet(ch != boc[lv])))
             ch = boc[lv]
         if lv < n - 1:
-            mods.append((f"encoder.down.{lv}.downsample.conv", f"encoder.down_blocks.{lv}.downsamplers.0.conv", _PLAIN))
+            mods.append((f"encoder.down.{lv}.downsample.conv", f"encoder.down_blocks.{lv}.downsamplers.0.conv", PLAIN))
     rev = boc[::-1]
     ch = rev[0]
     for i in range(n):  # LDM numbers decoder levels from the lowest resolution up
@@ -187,7 +192,7 @@ def _vae_table(c):
             mods.append((f"decoder.up.{b}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", _vae_resnet(ch != rev[i])))
             ch = rev[i]
         if i < n - 1:
-            mods.append((f"decoder.up.{b}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv", _PLAIN))
+            mods.append((f"decoder.up.{b}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv", PLAIN))
     return mods
 
 
@@ -204,10 +209,12 @@ def _open_clip_resblock():
     return rows
 
 
-def _clip_table(c, kind):
+def clip_table(c, open_clip, projection=False):
+    """Modules of a text encoder: Hugging Face CLIP (``open_clip=False``, same names as
+    transformers) or OpenCLIP (packed q/k/v); ``projection``: OpenCLIP's text_projection too."""
     layers = c["num_hidden_layers"]
     emb = [("embeddings.token_embedding.weight", "embeddings.token_embedding.weight", _same)]
-    if kind == "sd1":
+    if not open_clip:
         mods = [(f"encoder.layers.{i}", f"encoder.layers.{i}", _leaves([(n, n) for n in _CLIP_LAYER]))
                 for i in range(layers)]
         emb.append(("embeddings.position_embedding.weight", "embeddings.position_embedding.weight", _same))
@@ -216,6 +223,8 @@ def _clip_table(c, kind):
     # the penultimate layer (then ln_final), so the file's last resblock is never used.
     emb = [("token_embedding.weight", "embeddings.token_embedding.weight", _same),
            ("positional_embedding", "embeddings.position_embedding.weight", _same)]
+    if projection:
+        emb.append(("text_projection", "text_projection.weight", _transpose))
     mods = [(f"transformer.resblocks.{i}", f"encoder.layers.{i}", _open_clip_resblock()) for i in range(layers)]
     return [("", "", emb + _leaves([("ln_final", "final_layer_norm")]))] + mods
 
@@ -224,20 +233,23 @@ def _join(prefix, suffix):
     return f"{prefix}.{suffix}" if prefix else suffix
 
 
+def rows(comp, prefix, mods):
+    """[(ldm_key, [(comp, diffusers_key, transform)])] of one component's modules under ``prefix``."""
+    out = []
+    for ldm_mod, dif_mod, leaves in mods:
+        for ldm, dif, fn in leaves:
+            key = prefix + _join(ldm_mod, ldm)
+            if isinstance(dif, list):
+                out.append((key, [(comp, _join(dif_mod, d), f) for d, f in zip(dif, fn)]))
+            else:
+                out.append((key, [(comp, _join(dif_mod, dif), fn)]))
+    return out
+
+
 def _table(configs, kind):
     """[(ldm_key, [(component, diffusers_key, transform)])] for the whole file."""
-    rows = []
-    for comp, prefix, mods in (("unet", UNET, _unet_table(configs["unet"])),
-                               ("vae", VAE, _vae_table(configs["vae"])),
-                               ("text_encoder", CLIP_PREFIX[kind], _clip_table(configs["text_encoder"], kind))):
-        for ldm_mod, dif_mod, leaves in mods:
-            for ldm, dif, fn in leaves:
-                key = prefix + _join(ldm_mod, ldm)
-                if isinstance(dif, list):
-                    rows.append((key, [(comp, _join(dif_mod, d), f) for d, f in zip(dif, fn)]))
-                else:
-                    rows.append((key, [(comp, _join(dif_mod, dif), fn)]))
-    return rows
+    return (rows("unet", UNET, unet_table(configs["unet"])) + rows("vae", VAE, vae_table(configs["vae"]))
+            + rows("text_encoder", CLIP_PREFIX[kind], clip_table(configs["text_encoder"], kind == "sd2")))
 
 
 # --- architecture from shapes ----------------------------------------------------------
@@ -247,7 +259,7 @@ def _indices(keys, pattern):
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
-def _unet_config(s, kind):
+def unet_config(s, kind):
     """s: {key without 'model.diffusion_model.': shape}."""
     levels = [[]]  # input block ids of each level; a downsampler closes a level
     for k in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
@@ -298,7 +310,7 @@ def _unet_config(s, kind):
     }
 
 
-def _vae_config(s, kind):
+def vae_config(s, kind):
     n = len(_indices(s, r"encoder\.down\.(\d+)\."))
     return {
         "_class_name": "AutoencoderKL",
@@ -312,7 +324,7 @@ def _vae_config(s, kind):
         "latent_channels": s["decoder.conv_in.weight"][1],
         "norm_num_groups": NORM_GROUPS,
         "act_fn": "silu",
-        "scaling_factor": 0.18215,
+        "scaling_factor": CONVENTIONS[kind]["scaling_factor"],
         "use_quant_conv": "quant_conv.weight" in s,
         "use_post_quant_conv": "post_quant_conv.weight" in s,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in s,
@@ -320,13 +332,20 @@ def _vae_config(s, kind):
 
 
 def _clip_config(s, kind):
-    if kind == "sd1":
+    # SD 2 is conditioned on OpenCLIP's penultimate layer: the file's last block is unused
+    return clip_config(s, kind == "sd2", CONVENTIONS[kind]["hidden_act"], unused_blocks=int(kind == "sd2"))
+
+
+def clip_config(s, open_clip, hidden_act, unused_blocks=0):
+    """A CLIPTextModel config from the shapes ``s`` of a Hugging Face CLIP (``open_clip=False``)
+    or OpenCLIP text tower whose last ``unused_blocks`` blocks are left out."""
+    if not open_clip:
         layers = len(_indices(s, r"encoder\.layers\.(\d+)\."))
         vocab, hidden = s["embeddings.token_embedding.weight"]
         positions = s["embeddings.position_embedding.weight"][0]
         ffn = s["encoder.layers.0.mlp.fc1.weight"][0]
     else:
-        layers = len(_indices(s, r"transformer\.resblocks\.(\d+)\.")) - 1  # the last one is unused
+        layers = len(_indices(s, r"transformer\.resblocks\.(\d+)\.")) - unused_blocks
         vocab, hidden = s["token_embedding.weight"]
         positions = s["positional_embedding"][0]
         ffn = s["transformer.resblocks.0.mlp.c_fc.weight"][0]
@@ -339,7 +358,7 @@ def _clip_config(s, kind):
         "num_hidden_layers": layers,
         "num_attention_heads": max(1, hidden // HEAD_DIM),
         "max_position_embeddings": positions,
-        "hidden_act": CONVENTIONS[kind]["hidden_act"],
+        "hidden_act": hidden_act,
         "layer_norm_eps": 1e-5,
         # <|startoftext|> and <|endoftext|> are the last two entries of a CLIP vocabulary
         "bos_token_id": vocab - 2,
@@ -388,17 +407,30 @@ def plan(shapes: dict) -> tuple[dict, list, list]:
         problems.append("both a CLIP and an OpenCLIP text encoder")
     if problems:
         if any(k.startswith("conditioner.") for k in shapes):
-            problems.append("'conditioner.*' keys: an SDXL layout, which is not supported")
+            problems.append("'conditioner.*' keys: an SDXL (SGM) layout, read by sdjax.convert_sdxl.plan")
         raise CheckpointError("not a Stable Diffusion 1.x/2.x single-file checkpoint: " + "; ".join(problems)
                               + f" ({len(shapes)} keys, the first: {', '.join(sorted(shapes)[:3])})")
     kind = kinds[0]
+    configs = infer_configs(shapes, kind, [("unet", UNET, unet_config), ("vae", VAE, vae_config),
+                                           ("text_encoder", CLIP_PREFIX[kind], _clip_config)])
+    mapping = _table(configs, kind)
+    skipped = []
+    if kind == "sd2":
+        last = f"{CLIP_PREFIX['sd2']}transformer.resblocks.{configs['text_encoder']['num_hidden_layers']}."
+        skipped += [k for k in shapes if k.startswith(last)]
+    skipped = match_keys(shapes, mapping, SKIP, skipped, f"{kind} architecture (or is not a Stable Diffusion "
+                         "1.x/2.x checkpoint)")
+    return configs, mapping, skipped
 
+
+def infer_configs(shapes, kind, parts):
+    """{"kind": kind, component: config dict} from ``parts``: [(component, key prefix, infer(shapes
+    under the prefix, kind) -> config dict)]; CheckpointError naming each one that cannot be inferred."""
     def part(prefix):
         return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     configs = {"kind": kind}
     errors = []
-    for comp, prefix, infer in (("unet", UNET, _unet_config), ("vae", VAE, _vae_config),
-                                ("text_encoder", CLIP_PREFIX[kind], _clip_config)):
+    for comp, prefix, infer in parts:
         try:
             configs[comp] = {k: ([_plain(x) for x in v] if isinstance(v, list) else _plain(v))
                              for k, v in infer(part(prefix), kind).items()}
@@ -408,31 +440,31 @@ def plan(shapes: dict) -> tuple[dict, list, list]:
             errors.append(f"  cannot infer the {comp} architecture: {e}")
     if errors:
         raise CheckpointError("single-file checkpoint:\n" + "\n".join(errors))
+    return configs
 
-    mapping = _table(configs, kind)
+
+def match_keys(shapes, mapping, skip, skipped, what):
+    """``skipped`` and the keys outside ``mapping`` that the regex ``skip`` matches, sorted;
+    CheckpointError naming every missing and unrecognised key."""
     expected = {k for k, _ in mapping}
-    skipped = [k for k in shapes if k not in expected and SKIP.fullmatch(k)]
-    if kind == "sd2":
-        last = f"{CLIP_PREFIX['sd2']}transformer.resblocks.{configs['text_encoder']['num_hidden_layers']}."
-        skipped += [k for k in shapes if k.startswith(last)]
+    skipped = list(skipped) + [k for k in shapes if k not in expected and skip.fullmatch(k)]
     missing = expected - shapes.keys()
     unknown = shapes.keys() - expected - set(skipped)
     if missing or unknown:
-        lines = ["single-file checkpoint does not match the inferred "
-                 f"{kind} architecture (or is not a Stable Diffusion 1.x/2.x checkpoint):"]
+        lines = [f"single-file checkpoint does not match the inferred {what}:"]
         if missing:
             lines.append(_listing("missing keys", missing))
         if unknown:
             lines.append(_listing("unrecognised keys", unknown))
         raise CheckpointError("\n".join(lines))
-    return configs, mapping, sorted(skipped)
+    return sorted(set(skipped))
 
 
 # --- the inverse: diffusers state dicts -> one LDM file --------------------------------
 
-def _structure_from_diffusers(sd):
+def structure_from_diffusers(sd):
     """The config fields the key table needs, from diffusers key names and shapes."""
-    u, v, t = sd["unet"], sd["vae"], sd["text_encoder"]
+    u, v = sd["unet"], sd["vae"]
     n = len(_indices(u, r"down_blocks\.(\d+)\."))
 
     def has_attn(block):
@@ -456,7 +488,8 @@ def _structure_from_diffusers(sd):
                 "layers_per_block": len(_indices(v, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
                 "use_quant_conv": "quant_conv.weight" in v, "use_post_quant_conv": "post_quant_conv.weight" in v,
                 "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in v},
-        "text_encoder": {"num_hidden_layers": len(_indices(t, r"encoder\.layers\.(\d+)\."))},
+        **{c: {"num_hidden_layers": len(_indices(t, r"encoder\.layers\.(\d+)\."))}
+           for c, t in sd.items() if c.startswith("text_encoder")},
     }
 
 
@@ -473,21 +506,16 @@ def _unused_open_clip_block(hidden, ffn, dtype):
             for k, s in shapes.items()}
 
 
-def diffusers_to_ldm(state_dicts: dict, kind: str) -> dict:
-    """{"unet"|"vae"|"text_encoder": {diffusers_key: PyTorch-layout array}} -> {ldm_key: array}.
+def text_keys(state_dict):
+    """A transformers CLIP state dict under sdjax's names: no ``text_model.``, no position_ids buffer."""
+    return {k.removeprefix("text_model."): a for k, a in state_dict.items() if not k.endswith("position_ids")}
 
-    The inverse of ``plan``'s mapping. CLIP keys may carry transformers' ``text_model.``
-    prefix. For SD 2 the file gets OpenCLIP's unused last block as an identity block and an
-    identity ``text_projection``, so the file has the layout of a real SD 2 checkpoint.
-    """
-    if kind not in CLIP_PREFIX:
-        raise ValueError(f"kind must be one of {sorted(CLIP_PREFIX)}, not {kind!r}")
-    text = {k.removeprefix("text_model."): a for k, a in state_dicts["text_encoder"].items()
-            if not k.endswith("position_ids")}
-    sd = {"unet": state_dicts["unet"], "vae": state_dicts["vae"], "text_encoder": text}
-    configs = _structure_from_diffusers(sd)
+
+def from_table(table, sd, what):
+    """{ldm_key: array} from ``sd`` ({component: {diffusers_key: array}}) by the key ``table`` read
+    backwards; CheckpointError naming every key missing from ``sd`` or without a single-file name."""
     out, missing, used = {}, [], {c: set() for c in sd}
-    for ldm_key, targets in _table(configs, kind):
+    for ldm_key, targets in table:
         parts = []
         for comp, dkey, _ in targets:
             used[comp].add(dkey)
@@ -499,12 +527,29 @@ def diffusers_to_ldm(state_dicts: dict, kind: str) -> dict:
             out[ldm_key] = _inverse([fn for _, _, fn in targets], parts)
     unused = [f"{c}: {k}" for c in sd for k in sd[c] if k not in used[c]]
     if missing or unused:
-        lines = ["diffusers state dicts do not match a Stable Diffusion 1.x/2.x layout:"]
+        lines = [f"diffusers state dicts do not match {what}:"]
         if missing:
             lines.append(_listing("missing keys", missing))
         if unused:
             lines.append(_listing("keys with no single-file name", unused))
         raise CheckpointError("\n".join(lines))
+    return out
+
+
+def diffusers_to_ldm(state_dicts: dict, kind: str) -> dict:
+    """{"unet"|"vae"|"text_encoder": {diffusers_key: PyTorch-layout array}} -> {ldm_key: array}.
+
+    The inverse of ``plan``'s mapping. CLIP keys may carry transformers' ``text_model.``
+    prefix. For SD 2 the file gets OpenCLIP's unused last block as an identity block and an
+    identity ``text_projection``, so the file has the layout of a real SD 2 checkpoint.
+    """
+    if kind not in CLIP_PREFIX:
+        raise ValueError(f"kind must be one of {sorted(CLIP_PREFIX)}, not {kind!r}")
+    sd = {"unet": state_dicts["unet"], "vae": state_dicts["vae"],
+          "text_encoder": text_keys(state_dicts["text_encoder"])}
+    configs = structure_from_diffusers(sd)
+    out = from_table(_table(configs, kind), sd, "a Stable Diffusion 1.x/2.x layout")
+    text = sd["text_encoder"]
     if kind == "sd2":
         p = CLIP_PREFIX["sd2"]
         hidden = text["final_layer_norm.weight"].shape[0]
@@ -514,51 +559,4 @@ def diffusers_to_ldm(state_dicts: dict, kind: str) -> dict:
         for k, a in _unused_open_clip_block(hidden, ffn, dtype).items():
             out[f"{p}transformer.resblocks.{last}.{k}"] = a
         out[f"{p}text_projection"] = np.eye(hidden, dtype=dtype)
-    return out
-
-
-# --- the tokenizer a single file does not carry ------------------------------------------
-
-VOCAB_GZ = os.path.join(os.path.dirname(__file__), "clip_vocab", "bpe_simple_vocab_16e6.txt.gz")
-PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}  # the pad tokens of SD 1.x's and SD 2.x's tokenizers
-
-
-def _bytes_to_unicode():
-    # CLIP's byte-level alphabet: printable bytes stand for themselves, the others map to 256+
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in bs]
-    return [chr(b) for b in bs] + [chr(256 + i) for i in range(len(extra))]
-
-
-def clip_tokenizer_files(out_dir, kind):
-    """Write the CLIP BPE tokenizer of an SD ``kind`` ("sd1" | "sd2") into ``out_dir`` in the
-    Hugging Face layout of openai/clip-vit-large-patch14 (vocab.json, merges.txt,
-    special_tokens_map.json, tokenizer_config.json), from the vendored OpenAI vocabulary.
-    SD 1.x pads with <|endoftext|>, SD 2.x with "!". Returns ``out_dir``."""
-    if kind not in PAD_TOKEN:
-        raise ValueError(f"kind must be one of {sorted(PAD_TOKEN)}, not {kind!r}")
-    with gzip.open(VOCAB_GZ, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # as OpenAI's tokenizer reads it: a header line, then the 49152 - 256 - 2 merges in rank order
-    merges = lines[1:49152 - 256 - 2 + 1]
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    from .tokenizer import write_files
-    return write_files(out_dir, vocab, merges, pad_token=PAD_TOKEN[kind],
-                       config={"errors": "replace", "add_prefix_space": False})
-
-
-def tokenizer_dir(kind):
-    """A folder holding the tokenizer of ``kind``, written once into the sdjax cache
-    ($SDJAX_CACHE, else ~/.cache/sdjax)."""
-    cache = os.environ.get("SDJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdjax")
-    out = os.path.join(cache, f"clip-tokenizer-{kind}")
-    if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
-        try:
-            with atomic_folder(out) as tmp:
-                clip_tokenizer_files(tmp, kind)
-        except OSError:  # a concurrent writer's complete folder got there first
-            if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
-                raise
     return out

@@ -24,13 +24,20 @@ def reference_model_path() -> str:
 
 @dataclasses.dataclass
 class Pipeline:
-    params: dict        # {"text_encoder", "unet", "vae"} -> parameter pytrees
+    params: dict        # {"text_encoder", "unet", "vae"} -> parameter pytrees; SDXL adds "text_encoder_2"
     configs: dict       # the same keys -> frozen config dataclasses
     tokenizer: Tokenizer | None
     scheduler_config: dict
     dtype: object
     source: str = ""
     quantization: dict | None = None  # {"recipe": recipe dict or None, ...} for a quantized pipeline
+    tokenizer_2: Tokenizer | None = None  # SDXL's, for text_encoder_2 (the refiner has only this one)
+    model_index: dict | None = None  # the checkpoint's model_index.json (a single file's: as diffusers writes)
+
+    @property
+    def architecture(self) -> str:
+        """"sd" (SD 1.x/2.x), "sdxl" (SDXL base) or "sdxl-refiner", from the configs."""
+        return checkpoint.architecture(self.configs)
 
     def encode_prompt(self, prompts, clip_skip: int = 0):
         """Prompts -> CLIP hidden states for cross-attention (B, 77, D).
@@ -49,25 +56,55 @@ class Pipeline:
         return nn.layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
                           cfg.layer_norm_eps)
 
-    def generate(self, prompt, negative_prompt="", steps=25, guidance_scale=7.5, sampler="dpmpp_2m",
+    # --- SDXL prompt encoding (sdjax.conditioning) ---------------------------------------
+    def encode_prompt_sdxl(self, prompts, clip_skip: int = 0):
+        """SDXL: prompts -> (states (B, 77, D), pooled (B, P)): the text encoders' penultimate
+        hidden states side by side (``hidden_states[-(clip_skip + 2)]``, no final layer norm;
+        text_encoder then text_encoder_2, or text_encoder_2 alone for the refiner) and
+        text_encoder_2's projected pooled output, as diffusers' StableDiffusionXLPipeline.encode_prompt."""
+        from .conditioning import encode_prompt_sdxl
+        return encode_prompt_sdxl(self, prompts, clip_skip)
+    # --- end of SDXL prompt encoding ------------------------------------------------------
+
+    def generate(self, prompt, negative_prompt=None, steps=25, guidance_scale=7.5, sampler="dpmpp_2m",
                  seed=0, height=None, width=None, latents=None, output_type="pil", *, clip_skip=0,
                  init_image=None, strength=None, mask=None, scheduler_overrides=None, loop="host",
-                 progress=True, settings=None):
+                 progress=True, settings=None, init_latents=None, guidance_rescale=0.0, denoising_start=None,
+                 denoising_end=None, original_size=None, crops_coords_top_left=None, target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
+                 aesthetic_score=None, negative_aesthetic_score=None):
         """Generate images for a prompt or a list of prompts.
 
+        negative_prompt: a string or one per prompt; None (no negative prompt) is the empty prompt,
+        or for SDXL zero embeddings when the model's ``force_zeros_for_empty_prompt`` is set (as
+        diffusers' ``negative_prompt=None``; an explicit "" is encoded).
         latents: x_T as NCHW (like diffusers); in img2img the noise added to the encoded image.
-        output_type: "pil" -> list of PIL images, "np" -> float32 NHWC in [0, 1].
+        output_type: "pil" -> list of PIL images, "np" -> float32 NHWC in [0, 1], "latent" -> the
+        final scaled latents, float32 NCHW (for a refiner's ``init_latents``).
         Further keywords: clip_skip, init_image + strength (img2img), init_image + mask
-        (inpainting: white is repainted), scheduler_overrides (dict of scheduler config
-        fields), loop ("host": one compiled step with a progress bar, or "scan"), progress.
+        (inpainting: white is repainted), init_latents (NCHW scaled latents instead of
+        init_image), scheduler_overrides (dict of scheduler config fields), loop ("host": one
+        compiled step with a progress bar, or "scan"), progress, guidance_rescale (diffusers'
+        rescale_noise_cfg factor). SDXL: denoising_end (the base stops at that fraction of the
+        schedule) and denoising_start (the refiner continues init_latents from it), and the
+        micro-conditioning original_size, crops_coords_top_left, target_size (base), their
+        negative_* counterparts, aesthetic_score and negative_aesthetic_score (refiner); see
+        ``sdjax.generate.GenerationSettings``.
         ``settings``: a ``sdjax.generate.GenerationSettings`` instead of the keywords it holds.
         """
         from .generate import GenerationSettings, run
         if settings is None:
-            settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-                                          height=height, width=width, clip_skip=clip_skip, strength=strength,
-                                          scheduler_overrides=scheduler_overrides, loop=loop)
-        return run(self, prompt, settings, negative_prompt, latents, init_image, mask, output_type, progress)
+            settings = GenerationSettings(
+                steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, height=height, width=width,
+                clip_skip=clip_skip, strength=strength, scheduler_overrides=scheduler_overrides, loop=loop,
+                guidance_rescale=guidance_rescale, denoising_start=denoising_start, denoising_end=denoising_end,
+                original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                negative_aesthetic_score=negative_aesthetic_score)
+        return run(self, prompt, settings, negative_prompt, latents, init_image, mask, output_type, progress,
+                   init_latents)
 
     @property
     def vae_scale_factor(self):
@@ -100,17 +137,25 @@ class Pipeline:
             return qio.save(self, out_dir, overwrite=overwrite)
         ckpt = checkpoint.Checkpoint(self.params, self.configs,
                                      self.tokenizer.folder if self.tokenizer else None,
-                                     self.scheduler_config, None, self.source)
+                                     self.scheduler_config, _model_index(self), self.source,
+                                     self.tokenizer_2.folder if self.tokenizer_2 else None)
         return checkpoint.save(ckpt, out_dir, overwrite=overwrite)
 
 
+def _model_index(pipe):
+    """The pipeline's model_index.json less sdjax's quantized-format note (None: the default for
+    its architecture)."""
+    if not pipe.model_index:
+        return None
+    return {k: v for k, v in pipe.model_index.items() if not k.startswith("_sdjax")}
+
+
 def random(name="sd15", seed=0, dtype="float32") -> Pipeline:
-    """A full-size architecture ("sd15", "sd21") with random weights: no download, for
+    """A full-size architecture ("sd15", "sd21", "sdxl") with random weights: no download, for
     speed and memory work. It has no tokenizer."""
-    from . import configs as cfgs, unet, vae
+    from . import configs as cfgs
     conf = cfgs.preset(name)
-    models = {"text_encoder": clip, "unet": unet, "vae": vae}
-    params = {c: models[c].init_params(conf[c], seed, dtype) for c in models}
+    params = {c: m.init_params(conf[c], seed, dtype) for c, m in checkpoint.MODELS.items() if c in conf}
     return Pipeline(params, conf, None, {}, canonical_dtype(dtype), f"random {name} (seed {seed})")
 
 
@@ -134,4 +179,6 @@ def load(path=None, dtype="float32", variant=None, configs=None, progress=True) 
                                   f"{os.path.dirname(os.path.dirname(os.path.abspath(path)))}")
         ckpt = checkpoint.load(path, dt, variant=variant, configs=configs, progress=progress)
     tok = Tokenizer(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
-    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization)
+    tok_2 = Tokenizer(ckpt.tokenizer_2_dir) if ckpt.tokenizer_2_dir else None
+    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization, tok_2,
+                    ckpt.model_index)

@@ -1,9 +1,12 @@
 """CLIP BPE tokenizer from a checkpoint's own files (transformers' CLIPTokenizer does the BPE)."""
 from __future__ import annotations
 
+import gzip
 import os
 
 import numpy as np
+
+from .files import atomic_folder
 
 from .params import CheckpointError
 
@@ -98,3 +101,49 @@ def write_files(folder, vocab, merges, pad_token=None, max_length=77, config=Non
                           json.dumps({**special, "model_max_length": max_length, "do_lower_case": True,
                                       "tokenizer_class": "CLIPTokenizer", **(config or {})}, indent=2))
     return str(folder)
+
+
+# --- the tokenizer a single file does not carry ------------------------------------------
+
+VOCAB_GZ = os.path.join(os.path.dirname(__file__), "clip_vocab", "bpe_simple_vocab_16e6.txt.gz")
+PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}  # the pad tokens of SD 1.x's and SD 2.x's tokenizers
+
+
+def _bytes_to_unicode():
+    # CLIP's byte-level alphabet: printable bytes stand for themselves, the others map to 256+
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    return [chr(b) for b in bs] + [chr(256 + i) for i in range(len(extra))]
+
+
+def clip_tokenizer_files(out_dir, kind):
+    """Write the CLIP BPE tokenizer of an SD ``kind`` ("sd1" | "sd2") into ``out_dir`` in the
+    Hugging Face layout of openai/clip-vit-large-patch14 (vocab.json, merges.txt,
+    special_tokens_map.json, tokenizer_config.json), from the vendored OpenAI vocabulary.
+    SD 1.x pads with <|endoftext|>, SD 2.x with "!". Returns ``out_dir``."""
+    if kind not in PAD_TOKEN:
+        raise ValueError(f"kind must be one of {sorted(PAD_TOKEN)}, not {kind!r}")
+    with gzip.open(VOCAB_GZ, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # as OpenAI's tokenizer reads it: a header line, then the 49152 - 256 - 2 merges in rank order
+    merges = lines[1:49152 - 256 - 2 + 1]
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return write_files(out_dir, vocab, merges, pad_token=PAD_TOKEN[kind],
+                       config={"errors": "replace", "add_prefix_space": False})
+
+
+def tokenizer_dir(kind):
+    """A folder holding the tokenizer of ``kind``, written once into the sdjax cache
+    ($SDJAX_CACHE, else ~/.cache/sdjax)."""
+    cache = os.environ.get("SDJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdjax")
+    out = os.path.join(cache, f"clip-tokenizer-{kind}")
+    if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
+        try:
+            with atomic_folder(out) as tmp:
+                clip_tokenizer_files(tmp, kind)
+        except OSError:  # a concurrent writer's complete folder got there first
+            if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
+                raise
+    return out

@@ -20,6 +20,23 @@ def finite_float(text):
     return v
 
 
+def int_pair(what, minimum):
+    """argparse type: two comma-separated integers >= ``minimum`` ("1024,1024"), as a tuple."""
+    def parse(text):
+        parts = [x.strip() for x in text.split(",")]
+        try:
+            values = tuple(int(x) for x in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}, two integers separated by a comma") from None
+        if len(values) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}, two integers (got {len(values)})")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: both values must be >= {minimum}")
+        return values
+    parse.__name__ = what  # argparse names the type in "invalid <type> value" messages
+    return parse
+
+
 def model_arg(p):
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model)")

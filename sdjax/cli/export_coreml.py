@@ -11,21 +11,24 @@ from .common import UsageError
 def register(sub):
     """Add the subcommand and its arguments to ``sub`` (argparse subparsers)."""
     p = sub.add_parser("export-coreml", help="the Core ML resource folder apple/ml-stable-diffusion's Swift package "
-                       "loads (TextEncoder, Unet, VAEDecoder, VAEEncoder .mlpackage + vocab.json, merges.txt), "
-                       "quantized weights carried over as they are")
+                       "loads (TextEncoder, Unet, VAEDecoder, VAEEncoder .mlpackage + vocab.json, merges.txt; SDXL: "
+                       "also TextEncoder2 and, with --refiner, UnetRefiner), quantized weights carried over as they are")
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model); "
                         "float weights load as float16 for a float16 export, else float32")
     p.add_argument("--recipe", "-r", default=None,
                    help="quantize the model by this recipe first (a preset such as palette-6bit, or a JSON file)")
     p.add_argument("--quantized", default=None, metavar="DIR", help="a folder written by `sdjax quantize`")
-    p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21"],
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a refiner (diffusers folder, single file or `sdjax quantize` folder) exported beside "
+                        "the base as UnetRefiner (quantized by --recipe too, when given)")
+    p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21", "sdxl"],
                    help="full-size architecture with random weights (for size and memory work)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--compute-precision", default="float16", choices=["float16", "float32"],
                    help="Core ML compute precision (default float16, as Apple's packages)")
     p.add_argument("--attention", default="split_einsum_v2", choices=["split_einsum_v2", "original"],
-                   help="split_einsum_v2 for the Neural Engine (default), original for GPU; text encoder and UNet")
+                   help="split_einsum_v2 for the Neural Engine (default), original for GPU; text encoders and UNets")
     p.add_argument("--min-deployment-target", default="iOS16", metavar="TARGET",
                    help="iOS16 (default), iOS17, iOS18, macOS13, macOS14, macOS15; grouped LUTs and "
                         "per-channel scales need iOS18 / macOS15")
@@ -83,6 +86,11 @@ def run(args):
         pipe = random(args.random, dtype=dtype)
     else:
         pipe = sdjax.load(args.quantized or args.model, dtype=dtype, progress=not args.quiet)
+    refiner = None
+    if args.refiner:
+        if not cx.is_xl(pipe):
+            raise UsageError(f"--refiner: {pipe.source} is not an SDXL pipeline; only an SDXL base takes a refiner")
+        refiner = sdjax.load(args.refiner, dtype=dtype, progress=not args.quiet)
     if args.height is not None:
         try:
             latent = cx.latent_from_image(args.height, args.width, pipe.vae_scale_factor,
@@ -93,11 +101,14 @@ def run(args):
     if recipe is not None:
         try:
             pipe = pipe.quantize(recipe, progress=not args.quiet)
+            if refiner is not None:
+                refiner = refiner.quantize(recipe, progress=not args.quiet)
         except quant.RecipeError as e:
             raise UsageError(str(e)) from None
     t0 = time.perf_counter()
     try:
-        manifest = cx.export_pipeline(pipe, args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
+        manifest = cx.export_pipeline(pipe, args.out, settings, overwrite=args.overwrite, progress=not args.quiet,
+                                      refiner=refiner)
     except cx.ExportError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:

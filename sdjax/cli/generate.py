@@ -1,11 +1,22 @@
-"""``sdjax generate``: text-to-image, img2img and inpainting to PNG or .npy."""
+"""``sdjax generate``: text-to-image, img2img and inpainting to PNG or .npy; SDXL's micro-conditioning
+and its base + refiner ensemble of experts (``--refiner``)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
-from .common import UsageError, finite_float, model_arg
+from .common import UsageError, finite_float, int_pair, model_arg
+
+# SDXL flags: (argparse dest, flag, which model takes it: "sdxl" both, "base", "refiner")
+SDXL_FLAGS = (("original_size", "--original-size", "sdxl"),
+              ("crops_coords_top_left", "--crops-coords-top-left", "sdxl"),
+              ("target_size", "--target-size", "base"), ("negative_original_size", "--negative-original-size", "sdxl"),
+              ("negative_crops_coords_top_left", "--negative-crops-coords-top-left", "sdxl"),
+              ("negative_target_size", "--negative-target-size", "base"),
+              ("aesthetic_score", "--aesthetic-score", "refiner"),
+              ("negative_aesthetic_score", "--negative-aesthetic-score", "refiner"))
+DEFAULT_DENOISING_END = 0.8  # diffusers' documented high-noise fraction for the ensemble of experts
 
 
 def register(sub):
@@ -13,7 +24,9 @@ def register(sub):
     p = sub.add_parser("generate", help="text-to-image, img2img (--init-image) and inpainting (--mask)")
     model_arg(p)
     p.add_argument("--prompt", "-p", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (default none: the empty prompt, or zero embeddings for SDXL "
+                   "models whose force_zeros_for_empty_prompt is set, as diffusers)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, plms, euler, euler_a, heun, lms, dpmpp_2m, "
@@ -30,7 +43,35 @@ def register(sub):
     p.add_argument("--scheduler-option", action="append", metavar="KEY=VALUE",
                    help="override a scheduler_config.json field, e.g. timestep_spacing=trailing, "
                    "prediction_type=v_prediction (repeatable)")
-    p.add_argument("--clip-skip", type=int, default=0)
+    p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's output this many layers "
+                   "before the last (SDXL: before the penultimate, which it always uses)")
+    p.add_argument("--guidance-rescale", type=finite_float, default=0.0, metavar="F",
+                   help="rescale the guided prediction towards the text prediction's standard deviation, "
+                   "in [0, 1] (diffusers' guidance_rescale; 0.7 in the paper; default 0: off)")
+    x = p.add_argument_group("SDXL", "micro-conditioning and the base + refiner ensemble (SDXL models only)")
+    size, crop = int_pair("H,W", 1), int_pair("Y,X", 0)
+    x.add_argument("--original-size", type=size, metavar="H,W",
+                   help="the size the model is told the training image had (default: --height,--width)")
+    x.add_argument("--crops-coords-top-left", type=crop, metavar="Y,X",
+                   help="the crop's top-left corner the model is told of (default 0,0: well centred)")
+    x.add_argument("--target-size", type=size, metavar="H,W",
+                   help="base only: the target size (default: the output size)")
+    x.add_argument("--negative-original-size", type=size, metavar="H,W",
+                   help="original size for the negative conditioning (default: --original-size)")
+    x.add_argument("--negative-crops-coords-top-left", type=crop, metavar="Y,X",
+                   help="crop corner for the negative conditioning (default as diffusers)")
+    x.add_argument("--negative-target-size", type=size, metavar="H,W",
+                   help="base only: target size for the negative conditioning (default: --target-size)")
+    x.add_argument("--aesthetic-score", type=finite_float, metavar="S",
+                   help="refiner only: the aesthetic score to condition on (default 6.0)")
+    x.add_argument("--negative-aesthetic-score", type=finite_float, metavar="S",
+                   help="refiner only: the negative conditioning's aesthetic score (default 2.5)")
+    x.add_argument("--refiner", metavar="MODEL", default=None,
+                   help="an SDXL refiner: --model (the SDXL base) denoises until --denoising-end, the refiner "
+                   "finishes from its latents (ensemble of experts)")
+    x.add_argument("--denoising-end", type=finite_float, metavar="F", default=None,
+                   help=f"with --refiner: the fraction of the schedule the base runs, in (0, 1) "
+                   f"(default {DEFAULT_DENOISING_END})")
     p.add_argument("--out", "-o", default="out.png", help="FILE.png (one per image: -0, -1, ... when batched) "
                    "or FILE.npy (float32 NHWC in [0, 1])")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -63,31 +104,88 @@ def run(args):
             overrides[key] = value  # a bare string such as trailing or v_prediction
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.refiner is None and args.denoising_end is not None:
+        raise UsageError("--denoising-end: only with --refiner (where the base hands its latents to the refiner)")
+    if args.denoising_end is not None and not 0 < args.denoising_end < 1:
+        raise UsageError(f"--denoising-end {args.denoising_end}: must be a fraction strictly between 0 and 1")
     pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    refiner = sdjax.load(args.refiner, dtype=args.dtype, progress=not args.quiet) if args.refiner else None
+    sdxl = _check_sdxl_flags(args, pipe, refiner)
     prompts = [args.prompt] * args.batch_size
+    common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                  sampler=args.sampler, seed=args.seed, clip_skip=args.clip_skip, scheduler_overrides=overrides,
+                  guidance_rescale=args.guidance_rescale, progress=not args.quiet)
+    base_kw = {k: sdxl[k] for k in sdxl if k not in ("aesthetic_score", "negative_aesthetic_score")}
     try:
-        images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
-                               guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
-                               height=args.height, width=args.width, latents=latents, output_type="np",
-                               clip_skip=args.clip_skip, init_image=args.init_image, strength=args.strength,
-                               mask=args.mask, scheduler_overrides=overrides, progress=not args.quiet)
+        if refiner is None:
+            images = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="np",
+                                   init_image=args.init_image, strength=args.strength, mask=args.mask, **common,
+                                   **sdxl)
+        else:
+            end = DEFAULT_DENOISING_END if args.denoising_end is None else args.denoising_end
+            lat = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="latent",
+                                init_image=args.init_image, strength=args.strength, mask=args.mask,
+                                denoising_end=end, **common, **base_kw)
+            refiner_kw = {k: v for k, v in sdxl.items() if k not in ("target_size", "negative_target_size")}
+            images = refiner.generate(prompts, init_latents=lat, mask=args.mask, denoising_start=end,
+                                      output_type="np", **common, **refiner_kw)
     except (GenerationError, ImageError, ValueError) as e:
         raise UsageError(str(e)) from None
     if out.endswith(".npy"):
         save_npy(images, out)
         print(f"wrote {out} {images.shape} float32")
         return
-    meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+    meta = {"prompt": args.prompt, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
             "height": images.shape[1], "width": images.shape[2], "dtype": args.dtype,
             "model": pipe.source,
             "recipe": ((pipe.quantization or {}).get("recipe") or {}).get("name", "?") if pipe.quantization
             else "none (float)", "software": f"sdjax {sdjax.__version__}"}
-    for k in ("init_image", "strength", "mask", "clip_skip"):
+    if args.negative_prompt is not None:  # absent: none given (SDXL: zero embeddings)
+        meta["negative_prompt"] = args.negative_prompt
+    for k in ("init_image", "strength", "mask", "clip_skip", "guidance_rescale"):
         if getattr(args, k) not in (None, 0) and (k != "strength" or args.init_image or args.mask):
             meta[k] = getattr(args, k)
+    for k, v in sdxl.items():
+        meta[k] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+    if refiner is not None:
+        meta.update(refiner=refiner.source, denoising_end=end)
     stem = out[:-4]
     for i, im in enumerate(to_pil(images)):
         path = out if len(images) == 1 else f"{stem}-{i}.png"
         save_png(im, path, dict(meta, batch_index=i))
         print(f"wrote {path}")
+
+
+def _check_sdxl_flags(args, pipe, refiner):
+    """{settings field: value} of the SDXL flags given, after UsageErrors for flags the models do not
+    take: micro-conditioning for an SD 1.x/2.x model, a refiner as --model without an init image,
+    aesthetic scores without a refiner, target sizes for a refiner, a --refiner that is not one."""
+    given = {dest: getattr(args, dest) for dest, _, _ in SDXL_FLAGS if getattr(args, dest) is not None}
+    flag = {dest: name for dest, name, _ in SDXL_FLAGS}
+    takes = {dest: who for dest, _, who in SDXL_FLAGS}
+    arch = pipe.architecture
+    if arch == "sd":
+        used = [flag[k] for k in given] + (["--refiner"] if refiner else []) + (
+            ["--denoising-end"] if args.denoising_end is not None else [])
+        if used:
+            raise UsageError(f"{used[0]}: only applies to SDXL models; {pipe.source} is an SD 1.x/2.x model")
+    if arch == "sdxl-refiner":
+        if refiner is not None or args.init_image is None:
+            raise UsageError(f"--model {pipe.source}: this is a refiner (5 time ids): pass it with --refiner "
+                             "and the SDXL base with --model (or refine an image with --init-image)")
+        wrong = [k for k in given if takes[k] == "base"]
+        if wrong:
+            raise UsageError(f"{flag[wrong[0]]}: only the SDXL base takes it; {pipe.source} is a refiner")
+    if arch == "sdxl" and refiner is None:
+        wrong = [k for k in given if takes[k] == "refiner"]
+        if wrong:
+            raise UsageError(f"{flag[wrong[0]]}: only the SDXL refiner takes it; pass one with --refiner")
+    if refiner is not None:
+        if arch != "sdxl":
+            raise UsageError(f"--model {pipe.source}: the base of a --refiner ensemble must be an SDXL base")
+        if refiner.architecture != "sdxl-refiner":
+            kind = {"sd": "an SD 1.x/2.x model", "sdxl": "an SDXL base (6 time ids)"}.get(refiner.architecture,
+                                                                                       refiner.architecture)
+            raise UsageError(f"--refiner {refiner.source}: not an SDXL refiner (5 time ids); it is {kind}")
+    return given

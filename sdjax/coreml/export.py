@@ -14,6 +14,23 @@ The quantized weights go in as they are (``sdjax.coreml.mil.weight``): the packa
 LUTs, indices and int8 data sdjax evaluated. ``--attention`` applies to the text encoder and the
 UNet; the VAE's single mid-block attention is exported "original", as Apple's VAE is.
 
+SDXL (a pipeline whose UNet takes "text_time" conditioning) gets the layout of
+apple/ml-stable-diffusion's ``StableDiffusionXLPipeline(resourcesAt:)``
+(``swift/StableDiffusion/pipeline/StableDiffusionXL+Resources.swift``): ``TextEncoder.mlpackage``
+(text_encoder; absent for a refiner, which has none) and ``TextEncoder2.mlpackage``
+(text_encoder_2), both with SDXL's outputs ``hidden_embeds`` (penultimate layer) and
+``pooled_outputs`` (``TextEncoderXL.swift``; see ``text_encoder.build``'s ``xl``); ``Unet.mlpackage``
+(or ``UnetChunk1/2``) with the ``time_ids`` and ``text_embeds`` inputs (``unet.build``), the base's
+or, for a refiner pipeline on its own, the refiner's (the Swift pipeline tells a refiner by its
+5 time ids); with ``refiner=`` (a refiner pipeline beside a base) also ``UnetRefiner.mlpackage``
+(or ``UnetRefinerChunk1/2``); ``VAEDecoder``/``VAEEncoder`` for Swift's SDXL scale factor 0.13025
+(``vae.SWIFT_XL_SCALING_FACTOR``) and, when the VAE config's ``force_upcast`` is true (SDXL's VAE
+overflows float16), converted with float32 compute precision whatever ``compute_precision`` says,
+as Apple's converter does (its manifest entry records the precision each package got). One
+``vocab.json``/``merges.txt`` pair serves both tokenizers there (Swift builds tokenizer 2 from
+the same files, padding with "!"): the two must hold the same vocabulary and merges, else
+ExportError. Apple's XL pipeline always runs the UNet at batch 2.
+
 Crash safety and resume: everything is written into ``OUT.partial`` next to ``OUT``, each package
 saved atomically inside it, and ``OUT.partial`` is renamed to ``OUT`` at the end. A rerun with the
 same settings after an interruption keeps the packages already finished; with other settings it is
@@ -35,6 +52,7 @@ from ..memory import peak_rss_bytes
 MANIFEST = "sdjax_export.json"
 PRECISIONS = ("float16", "float32")
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+XL_TOKENIZER_2_PAD = "!"  # what StableDiffusionXL+Resources.swift pads text_encoder_2's ids with
 GROUPED_LUT_TARGET = "iOS18"  # grouped LUTs and per-channel scales need the iOS18 / macOS15 opset
 
 
@@ -92,12 +110,13 @@ def dir_bytes(path):
 
 
 def check_exportable(params, target_name):
-    """Raise ExportError naming the first layer the deployment target or Core ML cannot express."""
+    """Raise ExportError naming the first layer the deployment target or Core ML cannot express
+    (``params``: {component name: params}, every component is checked)."""
     import coremltools as ct
     import quant
     from ..nn import method_of
     needs18 = getattr(ct.target, target_name) < ct.target.iOS18  # iOS16/17, macOS13/14 (macOS15 is iOS18's opset)
-    for comp in ("text_encoder", "unet", "vae"):
+    for comp in params:
         for name, w in quant.recipes.layers(params[comp]).items():
             kind = method_of(w)
             if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None):
@@ -130,10 +149,26 @@ def check_recipe(recipe, label=None):
                           f"{label} -o Q ...` then `sdjax export-coreml --quantized Q`")
 
 
+def _check_xl_tokenizers(pipe, log):
+    """SDXL's two tokenizers share Apple's one vocab.json/merges.txt: ExportError when their
+    vocabularies differ; a log line when tokenizer_2 does not pad with "!" as Swift's does."""
+    t1, t2 = pipe.tokenizer, pipe.tokenizer_2
+    if t2 is None:
+        return
+    if t1 is not None and t1._tok.get_vocab() != t2._tok.get_vocab():
+        raise ExportError(f"{pipe.source}: tokenizer and tokenizer_2 have different vocabularies, but Apple's SDXL "
+                          "resources hold one vocab.json/merges.txt for both text encoders")
+    pad = t2._tok.pad_token
+    if pad != XL_TOKENIZER_2_PAD:
+        log(f"warning: tokenizer_2 pads with {pad!r}; the Swift SDXL pipeline pads text_encoder_2's ids with "
+            f"{XL_TOKENIZER_2_PAD!r} (StableDiffusionXL+Resources.swift)")
+
+
 def _tokenizer_files(pipe, folder):
-    """vocab.json and merges.txt: the checkpoint's own, else the standard CLIP BPE files."""
+    """vocab.json and merges.txt: the checkpoint's own (tokenizer, else SDXL's tokenizer_2), else
+    the standard CLIP BPE files."""
     names = ("vocab.json", "merges.txt")
-    tok = pipe.tokenizer
+    tok = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
     src = tok.folder if tok is not None else None
     if src and all(os.path.isfile(os.path.join(src, n)) for n in names):
         for n in names:
@@ -150,7 +185,7 @@ def _tokenizer_files(pipe, folder):
         from ..tokenizer import write_files
         write_files(folder, vocab, merges)
         return "the checkpoint's tokenizer.json"
-    from ..convert_ldm import clip_tokenizer_files
+    from ..tokenizer import clip_tokenizer_files
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer_files(tmp, "sd1")
@@ -159,42 +194,93 @@ def _tokenizer_files(pipe, folder):
     return "the standard CLIP vocabulary (the model has no tokenizer)"
 
 
-def _jobs(pipe, settings, target):
-    """[(label, package file names, fn(paths))] in export order."""
+def is_xl(pipe) -> bool:
+    """Whether ``pipe`` is exported in Apple's SDXL layout (its UNet takes "text_time" conditioning)."""
+    return bool(pipe.configs["unet"].is_sdxl)
+
+
+def _text_embeds_dim(pipe):
+    te2 = pipe.configs.get("text_encoder_2")
+    if te2 is None or not te2.with_projection:
+        raise ExportError(f"{pipe.source}: an SDXL UNet needs text_encoder_2 (CLIPTextModelWithProjection) for its "
+                          "text_embeds input")
+    return te2.projection_dim
+
+
+def _unet_jobs(pipe, settings, common, ukw, names, chunk_names, label):
+    from . import unet
+    p, c = pipe.params["unet"], pipe.configs["unet"]
+    if is_xl(pipe):
+        ukw = dict(ukw, text_embeds_dim=_text_embeds_dim(pipe))
+    if settings.chunk_unet:
+        return [(f"{label} (2 chunks)", list(chunk_names),
+                 lambda paths: unet.export_chunks(p, c, paths, **common, **ukw), common["compute_precision"])]
+    return [(label, [names], lambda paths: unet.export(p, c, paths[0], **common, **ukw), common["compute_precision"])]
+
+
+def _jobs(pipe, settings, target, refiner=None):
+    """[(label, package file names, fn(paths), compute precision)] in export order."""
     from . import text_encoder, unet, vae
     p, c = pipe.params, pipe.configs
     prec = settings.compute_precision
+    xl = is_xl(pipe)
     latent = settings.latent_shape or vae.default_latent_shape(c["vae"])
     f = c["vae"].scale_factor
     common = dict(compute_precision=prec, minimum_deployment_target=target, overwrite=True)
     ukw = dict(batch=settings.unet_batch, latent_shape=latent, attention=settings.attention)
-    jobs = [("text encoder", ["TextEncoder.mlpackage"],
-             lambda paths: text_encoder.export(p["text_encoder"], c["text_encoder"], paths[0],
-                                               attention=settings.attention, **common))]
-    if settings.chunk_unet:
-        jobs.append(("UNet (2 chunks)", list(unet.CHUNK_NAMES),
-                     lambda paths: unet.export_chunks(p["unet"], c["unet"], paths, **common, **ukw)))
-    else:
-        jobs.append(("UNet", ["Unet.mlpackage"],
-                     lambda paths: unet.export(p["unet"], c["unet"], paths[0], **common, **ukw)))
+    jobs = []
+    for comp, name in (("text_encoder", "TextEncoder.mlpackage"), ("text_encoder_2", "TextEncoder2.mlpackage")):
+        if comp in p and (comp == "text_encoder" or xl):
+            jobs.append((comp.replace("_", " "), [name],
+                         lambda paths, comp=comp: text_encoder.export(p[comp], c[comp], paths[0], xl=xl,
+                                                                      attention=settings.attention, **common), prec))
+    jobs += _unet_jobs(pipe, settings, common, ukw, unet.NAME, unet.CHUNK_NAMES, "UNet")
+    if refiner is not None:
+        jobs += _unet_jobs(refiner, settings, common, ukw, unet.REFINER_NAME, unet.REFINER_CHUNK_NAMES, "refiner UNet")
+    vcommon = dict(common)
+    if xl:
+        vcommon["swift_scaling_factor"] = vae.SWIFT_XL_SCALING_FACTOR
+        if c["vae"].force_upcast:  # SDXL's VAE overflows float16: Apple converts it in float32 too
+            vcommon["compute_precision"] = "float32"
     jobs.append(("VAE decoder", ["VAEDecoder.mlpackage"],
-                 lambda paths: vae.export_decoder(p["vae"], c["vae"], paths[0], latent_shape=latent, **common)))
+                 lambda paths: vae.export_decoder(p["vae"], c["vae"], paths[0], latent_shape=latent, **vcommon),
+                 vcommon["compute_precision"]))
     image = (latent[0] * f, latent[1] * f)
     jobs.append(("VAE encoder", ["VAEEncoder.mlpackage"],
-                 lambda paths: vae.export_encoder(p["vae"], c["vae"], paths[0], image_shape=image, **common)))
+                 lambda paths: vae.export_encoder(p["vae"], c["vae"], paths[0], image_shape=image, **vcommon),
+                 vcommon["compute_precision"]))
     return jobs
 
 
-def _manifest_settings(pipe, settings):
+def _check_refiner(pipe, refiner):
+    """A refiner beside ``pipe``: an SDXL refiner whose text_encoder_2 is configured as the base's
+    (the Swift pipeline feeds both UNets from the one TextEncoder2)."""
+    from ..checkpoint import architecture
+    if architecture(pipe.configs) != "sdxl":
+        raise ExportError(f"refiner: only an SDXL base pipeline takes a refiner beside it, not {pipe.source} "
+                          f"({architecture(pipe.configs)})")
+    if architecture(refiner.configs) != "sdxl-refiner":
+        raise ExportError(f"refiner {refiner.source}: not an SDXL refiner ({architecture(refiner.configs)})")
+    if refiner.configs.get("text_encoder_2") != pipe.configs.get("text_encoder_2"):
+        raise ExportError(f"refiner {refiner.source}: its text_encoder_2 is configured unlike the base's, but the Swift "
+                          "pipeline conditions both UNets with the base's TextEncoder2")
+
+
+def _manifest_settings(pipe, settings, refiner=None):
     recipe = (pipe.quantization or {}).get("recipe")
-    return {"model": pipe.source, "recipe": recipe, **dataclasses.asdict(settings),
-            "latent_shape": list(settings.latent_shape) if settings.latent_shape else None}
+    out = {"model": pipe.source, "recipe": recipe, **dataclasses.asdict(settings),
+           "latent_shape": list(settings.latent_shape) if settings.latent_shape else None}
+    if refiner is not None:
+        out["refiner"] = {"model": refiner.source, "recipe": (refiner.quantization or {}).get("recipe")}
+    return out
 
 
-def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False, progress=True, log=print):
+def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False, progress=True, log=print,
+                    refiner=None):
     """Export ``pipe`` (an ``sdjax.Pipeline``, quantized or not) into the folder ``out``; returns
-    the manifest dict (settings and, per package, bytes on disk and seconds). See the module
-    docstring for the folder, resume and overwrite rules."""
+    the manifest dict (settings and, per package, bytes on disk, seconds and compute precision).
+    ``refiner``: an SDXL refiner pipeline exported beside an SDXL base ``pipe`` as
+    ``UnetRefiner.mlpackage``. See the module docstring for the folder, resume and overwrite rules."""
     from tqdm.auto import tqdm
 
     settings.check()
@@ -202,9 +288,14 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     check_exportable(pipe.params, settings.minimum_deployment_target)
+    if refiner is not None:
+        _check_refiner(pipe, refiner)
+        check_exportable({"refiner.unet": refiner.params["unet"]}, settings.minimum_deployment_target)
+    if is_xl(pipe):
+        _check_xl_tokenizers(pipe, log)
     target = settings.target()
     partial = out + ".partial"
-    wanted = _manifest_settings(pipe, settings)
+    wanted = _manifest_settings(pipe, settings, refiner)
     if os.path.isdir(partial):
         try:
             before = (Store(partial, writer=False).read(MANIFEST) or {}).get("settings")
@@ -223,9 +314,9 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
         store.write(manifest, MANIFEST)
 
     save_manifest()
-    jobs = _jobs(pipe, settings, target)
+    jobs = _jobs(pipe, settings, target, refiner)
     bar = tqdm(total=len(jobs), desc="export-coreml", unit="package", disable=not progress)
-    for label, names, fn in jobs:
+    for label, names, fn, precision in jobs:
         paths = [os.path.join(partial, n) for n in names]
         if all(os.path.isdir(pth) for pth in paths) and all(n in manifest["packages"] for n in names):
             log(f"{label}: kept from the interrupted run ({', '.join(names)})")
@@ -242,7 +333,7 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
         dt = time.perf_counter() - t0
         for n, pth in zip(names, paths):
             manifest["packages"][n] = {"bytes": dir_bytes(pth), "seconds": round(dt / len(names), 2),
-                                       "peak_rss_bytes": peak_rss_bytes()}
+                                       "peak_rss_bytes": peak_rss_bytes(), "compute_precision": precision}
         save_manifest()
         bar.update(1)
     bar.close()
@@ -254,11 +345,11 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
 
 def summary(manifest) -> str:
     """The manifest's packages as a small table."""
-    lines = [f"{'package':24s} {'MB':>9s} {'seconds':>8s} {'peak RSS GiB':>13s}"]
+    lines = [f"{'package':28s} {'MB':>9s} {'seconds':>8s} {'peak RSS GiB':>13s}"]
     for n, r in manifest["packages"].items():
-        lines.append(f"{n:24s} {r['bytes'] / 1e6:9.1f} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:13.2f}")
+        lines.append(f"{n:28s} {r['bytes'] / 1e6:9.1f} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**30:13.2f}")
     total = sum(r["bytes"] for r in manifest["packages"].values())
-    lines.append(f"{'total':24s} {total / 1e6:9.1f}")
+    lines.append(f"{'total':28s} {total / 1e6:9.1f}")
     return "\n".join(lines)
 
 
@@ -273,4 +364,4 @@ def latent_from_image(height, width, scale_factor, unet_factor=1):
     return height // scale_factor, width // scale_factor
 
 
-__all__ = ["export_pipeline", "Settings", "ExportError", "check_exportable", "summary", "latent_from_image"]
+__all__ = ["export_pipeline", "Settings", "ExportError", "check_exportable", "summary", "latent_from_image", "is_xl"]

@@ -42,6 +42,24 @@ def _mb():
     return mb
 
 
+def program(inputs: dict, body, opset_version=None):
+    """A one-function MIL Program ("main") whose inputs are named by the keys of ``inputs``
+    (``{name: shape}``, float32 tensors, in that order) -- names that are data, which
+    ``@mb.program`` (inputs named after Python parameters) cannot take. ``body({name: Var})``
+    returns the output Vars (a list, or one Var)."""
+    from coremltools.converters.mil.mil import Function, Program
+    mb = _mb()
+    with Function({n: mb.TensorSpec(shape=tuple(int(d) for d in shp)) for n, shp in inputs.items()},
+                  opset_version) as func:
+        outs = body(dict(func.inputs))
+        func.set_outputs(list(outs) if isinstance(outs, (list, tuple)) else [outs])
+    if opset_version is None:
+        func.opset_version = func.get_max_opset_version_and_op()[0]
+    prog = Program()
+    prog.add_function("main", func)
+    return prog
+
+
 def tables_dtype(dtype):
     """``dtype`` as a NumPy float type for quantization tables: float32 or float16, else ValueError.
     Every builder's ``dtype`` argument goes through this."""

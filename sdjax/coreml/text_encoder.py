@@ -11,6 +11,17 @@ package reads). Inside, activations are ``(1, hidden, 1, seq_len)`` with linear 
 convs (``sdjax.coreml.mil``). Quantized params (``quant.apply_recipe``) export as constexpr
 weights holding sdjax's LUTs/indices or int8 data/scales.
 
+SDXL (``xl=True``): the outputs are ``hidden_embeds`` ``(1, seq_len, hidden)``, the penultimate
+hidden state (``hidden_states[-2]`` of ``sdjax.clip.apply``: the output of all layers but the last,
+without the final layer norm) and ``pooled_outputs``: for a ``with_projection`` encoder
+(text_encoder_2, CLIPTextModelWithProjection) the projected ``text_embeds`` ``(1,
+projection_dim)``, else the final-layer-normed EOS state ``(1, hidden)`` (``pooler_output``, which
+the Swift pipeline reads but does not use for text_encoder). These are the names and values of
+apple/ml-stable-diffusion's XL conversion (``torch2coreml.convert_text_encoder`` with
+``xl_version``: ``hidden_states[-2]`` and ``text_embeds`` or ``pooler_output``) and of what
+``swift/StableDiffusion/pipeline/TextEncoderXL.swift`` reads (``hidden_embeds``,
+``pooled_outputs``; both TextEncoder.mlmodelc and TextEncoder2.mlmodelc are TextEncoderXL there).
+
 The pooled position is ``argmax`` as in ``sdjax.clip.apply`` (first maximal id for legacy
 configs with ``eos_token_id == 2``, else the first ``eos_token_id``; 0 when absent), computed
 with int32 arithmetic and ``reduce_max`` (key * L + (L - 1 - i) has a unique maximum at the
@@ -45,9 +56,15 @@ def opset(target=None):
     return target
 
 
-def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32", target=None):
+XL_HIDDEN_LAYER = -2  # the hidden state SDXL's text encoders hand the UNet (torch2coreml's hidden_layer)
+
+
+def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2", dtype="float32", target=None,
+          xl: bool = False):
     """MIL Program computing ``sdjax.clip.apply(params, config, input_ids)``'s last hidden state
-    and pooled output for one sequence of ``seq_len`` ids.
+    and pooled output for one sequence of ``seq_len`` ids (projected for a ``with_projection``
+    config); with ``xl`` the penultimate hidden state ``hidden_embeds`` instead of the last one
+    (module docstring).
 
     dtype: the float type quantization tables (LUTs, int8 scales) are written in: "float32" for
     a float32 export (empty pass pipeline), "float16" for a float16 one (see ``export``).
@@ -65,6 +82,10 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
     if seq_len > pos_table.shape[0]:
         raise ValueError(f"seq_len {seq_len} exceeds the {pos_table.shape[0]} position embeddings")
     eps = config.layer_norm_eps
+    n_layers = config.num_hidden_layers
+    xl_index = n_layers + 1 + XL_HIDDEN_LAYER  # into sdjax.clip.apply's hidden_states (0: the embeddings)
+    if xl and xl_index < 0:
+        raise ValueError(f"an XL text encoder outputs hidden_states[{XL_HIDDEN_LAYER}]: {n_layers} layers are too few")
     causal = np.where(np.tril(np.ones((seq_len, seq_len), bool)), 0.0, MASK_VALUE).astype(np.float32)
     mask = causal.T  # mil.attention takes (keys, queries)
 
@@ -77,7 +98,10 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
         x = mb.add(x=x, y=pos_table[:seq_len][None], name="emb")
         x = mb.transpose(x=x, perm=[0, 2, 1], name="emb_t")                       # (1, D, L)
         x = mb.expand_dims(x=x, axes=[2], name="emb_bc1s")                         # (1, D, 1, L)
-        for i in range(config.num_hidden_layers):
+        hidden = None
+        for i in range(n_layers):
+            if xl and i == xl_index:
+                hidden = _bcs_to_bld(x, "hidden_embeds")
             p = params["encoder"]["layers"][str(i)]
             a = p["self_attn"]
             n = f"l{i}"
@@ -94,8 +118,7 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
             x = mb.add(x=x, y=h, name=n + "_res2")
         fl = params["final_layer_norm"]
         x = mil.layer_norm_channels(x, fl["weight"], fl["bias"], eps, "final_ln")
-        x = mb.squeeze(x=x, axes=[2], name="final_bcs")                            # (1, D, L)
-        last = mb.transpose(x=x, perm=[0, 2, 1], name="last_hidden_state")       # (1, L, D)
+        last = _bcs_to_bld(x, "last_hidden_state" if not xl else "final_bld")    # (1, L, D)
 
         # first position of the maximal key, by int32 arithmetic (see the module docstring)
         if config.eos_token_id == 2:
@@ -110,10 +133,24 @@ def build(params, config, seq_len: int = 77, attention: str = "split_einsum_v2",
         top = mb.reduce_max(x=key, axes=[1], keep_dims=False, name="pool_key")           # (1,)
         off = mb.sub(x=best, y=mb.mul(x=top, y=np.int32(seq_len), name="pool_key_l"), name="pool_off")
         pos = mb.sub(x=np.int32(seq_len - 1), y=off, name="pool_pos")                   # (1,)
-        pooled = mb.gather(x=last, indices=pos, axis=1, batch_dims=1, name="pooled_outputs")  # (1, D)
-        return last, pooled
+        if not config.with_projection:
+            pooled = mb.gather(x=last, indices=pos, axis=1, batch_dims=1, name="pooled_outputs")  # (1, D)
+        else:  # CLIPTextModelWithProjection's text_embeds: text_projection (no bias) of the pooled state
+            pooled = mb.gather(x=last, indices=pos, axis=1, batch_dims=1, name="pooled_state")
+            d = int(pooled.shape[-1])
+            pooled = mb.reshape(x=pooled, shape=[1, d, 1, 1], name="pooled_bc11")
+            pooled = mil.linear_as_conv(pooled, params["text_projection"]["weight"], None, "text_projection", dtype)
+            pooled = mb.reshape(x=pooled, shape=[1, config.projection_dim], name="pooled_outputs")  # (1, P)
+        return (hidden if xl else last), pooled
 
     return prog
+
+
+def _bcs_to_bld(x, name):
+    """``(1, D, 1, L)`` -> ``(1, L, D)``, the last op named ``name``."""
+    from coremltools.converters.mil import Builder as mb
+    x = mb.squeeze(x=x, axes=[2], name=name + "_bdl")
+    return mb.transpose(x=x, perm=[0, 2, 1], name=name)
 
 
 def convert(prog, compute_precision="float32", minimum_deployment_target=None):
@@ -146,14 +183,15 @@ def save_atomically(model, path, overwrite=False):
 
 
 def export(params, config, path, compute_precision="float32", minimum_deployment_target=None,
-           overwrite=False, seq_len: int = 77, attention: str = "split_einsum_v2"):
+           overwrite=False, seq_len: int = 77, attention: str = "split_einsum_v2", xl: bool = False):
     """Build, convert and save the text encoder to ``path`` (an .mlpackage); returns the path.
+    ``xl``: SDXL's outputs (``hidden_embeds``, ``pooled_outputs``; see ``build``).
 
     minimum_deployment_target: a ``ct.target`` (default iOS16, what the constexpr weight ops
     need). Refuses an existing ``path`` unless ``overwrite``; never leaves a half-written package
     at ``path``."""
     return export_program(lambda tables, target: build(params, config, seq_len=seq_len, attention=attention, dtype=tables,
-                                                       target=target),
+                                                       target=target, xl=xl),
                           path, compute_precision, minimum_deployment_target, overwrite)
 
 

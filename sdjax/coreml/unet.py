@@ -20,7 +20,24 @@ blocks work in the ``(B, C, 1, H*W)`` layout with linear layers as 1x1 convs
 ``t * freqs``, as diffusers' ``get_timestep_embedding``), then the time MLP and every resnet's
 ``time_emb_proj`` run as 1x1 convs on ``(B, D, 1, 1)``.
 
-Config features outside the reference SD 1.x/2.x architecture raise NotImplementedError.
+SDXL UNets (``config.is_sdxl``, "text_time" conditioning) take two more inputs, as
+apple/ml-stable-diffusion's XL conversion names and orders them (``torch2coreml.convert_unet``
+with ``xl_version``: ``sample``, ``timestep``, ``encoder_hidden_states``, ``time_ids``,
+``text_embeds``) and ``swift/StableDiffusion/pipeline/Unet.swift``'s XL ``predictNoise`` feeds
+them: ``time_ids`` float32 ``(batch, n)`` (6 for the base: original size, crop top-left, target
+size; 5 for the refiner, whose last id is the aesthetic score: ``StableDiffusionXLPipeline.swift``
+tells the refiner by ``time_ids``' last dimension being 5) and ``text_embeds`` float32 ``(batch,
+P)``, text_encoder_2's pooled projected output (``build``'s ``text_embeds_dim``; Apple's converter
+writes text_encoder_2's hidden_size there, equal to its projection_dim for SDXL's ViT-bigG, 1280).
+``encoder_hidden_states`` is ``(batch, 2048, 1, 77)`` for the base (the two encoders' penultimate
+states side by side) and ``(batch, 1280, 1, 77)`` for the refiner. Inside, each time id's
+sinusoidal embedding (``addition_time_embed_dim`` wide, as the timestep's) is concatenated after
+``text_embeds``, goes through ``add_embedding`` (two 1x1 convs with silu between) and is added to the
+time embedding before its silu, as ``sdjax.unet._added_embedding``. Transformer depths are per
+attention (``UNetConfig.transformer_depths``: SDXL's first block has no attention, the others
+2 and 10 blocks deep).
+
+Config features outside the SD 1.x/2.x/XL architectures raise NotImplementedError.
 """
 from __future__ import annotations
 
@@ -119,26 +136,53 @@ def _transformer_2d(x, ctx, p, heads, layers, groups, linear_projection, mode, n
     return mb.add(x=t, y=x, name=name)
 
 
-def _time_embedding(t, params, cfg, name, dtype):
-    """diffusers' ``get_timestep_embedding`` + TimestepEmbedding MLP -> silu(temb) ``(B, D, 1, 1)``
-    (every consumer of temb applies silu first)."""
+def _sinusoid(t, dim, cfg, name):
+    """diffusers' ``get_timestep_embedding`` of ``t`` ``(B, n)`` -> ``(B, n, dim)`` (``dim`` values
+    per entry: [cos, sin] or [sin, cos] halves, a zero pad when ``dim`` is odd)."""
     mb = _mb()
-    dim = cfg.block_out_channels[0]
     half = dim // 2
     freqs = np.exp(-np.log(10000.0) * np.arange(half, dtype=np.float32) / (half - cfg.freq_shift)).astype(np.float32)
-    b = int(t.shape[0])
-    tt = mb.reshape(x=t, shape=[b, 1, 1, 1], name=name + "_t")
-    arg = mb.mul(x=tt, y=freqs.reshape(1, half, 1, 1), name=name + "_arg")  # (B, half, 1, 1)
+    b, n = (int(d) for d in t.shape)
+    tt = mb.reshape(x=t, shape=[b, n, 1], name=name + "_t")
+    arg = mb.mul(x=tt, y=freqs.reshape(1, 1, half), name=name + "_arg")  # (B, n, half)
     cos, sin = mb.cos(x=arg, name=name + "_cos"), mb.sin(x=arg, name=name + "_sin")
     parts = [cos, sin] if cfg.flip_sin_to_cos else [sin, cos]
     if dim % 2:
-        parts.append(mb.const(val=np.zeros((b, 1, 1, 1), np.float32), name=name + "_pad"))
-    e = mb.concat(values=parts, axis=1, name=name + "_sincos")
-    te = params["time_embedding"]
-    e = mil.linear_as_conv(e, te["linear_1"]["weight"], te["linear_1"].get("bias"), name + "_linear_1", dtype)
-    e = mb.silu(x=e, name=name + "_silu1")
-    e = mil.linear_as_conv(e, te["linear_2"]["weight"], te["linear_2"].get("bias"), name + "_linear_2", dtype)
+        parts.append(mb.const(val=np.zeros((b, n, 1), np.float32), name=name + "_pad"))
+    return mb.concat(values=parts, axis=2, name=name + "_sincos")
+
+
+def _mlp(e, p, name, dtype):
+    """diffusers' TimestepEmbedding (linear_1, silu, linear_2) on ``(B, C, 1, 1)``."""
+    e = mil.linear_as_conv(e, p["linear_1"]["weight"], p["linear_1"].get("bias"), name + "_linear_1", dtype)
+    e = _mb().silu(x=e, name=name + "_silu1")
+    return mil.linear_as_conv(e, p["linear_2"]["weight"], p["linear_2"].get("bias"), name + "_linear_2", dtype)
+
+
+def _time_embedding(t, params, cfg, name, dtype, added=None):
+    """The timestep's sinusoid + TimestepEmbedding MLP (plus SDXL's ``added`` embedding, when
+    given) -> silu(temb) ``(B, D, 1, 1)`` (every consumer of temb applies silu first)."""
+    mb = _mb()
+    dim = cfg.block_out_channels[0]
+    b = int(t.shape[0])
+    e = _sinusoid(mb.reshape(x=t, shape=[b, 1], name=name + "_bt"), dim, cfg, name)   # (B, 1, dim)
+    e = mb.reshape(x=e, shape=[b, dim, 1, 1], name=name + "_b111")
+    e = _mlp(e, params["time_embedding"], name, dtype)
+    if added is not None:
+        e = mb.add(x=e, y=added, name=name + "_text_time")
     return mb.silu(x=e, name=name + "_act")
+
+
+def _added_embedding(text_embeds, time_ids, params, cfg, name, dtype):
+    """SDXL's "text_time" embedding (``sdjax.unet._added_embedding``): [text_embeds, sinusoid of
+    each time id] through ``add_embedding`` -> ``(B, D, 1, 1)``, added to temb before its silu."""
+    mb = _mb()
+    b, n = (int(d) for d in time_ids.shape)
+    td = cfg.addition_time_embed_dim
+    t = mb.reshape(x=_sinusoid(time_ids, td, cfg, name + "_ids"), shape=[b, n * td], name=name + "_ids_flat")
+    x = mb.concat(values=[text_embeds, t], axis=1, name=name + "_in")          # (B, P + n * td)
+    x = mb.reshape(x=x, shape=[b, int(x.shape[1]), 1, 1], name=name + "_in_b111")
+    return _mlp(x, params["add_embedding"], name, dtype)
 
 
 def _stages(params, cfg, attention, dtype):
@@ -146,7 +190,8 @@ def _stages(params, cfg, attention, dtype):
     ``state = {"x", "skips", "temb"}`` in place (MIL values). ``--chunk-unet`` cuts between two of them."""
     mb = _mb()
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
-    heads, tlayers, layers = cfg.heads, cfg.transformer_layers, cfg.layers
+    heads, layers = cfg.heads, cfg.layers
+    down_depth, mid_depth, up_depth = cfg.transformer_depths  # per attention (SDXL: 0, 2, 10 deep)
     lin, out_scale = cfg.use_linear_projection, cfg.resnet_out_scale_factor
     pad = cfg.downsample_padding
     down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4
@@ -178,18 +223,21 @@ def _stages(params, cfg, attention, dtype):
         x = s["x"]
         if cfg.center_input_sample:
             x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
-        s["temb"] = _time_embedding(s["temb"], params, cfg, "time", dtype)
+        added = None
+        if cfg.is_sdxl:
+            added = _added_embedding(s["text_embeds"], s["time_ids"], params, cfg, "add_emb", dtype)
+        s["temb"] = _time_embedding(s["temb"], params, cfg, "time", dtype, added)
         s["x"] = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
         s["skips"].append(s["x"])
 
-    add("conv_in", {k: params[k] for k in ("time_embedding", "conv_in")}, stem)
+    add("conv_in", {k: params[k] for k in ("time_embedding", "add_embedding", "conv_in") if k in params}, stem)
     for i, kind in enumerate(cfg.down_block_types):
         p = params["down_blocks"][str(i)]
         for j in range(layers[i]):
             fns = [res(p["resnets"][str(j)], f"down{i}_res{j}")]
             sub = {"resnet": p["resnets"][str(j)]}
             if kind == "CrossAttnDownBlock2D":
-                fns.append(attn(p["attentions"][str(j)], heads[i], tlayers[i], f"down{i}_attn{j}"))
+                fns.append(attn(p["attentions"][str(j)], heads[i], down_depth[i][j], f"down{i}_attn{j}"))
                 sub["attention"] = p["attentions"][str(j)]
             add(f"down_blocks.{i}.{j}", sub, seq(*fns, push))
         if "downsamplers" in p:
@@ -201,10 +249,10 @@ def _stages(params, cfg, attention, dtype):
 
     p = params["mid_block"]
     add("mid_block", p, seq(res(p["resnets"]["0"], "mid_res0"),
-                            attn(p["attentions"]["0"], heads[-1], tlayers[-1], "mid_attn0"),
+                            attn(p["attentions"]["0"], heads[-1], mid_depth, "mid_attn0"),
                             res(p["resnets"]["1"], "mid_res1")))
 
-    up_heads, up_tlayers, up_layers = heads[::-1], tlayers[::-1], layers[::-1]
+    up_heads, up_layers = heads[::-1], layers[::-1]
     for i, kind in enumerate(cfg.up_block_types):
         p = params["up_blocks"][str(i)]
         for j in range(up_layers[i] + 1):
@@ -213,7 +261,7 @@ def _stages(params, cfg, attention, dtype):
             fns = [cat, res(p["resnets"][str(j)], f"up{i}_res{j}")]
             sub = {"resnet": p["resnets"][str(j)]}
             if kind == "CrossAttnUpBlock2D":
-                fns.append(attn(p["attentions"][str(j)], up_heads[i], up_tlayers[i], f"up{i}_attn{j}"))
+                fns.append(attn(p["attentions"][str(j)], up_heads[i], up_depth[i][j], f"up{i}_attn{j}"))
                 sub["attention"] = p["attentions"][str(j)]
             add(f"up_blocks.{i}.{j}", sub, seq(*fns))
         if "upsamplers" in p:
@@ -251,11 +299,12 @@ CHUNK_PREFIX = "chunk_"  # names of the tensors chunk 1 hands to chunk 2
 
 
 def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
-          dtype="float32", target=None, chunk=None, live_shapes=None):
+          dtype="float32", target=None, chunk=None, live_shapes=None, text_embeds_dim=None):
     """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
     names and layouts (module docstring).
 
-    batch: the batch the Swift pipeline runs (2 for classifier-free guidance).
+    batch: the batch the Swift pipeline runs (2 for classifier-free guidance; Apple's XL pipeline
+    always feeds 2).
     latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
     attention: ``mil.ATTENTION_MODES``.
     dtype: the float type quantization tables are written in ("float16" for an fp16 export).
@@ -266,7 +315,10 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
     ``encoder_hidden_states`` when it has attention) and returns ``noise_pred``. The Swift package
     feeds chunk 2 the union of the UNet's inputs and chunk 1's outputs (``ManagedMLModel.swift``).
     live_shapes: for chunk 2, chunk 1's ``{output name: shape}`` (``chunk_outputs``); built from
-    chunk 1 when None."""
+    chunk 1 when None.
+    text_embeds_dim: SDXL UNets only (required there): the width P of the ``text_embeds`` input,
+    text_encoder_2's ``projection_dim``; the ``time_ids`` input then has
+    ``config.time_ids_length(P)`` values per sample (6 base, 5 refiner)."""
     mb = _mb()
 
     cfg = config
@@ -286,8 +338,17 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
     if h % (2 ** n_down) or w % (2 ** n_down):
         raise NotImplementedError(f"latent shape {(h, w)} not divisible by {2 ** n_down} (odd sizes inside "
                                   "the UNet, which sdjax handles by resizing, are not exported)")
+    specs = {"sample": (batch, cfg.in_channels, h, w), "timestep": (batch,),
+             "encoder_hidden_states": (batch, cfg.cross_attention_dim, 1, context_len)}
+    if cfg.is_sdxl:  # Apple's order: time_ids, then text_embeds
+        if text_embeds_dim is None:
+            raise ValueError("an SDXL UNet (addition_embed_type 'text_time') needs text_embeds_dim: the width "
+                             "of text_encoder_2's pooled projected output (its projection_dim)")
+        specs["time_ids"] = (batch, cfg.time_ids_length(int(text_embeds_dim)))
+        specs["text_embeds"] = (batch, int(text_embeds_dim))
+    elif text_embeds_dim is not None:
+        raise ValueError("text_embeds_dim is for SDXL UNets (addition_embed_type 'text_time') only")
     stages = _stages(params, cfg, attention, dtype)
-    ctx_spec = mb.TensorSpec(shape=(batch, cfg.cross_attention_dim, 1, context_len))
     if chunk is None:
         lo, hi = 0, len(stages)
     else:
@@ -300,39 +361,27 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
         return state
 
     if lo == 0:
-        specs = [mb.TensorSpec(shape=(batch, cfg.in_channels, h, w)), mb.TensorSpec(shape=(batch,)), ctx_spec]
-
-        if hi == len(stages):
-            @mb.program(input_specs=specs, opset_version=opset(target))
-            def prog(sample, timestep, encoder_hidden_states):
-                return run({"x": sample, "skips": [], "temb": timestep}, encoder_hidden_states)["x"]
-            return prog
-
-        @mb.program(input_specs=specs, opset_version=opset(target))
-        def prog(sample, timestep, encoder_hidden_states):
-            s = run({"x": sample, "skips": [], "temb": timestep}, encoder_hidden_states)
-            outs = [mb.identity(x=s["x"], name=CHUNK_PREFIX + "x"), mb.identity(x=s["temb"], name=CHUNK_PREFIX + "temb")]
-            outs += [mb.identity(x=v, name=f"{CHUNK_PREFIX}skip{i}") for i, v in enumerate(s["skips"])]
-            return tuple(outs)
-        return prog
+        def body(a):
+            s = run({"x": a["sample"], "skips": [], "temb": a["timestep"],
+                     "text_embeds": a.get("text_embeds"), "time_ids": a.get("time_ids")}, a["encoder_hidden_states"])
+            if hi == len(stages):
+                return [s["x"]]
+            outs = [mb.identity(x=s["x"], name=CHUNK_PREFIX + "x"),
+                    mb.identity(x=s["temb"], name=CHUNK_PREFIX + "temb")]
+            return outs + [mb.identity(x=v, name=f"{CHUNK_PREFIX}skip{i}") for i, v in enumerate(s["skips"])]
+        return mil.program(specs, body, opset(target))
 
     # chunk 2: the live tensors at the cut are its inputs; their shapes come from chunk 1
     live = live_shapes or chunk_outputs(build(params, cfg, batch, (h, w), context_len, attention, dtype, target,
-                                              chunk=1))
+                                              chunk=1, text_embeds_dim=text_embeds_dim))
     needs_ctx = any("attention" in p or "attentions" in p for _, p, _ in stages[lo:hi] if isinstance(p, dict))
-    names = ([] if not needs_ctx else ["encoder_hidden_states"]) + list(live)
-    specs = ([ctx_spec] if needs_ctx else []) + [mb.TensorSpec(shape=shp) for shp in live.values()]
+    specs2 = ({"encoder_hidden_states": specs["encoder_hidden_states"]} if needs_ctx else {}) | dict(live)
 
-    # the Builder names inputs after Python parameters; these names are data, so build the Function directly
-    from coremltools.converters.mil.mil import Function, Program
-    with Function(dict(zip(names, specs)), opset(target)) as func:
-        a = func.inputs
+    def body2(a):
         state = {"x": a[CHUNK_PREFIX + "x"], "temb": a[CHUNK_PREFIX + "temb"],
                  "skips": [a[f"{CHUNK_PREFIX}skip{i}"] for i in range(len(live) - 2)]}
-        func.set_outputs([run(state, a.get("encoder_hidden_states"))["x"]])
-    prog = Program()
-    prog.add_function("main", func)
-    return prog
+        return [run(state, a.get("encoder_hidden_states"))["x"]]
+    return mil.program(specs2, body2, opset(target))
 
 
 def chunk_outputs(prog) -> dict:
@@ -344,7 +393,7 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
            overwrite=False, **build_kw):
     """Build, convert and save the UNet to ``path`` (an .mlpackage); returns the path.
 
-    ``build_kw``: ``build``'s batch, latent_shape, context_len, attention. As
+    ``build_kw``: ``build``'s batch, latent_shape, context_len, attention, text_embeds_dim (SDXL). As
     ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
     ``overwrite``, never leaves a half-written package at ``path``."""
     if "dtype" in build_kw:
@@ -353,7 +402,12 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
                           path, compute_precision, minimum_deployment_target, overwrite)
 
 
-CHUNK_NAMES = ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")  # what the Swift package looks for (compiled)
+# what the Swift package looks for (compiled to .mlmodelc): StableDiffusionPipeline+Resources.swift and,
+# for the SDXL refiner beside a base, StableDiffusionXL+Resources.swift
+NAME = "Unet.mlpackage"
+CHUNK_NAMES = ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")
+REFINER_NAME = "UnetRefiner.mlpackage"
+REFINER_CHUNK_NAMES = ("UnetRefinerChunk1.mlpackage", "UnetRefinerChunk2.mlpackage")
 
 
 def export_chunks(params, config, paths, compute_precision="float32", minimum_deployment_target=None,

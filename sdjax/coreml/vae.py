@@ -22,6 +22,16 @@ for a VAE with another ``scaling_factor`` (the embedded model's is 0.599) it fir
 ``run(z=latents / 0.18215)`` equals ``sdjax.vae.decode(latents / scaling_factor)``. For SD
 (0.18215) nothing is added.
 
+SDXL: apple/ml-stable-diffusion's Swift CLI sets both scale factors to 0.13025 for an XL pipeline
+(``StableDiffusionCLI/main.swift``: ``scaleFactor = 0.13025`` with ``--xl``), and Apple's converted
+SDXL decoder is ``decoder(post_quant_conv(z))`` as for SD. So ``sdjax export-coreml`` builds an SDXL
+pipeline's VAE packages for ``swift_scaling_factor=SWIFT_XL_SCALING_FACTOR`` (0.13025: input
+``z = latents / 0.13025``), which for SDXL's own VAE (``scaling_factor`` 0.13025) adds nothing, and
+the rescaling below uses that factor in place of 0.18215. Apple converts SDXL's VAE in float32
+(``torch2coreml.convert_vae_decoder/encoder``: ``compute_precision=FLOAT32`` for ``xl_version``
+without a custom VAE), since SDXL's VAE overflows float16 (diffusers marks it ``force_upcast``);
+``sdjax.coreml.export`` does the same when the VAE config's ``force_upcast`` is true.
+
 Encoder
 -------
 Input ``x`` float32 ``(1, in_channels, H, W)`` (NCHW RGB in [-1, 1], H and W multiples of f),
@@ -67,6 +77,7 @@ import numpy as np
 from . import mil
 
 SWIFT_SCALING_FACTOR = 0.18215  # what apple/ml-stable-diffusion's Decoder.swift divides latents by
+SWIFT_XL_SCALING_FACTOR = 0.13025  # what Apple's Swift CLI sets for SDXL (decoder and encoder)
 from .text_encoder import export_program, opset
 
 EPS = 1e-6  # sdjax.vae.EPS
@@ -121,7 +132,8 @@ def _mid(x, p, cfg, name, dtype, mode):
     return _resnet(x, p["resnets"]["1"], g, name + "_res1", dtype)
 
 
-def build_decoder(params, config, latent_shape=None, dtype="float32", attention="original", target=None):
+def build_decoder(params, config, latent_shape=None, dtype="float32", attention="original", target=None,
+                  swift_scaling_factor=SWIFT_SCALING_FACTOR):
     """MIL Program computing ``sdjax.vae.decode(params, config, latents / scaling_factor)``
     (transposed to NCHW) from the input ``z = latents / 0.18215`` the Swift package feeds, of
     shape ``(1, latent_channels, *latent_shape)`` (see the module docstring).
@@ -131,7 +143,9 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
     "float16" for a float16 one; see ``export_decoder``).
     attention: ``mil.ATTENTION_MODES`` for the mid-block attention ("original", as Apple's
     exported decoder; "split_einsum_v2" chunks the H*W queries by 512).
-    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``)."""
+    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``).
+    swift_scaling_factor: the factor the Swift pipeline divides latents by (0.18215, or
+    ``SWIFT_XL_SCALING_FACTOR`` for SDXL; module docstring)."""
     from coremltools.converters.mil import Builder as mb
 
     dtype = mil.tables_dtype(dtype)
@@ -145,8 +159,8 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
                 opset_version=opset(target))
     def prog(z):
         x = z
-        if SWIFT_SCALING_FACTOR != cfg.scaling_factor:  # z = latents / 0.18215, the Swift Decoder's division
-            x = mb.mul(x=x, y=np.float32(SWIFT_SCALING_FACTOR / cfg.scaling_factor), name="rescale")
+        if swift_scaling_factor != cfg.scaling_factor:  # z = latents / 0.18215, the Swift Decoder's division
+            x = mb.mul(x=x, y=np.float32(swift_scaling_factor / cfg.scaling_factor), name="rescale")
         if cfg.use_post_quant_conv:
             x = mil.conv2d(x, params["post_quant_conv"], "post_quant_conv", dtype, pad=0)
         p = params["decoder"]
@@ -167,13 +181,14 @@ def build_decoder(params, config, latent_shape=None, dtype="float32", attention=
 
 
 def export_decoder(params, config, path, compute_precision="float32", minimum_deployment_target=None,
-                   overwrite=False, latent_shape=None, attention="original"):
+                   overwrite=False, latent_shape=None, attention="original", swift_scaling_factor=SWIFT_SCALING_FACTOR):
     """Build, convert and save the VAE decoder to ``path`` (an .mlpackage); returns the path.
 
     As ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
     ``overwrite``, never leaves a half-written package at ``path``."""
     return export_program(lambda tables, target: build_decoder(params, config, latent_shape=latent_shape, dtype=tables,
-                                                               attention=attention, target=target),
+                                                               attention=attention, target=target,
+                                                               swift_scaling_factor=swift_scaling_factor),
                           path, compute_precision, minimum_deployment_target, overwrite)
 
 
@@ -187,13 +202,15 @@ def default_image_shape(config):
     return tuple(d * f for d in default_latent_shape(config))
 
 
-def build_encoder(params, config, image_shape=None, dtype="float32", attention="original", target=None):
+def build_encoder(params, config, image_shape=None, dtype="float32", attention="original", target=None,
+                  swift_scaling_factor=SWIFT_SCALING_FACTOR):
     """MIL Program computing ``sdjax.vae.encode(params, config, x)``'s moments (transposed to NCHW,
     concatenated on channels as ``latent``) rescaled for the Swift pipeline's fixed 0.18215: see
     the module docstring. The input ``x`` is ``(1, in_channels, *image_shape)`` in [-1, 1].
 
     image_shape: (H, W), multiples of the VAE's scale factor; default ``default_image_shape(config)``.
-    dtype, attention, target: as ``build_decoder``."""
+    dtype, attention, target, swift_scaling_factor: as ``build_decoder`` (the factor Swift
+    multiplies the sample by, in place of 0.18215 below)."""
     from coremltools.converters.mil import Builder as mb
 
     dtype = mil.tables_dtype(dtype)
@@ -205,7 +222,7 @@ def build_encoder(params, config, image_shape=None, dtype="float32", attention="
     if h % f or w % f or h <= 0 or w <= 0:
         raise ValueError(f"image shape {(h, w)} is not a positive multiple of the VAE scale factor {f}")
     g = cfg.norm_num_groups
-    r = cfg.scaling_factor / SWIFT_SCALING_FACTOR
+    r = cfg.scaling_factor / swift_scaling_factor
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, cfg.in_channels, h, w))],
                 opset_version=opset(target))
@@ -237,9 +254,10 @@ def build_encoder(params, config, image_shape=None, dtype="float32", attention="
 
 
 def export_encoder(params, config, path, compute_precision="float32", minimum_deployment_target=None,
-                   overwrite=False, image_shape=None, attention="original"):
+                   overwrite=False, image_shape=None, attention="original", swift_scaling_factor=SWIFT_SCALING_FACTOR):
     """Build, convert and save the VAE encoder to ``path`` (an .mlpackage, VAEEncoder.mlpackage for
     the Swift package); returns the path. As ``export_decoder``."""
     return export_program(lambda tables, target: build_encoder(params, config, image_shape=image_shape, dtype=tables,
-                                                               attention=attention, target=target),
+                                                               attention=attention, target=target,
+                                                               swift_scaling_factor=swift_scaling_factor),
                           path, compute_precision, minimum_deployment_target, overwrite)

@@ -13,7 +13,7 @@ import torch
 import pytest
 
 import ldm_fixtures as fx
-from sdjax import convert_ldm
+from sdjax import convert_ldm, tokenizer
 from sdjax.params import CheckpointError
 
 # tensors real checkpoints carry that belong to no component
@@ -219,7 +219,7 @@ ASTRONAUT = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
 def test_vendored_clip_tokenizer(tmp_path, kind, pad_id):
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(convert_ldm.clip_tokenizer_files(tmp_path, kind), local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(tokenizer.clip_tokenizer_files(tmp_path, kind), local_files_only=True)
     assert len(tok) == 49408
     ids = tok("a photo of an astronaut riding a horse", padding="max_length", max_length=77).input_ids
     assert ids == ASTRONAUT + [pad_id] * (77 - len(ASTRONAUT))  # SD 1 pads with <|endoftext|>, SD 2 with "!"
@@ -227,10 +227,10 @@ def test_vendored_clip_tokenizer(tmp_path, kind, pad_id):
 
 def test_tokenizer_dir_is_written_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SDJAX_CACHE", str(tmp_path))
-    d = convert_ldm.tokenizer_dir("sd2")
+    d = tokenizer.tokenizer_dir("sd2")
     assert d == str(tmp_path / "clip-tokenizer-sd2")
     stamp = os.stat(os.path.join(d, "vocab.json")).st_mtime_ns
-    assert convert_ldm.tokenizer_dir("sd2") == d
+    assert tokenizer.tokenizer_dir("sd2") == d
     assert os.stat(os.path.join(d, "vocab.json")).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path)) == ["clip-tokenizer-sd2"]
 
