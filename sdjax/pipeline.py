@@ -56,7 +56,6 @@ class Pipeline:
         return nn.layer_norm(hidden[-(clip_skip + 1)], self.params["text_encoder"]["final_layer_norm"],
                           cfg.layer_norm_eps)
 
-    # --- SDXL prompt encoding (sdjax.conditioning) ---------------------------------------
     def encode_prompt_sdxl(self, prompts, clip_skip: int = 0):
         """SDXL: prompts -> (states (B, 77, D), pooled (B, P)): the text encoders' penultimate
         hidden states side by side (``hidden_states[-(clip_skip + 2)]``, no final layer norm;
@@ -64,7 +63,6 @@ class Pipeline:
         text_encoder_2's projected pooled output, as diffusers' StableDiffusionXLPipeline.encode_prompt."""
         from .conditioning import encode_prompt_sdxl
         return encode_prompt_sdxl(self, prompts, clip_skip)
-    # --- end of SDXL prompt encoding ------------------------------------------------------
 
     def generate(self, prompt, negative_prompt=None, steps=25, guidance_scale=7.5, sampler="dpmpp_2m",
                  seed=0, height=None, width=None, latents=None, output_type="pil", *, clip_skip=0,

@@ -9,13 +9,6 @@ import numpy as np
 from .common import UsageError, finite_float, int_pair, model_arg
 
 # SDXL flags: (argparse dest, flag, which model takes it: "sdxl" both, "base", "refiner")
-SDXL_FLAGS = (("original_size", "--original-size", "sdxl"),
-              ("crops_coords_top_left", "--crops-coords-top-left", "sdxl"),
-              ("target_size", "--target-size", "base"), ("negative_original_size", "--negative-original-size", "sdxl"),
-              ("negative_crops_coords_top_left", "--negative-crops-coords-top-left", "sdxl"),
-              ("negative_target_size", "--negative-target-size", "base"),
-              ("aesthetic_score", "--aesthetic-score", "refiner"),
-              ("negative_aesthetic_score", "--negative-aesthetic-score", "refiner"))
 DEFAULT_DENOISING_END = 0.8  # diffusers' documented high-noise fraction for the ensemble of experts
 
 
@@ -80,6 +73,7 @@ def register(sub):
 
 def run(args):
     import sdjax
+    from sdjax.conditioning import BASE_ONLY, REFINER_ONLY
     from sdjax.generate import GenerationError
     from sdjax.images import ImageError, save_npy, save_png, to_pil
 
@@ -115,7 +109,7 @@ def run(args):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                   sampler=args.sampler, seed=args.seed, clip_skip=args.clip_skip, scheduler_overrides=overrides,
                   guidance_rescale=args.guidance_rescale, progress=not args.quiet)
-    base_kw = {k: sdxl[k] for k in sdxl if k not in ("aesthetic_score", "negative_aesthetic_score")}
+    base_kw = {k: v for k, v in sdxl.items() if k not in REFINER_ONLY}
     try:
         if refiner is None:
             images = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="np",
@@ -126,7 +120,7 @@ def run(args):
             lat = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="latent",
                                 init_image=args.init_image, strength=args.strength, mask=args.mask,
                                 denoising_end=end, **common, **base_kw)
-            refiner_kw = {k: v for k, v in sdxl.items() if k not in ("target_size", "negative_target_size")}
+            refiner_kw = {k: v for k, v in sdxl.items() if k not in BASE_ONLY}
             images = refiner.generate(prompts, init_latents=lat, mask=args.mask, denoising_start=end,
                                       output_type="np", **common, **refiner_kw)
     except (GenerationError, ImageError, ValueError) as e:
@@ -157,13 +151,23 @@ def run(args):
         print(f"wrote {path}")
 
 
+def _sdxl_flags():
+    """(settings field, flag, which SDXL model takes it), from the library's own lists (imported here:
+    they come with jax, which the parser does not need)."""
+    from sdjax.conditioning import BASE_ONLY, MICRO_CONDITIONING, REFINER_ONLY
+    return tuple((dest, "--" + dest.replace("_", "-"),
+                  "base" if dest in BASE_ONLY else "refiner" if dest in REFINER_ONLY else "sdxl")
+                 for dest in MICRO_CONDITIONING)
+
+
 def _check_sdxl_flags(args, pipe, refiner):
     """{settings field: value} of the SDXL flags given, after UsageErrors for flags the models do not
     take: micro-conditioning for an SD 1.x/2.x model, a refiner as --model without an init image,
     aesthetic scores without a refiner, target sizes for a refiner, a --refiner that is not one."""
-    given = {dest: getattr(args, dest) for dest, _, _ in SDXL_FLAGS if getattr(args, dest) is not None}
-    flag = {dest: name for dest, name, _ in SDXL_FLAGS}
-    takes = {dest: who for dest, _, who in SDXL_FLAGS}
+    flags = _sdxl_flags()
+    given = {dest: getattr(args, dest) for dest, _, _ in flags if getattr(args, dest) is not None}
+    flag = {dest: name for dest, name, _ in flags}
+    takes = {dest: who for dest, _, who in flags}
     arch = pipe.architecture
     if arch == "sd":
         used = [flag[k] for k in given] + (["--refiner"] if refiner else []) + (
