@@ -131,3 +131,60 @@ def time_ids(n: int, height: int, width: int, settings, from_image: bool) -> np.
     else:
         raise ValueError(f"SDXL UNets take {BASE_TIME_IDS} (base) or {REFINER_TIME_IDS} (refiner) time ids, not {n}")
     return np.asarray([neg, pos], np.float32)
+
+
+def prompt_conditions(pipe, prompts, negative_prompt="", height=None, width=None, settings=None, clip_skip=0):
+    """The UNet conditioning of ``prompts`` as host float32 arrays, for code that batches rows itself
+    (evaluation, calibration): ``(negative, positive)`` dicts of arrays with one row for the negative
+    side and one per prompt, ``{"context": (B, L, D)}``, plus ``"text_embeds"`` (B, P) and
+    ``"time_ids"`` (B, n) for an SDXL UNet.
+
+    What ``Pipeline.generate`` would use for the same prompts: SD encodes ``negative_prompt``
+    (None is the empty prompt); SDXL zeros a ``None`` negative where the pipeline forces zeros, and
+    builds text-to-image time ids for ``height`` x ``width`` (default: the UNet's sample size times
+    the VAE factor) from ``settings``' micro-conditioning (``GenerationSettings``, default none).
+    Rows go to the UNet through ``unet_inputs``."""
+    prompts = list(prompts)
+    if pipe.architecture == "sd":
+        neg = pipe.encode_prompt(["" if negative_prompt is None else negative_prompt], clip_skip)
+        pos = pipe.encode_prompt(prompts, clip_skip)
+        return {"context": np.asarray(neg, np.float32)}, {"context": np.asarray(pos, np.float32)}
+    states, pooled = encode_prompt_sdxl(pipe, prompts, clip_skip)
+    if negative_prompt is None and force_zeros_for_empty_prompt(pipe):
+        neg_states, neg_pooled = jnp.zeros_like(states[:1]), jnp.zeros_like(pooled[:1])
+    else:
+        neg_states, neg_pooled = encode_prompt_sdxl(pipe, ["" if negative_prompt is None else negative_prompt], 0)
+    ucfg = pipe.configs["unet"]
+    if height is None or width is None:
+        size = ucfg.sample_size if isinstance(ucfg.sample_size, int) else ucfg.sample_size[0]
+        height = width = size * pipe.vae_scale_factor
+    if settings is None:
+        from .generate import GenerationSettings
+        settings = GenerationSettings()
+    ids = time_ids(ucfg.time_ids_length(pooled.shape[-1]), height, width, settings, from_image=False)
+    neg = {"context": neg_states, "text_embeds": neg_pooled, "time_ids": ids[:1]}
+    pos = {"context": states, "text_embeds": pooled, "time_ids": np.repeat(ids[1:], len(prompts), 0)}
+    as_host = lambda d: {k: np.asarray(v, np.float32) for k, v in d.items()}  # noqa: E731
+    return as_host(neg), as_host(pos)
+
+
+def rows(conditions, index):
+    """``conditions`` (a dict from ``prompt_conditions``) at rows ``index`` (an int array or slice)."""
+    return {k: v[index] for k, v in conditions.items()}
+
+
+def guided(negative, positive, put=None):
+    """``[negative rows repeated; positive rows]`` for a guided batch of len(positive) rows:
+    ``(context, added_cond or None)`` for ``sdjax.generate.denoise``. ``put``: a function placing
+    each half on devices (default ``jnp.asarray``)."""
+    put = put or jnp.asarray
+    n = len(positive["context"])
+    both = {k: jnp.concatenate([put(np.repeat(np.asarray(negative[k]), n, 0)), put(positive[k])]) for k in negative}
+    return unet_inputs(both)
+
+
+def unet_inputs(conditions):
+    """A conditions dict -> ``(context, added_cond or None)``, the UNet's two conditioning arguments."""
+    conditions = dict(conditions)
+    context = conditions.pop("context")
+    return context, (conditions or None)

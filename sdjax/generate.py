@@ -251,9 +251,9 @@ def decode_images(params, config, latents):
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def unet_output(params, config, sample, timesteps, context):
-    """One UNet call as float32 (noise samples, calibration inputs)."""
-    return unet_model.apply(params, config, sample, timesteps, context).astype(jnp.float32)
+def unet_output(params, config, sample, timesteps, context, added_cond=None):
+    """One UNet call as float32 (noise samples, calibration inputs); ``added_cond`` as ``denoise``'s."""
+    return unet_model.apply(params, config, sample, timesteps, context, added_cond=added_cond).astype(jnp.float32)
 
 
 def vae_scale_factor(vae_config):

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from samplers import schedule as sch
-from sdjax.generate import GenerationSettings, check_int, encode_latents, unet_output
+from sdjax import conditioning
+from sdjax.generate import GenerationSettings, check_int, encode_latents, unet_output, vae_params
 
 DEFAULT_TIMESTEPS = 8     # noised samples per prompt of a hessian run (and of the Fisher pass)
 DEFAULT_BATCH = 8         # prompts per generation batch
@@ -96,7 +97,7 @@ def self_generated_latents(pipe, settings: Calibration, progress=False):
                                    leave=False)):
         images = pipe.generate(list(prompts[start:start + n]), negative_prompt=settings.negative_prompt,
                                settings=settings.generation(b), output_type="np", progress=False)
-        out.append(np.asarray(encode_latents(pipe.params["vae"], pipe.configs["vae"], np.asarray(images) * 2 - 1)))
+        out.append(np.asarray(encode_latents(vae_params(pipe, "encode"), pipe.configs["vae"], np.asarray(images) * 2 - 1)))
     return np.concatenate(out)
 
 
@@ -148,15 +149,16 @@ def hessian_run(pipe, settings: Calibration, progress=None):
         idx, t, noise = calibration_samples(len(prompts), n_t, x0.shape[1:], settings.seed, len(abar))
         a = abar[t][:, None, None, None]
         xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)
-        ctx = np.asarray(probed.encode_prompt(list(prompts)), np.float32)
-        neg = np.asarray(probed.encode_prompt([settings.negative_prompt]), np.float32)
+        # the prompts' conditioning as the generation above had it (SDXL: pooled embeds and time ids too)
+        h, w = x0.shape[1] * probed.vae_scale_factor, x0.shape[2] * probed.vae_scale_factor
+        neg, pos = conditioning.prompt_conditions(probed, prompts, settings.negative_prompt, h, w)
         for start in range(0, len(t), batch):
             sel = slice(start, start + batch)
             n = len(t[sel])
             x2 = np.concatenate([xt[sel], xt[sel]])
             t2 = np.concatenate([t[sel], t[sel]]).astype(np.float32)
-            c2 = np.concatenate([np.repeat(neg, n, 0), ctx[idx[sel]]])
-            out.append(unet_output(probed.params["unet"], ucfg, x2, t2, c2))
+            context, added = conditioning.guided(neg, conditioning.rows(pos, idx[sel]))
+            out.append(unet_output(probed.params["unet"], ucfg, x2, t2, context, added))
             bar.update(n / n_t)
         bar.close()
         return out

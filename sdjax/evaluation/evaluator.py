@@ -35,14 +35,14 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import samplers
 from quant import metrics
-from sdjax.generate import check_float, decode_images, denoise, initial_noise, unet_output
+from sdjax import conditioning
+from sdjax.generate import check_float, decode_images, denoise, initial_noise, unet_output, vae_params
 
 DEFAULT_ONE_STEP = 8     # pairs in Apple's one-step protocol (their 8 fixed prompts)
 NOISE_SEED = 4242        # timesteps and noise of the noise-prediction samples
@@ -154,23 +154,28 @@ class Evaluator:
             yield s, np.where(idx < n, idx, 0), min(batch, n - s)
 
     def _contexts(self, params):
-        """(negative (1, L, D), positives (n, L, D)) from the params' own text encoder."""
+        """(negative, positives): the UNet conditioning (``sdjax.conditioning.prompt_conditions``:
+        {"context"} and, for SDXL, {"text_embeds", "time_ids"}) from the params' own text encoders;
+        one negative row, one row per pair."""
         pipe = dataclasses.replace(self.pipe, params=params)
-        neg = np.asarray(pipe.encode_prompt([self.s.negative_prompt]), np.float32)
         uniq = list(dict.fromkeys(self.prompts))
-        enc = np.asarray(pipe.encode_prompt(uniq), np.float32)
-        pos = enc[[uniq.index(p) for p in self.prompts]]
-        return neg, pos
+        neg, enc = conditioning.prompt_conditions(pipe, uniq, self.s.negative_prompt, self.image_size,
+                                                  self.image_size)
+        return neg, conditioning.rows(enc, [uniq.index(p) for p in self.prompts])
 
     def _denoise(self, up, plan, neg, pos, n):
         out = np.zeros((n, *self.latent_shape), np.float32)
         for s, idx, k in self._batches(n):
             # guided batches are [negatives; positives]: shard each half so every device gets its rows' pair
-            context = jnp.concatenate([self._put(np.repeat(neg, len(idx), 0)), self._put(pos[idx])])
+            context, added = conditioning.guided(neg, conditioning.rows(pos, idx), self._put)
             state = self.sampler.init(plan, self._put(self.xT[idx]))
-            state = denoise(up, self.ucfg, self.sampler, plan, state, context, self.s.guidance_scale)
+            state = denoise(up, self.ucfg, self.sampler, plan, state, context, self.s.guidance_scale, added_cond=added)
             out[s:s + k] = _gather(self.sampler.result(plan, state))[:k]
         return out
+
+    def _decoder(self, params):
+        """The VAE params to decode with, replicated (SDXL's float16 VAE is upcast, as generate does)."""
+        return self.replicate(vae_params(dataclasses.replace(self.pipe, params=params), "decode"))
 
     def _images(self, vp, latents):
         out = np.zeros((len(latents), self.image_size, self.image_size, 3), np.float32)
@@ -185,7 +190,8 @@ class Evaluator:
         x, t = self.noise_inputs
         out = np.zeros(x.shape, np.float32)
         for s, idx, k in self._batches(self.n):
-            out[s:s + k] = _gather(unet_output(up, self.ucfg, self._put(x[idx]), self._put(t[idx]), self._put(pos[idx])))[:k]
+            context, added = conditioning.unet_inputs({c: self._put(v) for c, v in conditioning.rows(pos, idx).items()})
+            out[s:s + k] = _gather(unet_output(up, self.ucfg, self._put(x[idx]), self._put(t[idx]), context, added))[:k]
         return out
 
     def outputs(self, params, desc=None):
@@ -196,11 +202,11 @@ class Evaluator:
         up = self.replicate(params["unet"])
         out = {}
         steps = tqdm(total=3, desc=desc or "evaluating", unit="stage", disable=not self.progress, leave=False)
-        out["one_step_latents"] = self._denoise(up, self.plan1, neg, pos[:self.n1], self.n1)
+        out["one_step_latents"] = self._denoise(up, self.plan1, neg, conditioning.rows(pos, slice(self.n1)), self.n1)
         steps.update()
         out["final_latents"] = self._denoise(up, self.plan, neg, pos, self.n)
         steps.update()
-        out["images"] = self._images(self.replicate(params["vae"]), out["final_latents"])
+        out["images"] = self._images(self._decoder(params), out["final_latents"])
         steps.update()
         steps.close()
         if hasattr(self, "noise_inputs"):
@@ -219,7 +225,7 @@ class Evaluator:
         ``pairs`` pairs (default ``n_one_step``): the cheap run behind per-layer sensitivity sweeps."""
         n = self._one_step_pairs(pairs)
         neg, pos = contexts if contexts is not None else self.float_contexts
-        return self._denoise(self.replicate(unet_params), self.plan1, neg, pos[:n], n)
+        return self._denoise(self.replicate(unet_params), self.plan1, neg, conditioning.rows(pos, slice(n)), n)
 
     @functools.cached_property
     def float_contexts(self):
@@ -237,7 +243,7 @@ class Evaluator:
         SSIM of the float VAE's decode. Keys as ``metrics``."""
         neg, pos = self.float_contexts
         latents = self._denoise(self.replicate(unet_params), self.plan, neg, pos, self.n)
-        return self._final_metrics(latents, self._images(self.replicate(self.pipe.params["vae"]), latents)
+        return self._final_metrics(latents, self._images(self._decoder(self.pipe.params), latents)
                                    if images else None)
 
     def _final_metrics(self, final_latents, images=None):

@@ -23,7 +23,8 @@ default, *self-generated*: the float model's own image for the prompt (``steps``
 ``sampler`` with classifier-free guidance, as a user would generate) encoded back with its VAE
 (the mean, times the scaling factor, as training data are made). So any model works with nothing
 but prompts, and no dataset is needed. The loss itself is conditioned on the prompt only (no
-guidance: it is the training objective).
+guidance: it is the training objective); for SDXL with the prompt's pooled embeds and text-to-image
+time ids (``sdjax.conditioning.prompt_conditions``) at the latents' size.
 
 Cost and memory: samples go through one jitted step per ``batch_size`` samples that computes their
 per-sample gradients (vmap of grad), squares them and adds them to a float32 accumulator of the
@@ -43,13 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax import clip, nn, unet as unet_model
+from sdjax import clip, conditioning, nn, unet as unet_model
 
 from quant.calibrate import layer_names
 
 from .calibration import Calibration, calibration_samples, noise_schedule, self_generated_latents
 
-COMPONENTS = ("unet", "text_encoder")   # the components the denoising loss runs through
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # the components the denoising loss runs through
 DEFAULT_TIMESTEPS = 8
 DEFAULT_BATCH = 8                       # largest automatic gradient batch
 GRADIENT_BUDGET = 1 << 28               # automatic batch: per-sample gradients up to 1 GiB (float32)
@@ -72,8 +73,22 @@ def _as_float32(tree):
     return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
-def _step(component, ucfg, ccfg, acc, weights, rest, other, batch, mask):
+def _condition(component, architecture, ccfg, p, cond):
+    """The UNet's (context, added_cond) of one sample; ``p``: the differentiated text encoder's
+    params when ``component`` is one (its output spliced between the fixed ``before``/``after``
+    states of the other SDXL encoder), unused for the UNet."""
+    if component == "unet":
+        return conditioning.unet_inputs(cond)
+    last, hidden, pooled = clip.apply(p, ccfg, cond["ids"][None])
+    if architecture == "sd":
+        return last[0], None
+    ctx = jnp.concatenate([cond["before"], hidden[-2][0].astype(jnp.float32), cond["after"]], axis=-1)
+    embeds = pooled[0].astype(jnp.float32) if component == "text_encoder_2" else cond["text_embeds"]
+    return ctx, {"text_embeds": embeds, "time_ids": cond["time_ids"]}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _step(component, architecture, ucfg, ccfg, acc, weights, rest, other, batch, mask):
     """acc + sum_i mask_i * (dL_i/dw)**2 over one batch of samples (see the module docstring)."""
     x0, t, eps, cond, coef = batch
 
@@ -81,18 +96,35 @@ def _step(component, ucfg, ccfg, acc, weights, rest, other, batch, mask):
         flat = dict(rest)
         flat.update({k + ".weight": v for k, v in w.items()})
         p = nn.unflatten(flat)
-        if component == "unet":
-            up, ctx = p, cond
-        else:  # cond: input ids; the text encoder is differentiated
-            up, ctx = other["unet"], clip.apply(p, ccfg, cond[None])[0][0]
+        up = p if component == "unet" else other["unet"]
+        ctx, added = _condition(component, architecture, ccfg, p, cond)
+        if added is not None:
+            added = {k: v[None] for k, v in added.items()}
         a = coef[0]  # alpha_bar_t; then the target's coefficients (eps, v or x0, set on the host)
         xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
-        pred = unet_model.apply(up, ucfg, xt[None], t[None], ctx[None])[0].astype(jnp.float32)
+        pred = unet_model.apply(up, ucfg, xt[None], t[None], ctx[None], added_cond=added)[0].astype(jnp.float32)
         target = coef[1] * eps + coef[2] * x0
         return jnp.mean(jnp.square(pred - target))
 
     g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0, 0, 0))(weights, x0, t, eps, cond, coef)
     return {k: acc[k] + jnp.einsum("b,b...->...", mask, jnp.square(g[k])) for k in acc}
+
+
+def _cond_table(pipe, component, prompts, image_size):
+    """{name: (n_prompts, ...) float32/int32}: each prompt's fixed conditioning for ``_condition``."""
+    if component != "unet":
+        tokenizer = pipe.tokenizer if component == "text_encoder" else getattr(pipe, "tokenizer_2", None)
+        ids = np.asarray(tokenizer(prompts))
+        if pipe.architecture == "sd":
+            return {"ids": ids}
+    _, pos = conditioning.prompt_conditions(pipe, prompts, "", *image_size)
+    if component == "unet":
+        return pos
+    ctx = pos["context"]
+    w1 = pipe.configs["text_encoder"].hidden_size if "text_encoder" in pipe.params else 0
+    before, after = (ctx[..., :0], ctx[..., w1:]) if component == "text_encoder" else (ctx[..., :w1], ctx[..., :0])
+    return {"ids": ids, "before": before, "after": after, "text_embeds": pos["text_embeds"],
+            "time_ids": pos["time_ids"]}
 
 
 def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0, component="unet",
@@ -104,7 +136,9 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
     scaled as the UNet sees them (``vae.encode`` mean times ``scaling_factor``); default: the
     model's own generations (``steps`` steps of ``sampler`` at ``guidance_scale``, seeds from
     ``seed``; see the module docstring). ``n_timesteps`` samples per prompt; ``seed`` also draws
-    their timesteps and noise (``calibration_samples``). ``component``: "unet" or "text_encoder".
+    their timesteps and noise (``calibration_samples``). ``component``: "unet", "text_encoder" or
+    (SDXL) "text_encoder_2"; an SDXL text encoder is differentiated through its penultimate states
+    (and text_encoder_2's pooled embeds) with the other encoder's states held fixed.
     ``batch_size``: samples per gradient step (default: as many as fit 1 GiB of per-sample
     gradients, at most 8; see the module docstring).
 
@@ -127,9 +161,13 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
     if component not in COMPONENTS:
         why = " (the VAE is not part of the denoising loss)" if component == "vae" else ""
         raise ValueError(f"component must be one of {COMPONENTS}; got {component!r}{why}")
-    if pipe.tokenizer is None:
+    if component not in pipe.params:
+        raise ValueError(f"component {component!r}: {pipe.source} has none (it has "
+                         f"{', '.join(c for c in COMPONENTS if c in pipe.params)})")
+    if pipe.tokenizer is None and pipe.architecture == "sd":
         raise ValueError(f"{pipe.source}: this pipeline has no tokenizer, so prompts cannot be encoded")
-    ucfg, ccfg = pipe.configs["unet"], pipe.configs["text_encoder"]
+    ucfg = pipe.configs["unet"]
+    ccfg = pipe.configs[component] if component != "unet" else None
     _check_float(pipe.params[component], component, pipe.source)
     if ucfg.in_channels != ucfg.out_channels:
         raise ValueError(f"{pipe.source}: a UNet with {ucfg.in_channels} input and {ucfg.out_channels} output "
@@ -157,19 +195,14 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
                    "sample": (np.zeros_like(a), np.ones_like(a))}[prediction_type]
     coef = np.stack([a, c_eps, c_x0], 1).astype(np.float32)
 
-    ids = np.asarray(pipe.tokenizer(prompts))
     params = _as_float32(pipe.params[component])
     names = layer_names(params)
     flat = nn.flatten(params)
     weights = {n: flat[n + ".weight"] for n in names}
     rest = {k: v for k, v in flat.items() if not (k.endswith(".weight") and k[:-len(".weight")] in weights)}
-    if component == "unet":
-        ctx = clip.apply(pipe.params["text_encoder"], ccfg, jnp.asarray(ids))[0]
-        cond_table = np.asarray(ctx, np.float32)
-        other = {}
-    else:
-        cond_table = ids
-        other = {"unet": _as_float32(pipe.params["unet"])}
+    f = pipe.vae_scale_factor
+    cond_table = _cond_table(pipe, component, prompts, (x0.shape[1] * f, x0.shape[2] * f))
+    other = {} if component == "unet" else {"unet": _as_float32(pipe.params["unet"])}
 
     n = len(t)
     if batch_size is None:
@@ -182,8 +215,8 @@ def fisher(pipe, prompts, *, latents=None, n_timesteps=DEFAULT_TIMESTEPS, seed=0
         mask = (sel < n).astype(np.float32)
         sel = np.where(sel < n, sel, 0)  # the last batch is padded with masked-out repeats
         batch = (jnp.asarray(x0[prompt_idx[sel]]), jnp.asarray(t[sel]), jnp.asarray(noise[sel]),
-                 jnp.asarray(cond_table[prompt_idx[sel]]), jnp.asarray(coef[sel]))
-        acc = _step(component, ucfg, ccfg, acc, weights, rest, other, batch, jnp.asarray(mask))
+                 {k: jnp.asarray(v[prompt_idx[sel]]) for k, v in cond_table.items()}, jnp.asarray(coef[sel]))
+        acc = _step(component, pipe.architecture, ucfg, ccfg, acc, weights, rest, other, batch, jnp.asarray(mask))
         bar.update(int(mask.sum()))
     bar.close()
     return {k: np.asarray(v, np.float32) / n for k, v in acc.items()}

@@ -154,7 +154,7 @@ def test_default_latents_are_the_models_own_generations(sd1, monkeypatch):
     (dict(n_timesteps=0), "n_timesteps must be a positive integer"),
     (dict(batch_size=-1), "batch_size must be a positive integer"),
     (dict(steps=0), "steps must be a positive integer"),
-    (dict(component="vae"), "component must be one of ('unet', 'text_encoder'); got 'vae' (the VAE"),
+    (dict(component="vae"), "component must be one of ('unet', 'text_encoder', 'text_encoder_2'); got 'vae' (the VAE"),
     (dict(component="clip"), "got 'clip'"),
     (dict(latents=np.zeros((2, 4, 16, 16), np.float32)[:1]), r"latents must be NCHW (2, 4, height, width)"),
 ])
@@ -332,7 +332,7 @@ def test_cli_reference_model_defaults_to_dataset_captions(tmp_path, capsys, monk
 # --- the experiment -----------------------------------------------------------------------------
 
 def _experiment(tmp_path, capsys, *model):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "experiments"))
     import sensitive_kmeans
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
     report = sensitive_kmeans.main(["--quick", "--json", str(out), "--plot", str(plot), "--no-progress", *model])
@@ -354,7 +354,7 @@ def _experiment(tmp_path, capsys, *model):
 
 def test_experiment_reporting(tmp_path, capsys):
     """The experiment's caption split, table, JSON-ready report and plot, from a made-up result."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "experiments"))
     import sensitive_kmeans as sk
     cal, ev = sk.split_captions(64, 120)
     assert len(set(cal)) == 64 and len(set(ev)) == 120 and not set(cal) & set(ev)
