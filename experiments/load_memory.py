@@ -1,10 +1,12 @@
-"""Peak RSS of loading a full-size SD 1.5 checkpoint, against the bytes of the params loaded.
+"""Peak RSS of loading a full-size SD 1.5 or SDXL checkpoint, against the bytes of the params loaded.
 
-Writes random full-size SD 1.5 weights once (diffusers folder, float32 safetensors, ~4.3 GB;
-with --single-file also the same weights as one CompVis/LDM .safetensors), then loads them in
-a fresh process and reports peak RSS (VmHWM) / params bytes. Target: <= 1.25.
+Writes random full-size weights once (a diffusers folder: SD 1.5 as float32 safetensors, ~4.3 GB;
+SDXL base, 3.5 B parameters, as float16, ~7 GB, the form SDXL is published in; with --single-file
+also the same weights as one CompVis/LDM or SGM .safetensors), then loads them in a fresh process
+and reports peak RSS (VmHWM) / params bytes. Target: <= 1.25.
 
     python experiments/load_memory.py --workdir /tmp/sd15 [--dtype float16] [--single-file]
+    python experiments/load_memory.py --config sdxl --workdir /tmp/sdxl --dtype float16 [--single-file]
 """
 from __future__ import annotations
 
@@ -17,24 +19,30 @@ import time
 
 
 
-def make(workdir):
+SAVE_DTYPE = {"sd15": "float32", "sdxl": "float16"}  # as each is published
+
+
+def make(workdir, config="sd15"):
     from sdjax.pipeline import random
-    folder = os.path.join(workdir, "sd15")
+    folder = os.path.join(workdir, config)
     if not os.path.exists(os.path.join(folder, "model_index.json")):
-        random("sd15").save(folder)
+        random(config, dtype=SAVE_DTYPE[config]).save(folder)
     return folder
 
 
-def make_single(folder, workdir, suffix=".safetensors"):
+def make_single(folder, workdir, suffix=".safetensors", config="sd15"):
     from safetensors.numpy import load_file
-    from sdjax import convert_ldm, safetensors_io
-    path = os.path.join(workdir, "sd15-single" + suffix)
+    from sdjax import convert_ldm, convert_sdxl, safetensors_io
+    path = os.path.join(workdir, f"{config}-single" + suffix)
     if not os.path.exists(path):
         sd = {}
-        for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                           ("text_encoder", "model")):
+        comps = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+        if config == "sdxl":
+            comps += (("text_encoder_2", "model"),)
+        for comp, stem in comps:
             sd[comp] = load_file(os.path.join(folder, comp, f"{stem}.safetensors"))
-        ldm = convert_ldm.diffusers_to_ldm(sd, "sd1")
+        ldm = convert_sdxl.diffusers_to_sgm(sd) if config == "sdxl" else convert_ldm.diffusers_to_ldm(sd, "sd1")
+        del sd
         if suffix == ".ckpt":
             import torch
             torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in ldm.items()}}, path)
@@ -60,7 +68,9 @@ def child(path, dtype):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/sdjax-sd15")
+    ap.add_argument("--config", default="sd15", choices=sorted(SAVE_DTYPE),
+                    help="full-size architecture: SD 1.5 (saved float32) or SDXL base (saved float16)")
+    ap.add_argument("--workdir", default=None, help="where the weights are written (default /tmp/sdjax-CONFIG)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--single-file", action="store_true", help="load the CompVis single-file form instead")
     ap.add_argument("--ckpt", action="store_true", help="with --single-file: the pickled .ckpt form")
@@ -68,10 +78,11 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.dtype)
-    os.makedirs(args.workdir, exist_ok=True)
-    path = make(args.workdir)
+    workdir = args.workdir or f"/tmp/sdjax-{args.config}"
+    os.makedirs(workdir, exist_ok=True)
+    path = make(workdir, args.config)
     if args.single_file:
-        path = make_single(path, args.workdir, ".ckpt" if args.ckpt else ".safetensors")
+        path = make_single(path, workdir, ".ckpt" if args.ckpt else ".safetensors", args.config)
     out = subprocess.run([sys.executable, __file__, "--child", path, "--dtype", args.dtype],
                          capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

@@ -202,7 +202,8 @@ def quantizable(name, shape, min_size):
 
 def prepare(config, workdir, nbits, min_size, seed=0, progress=True, variants=VARIANTS):
     """Write workdir/<variant>/manifest.json + one .npy per array, for every one of ``variants`` (skipped
-    when a manifest with the same settings exists)."""
+    when a manifest with the same settings exists). ``nbits``: the palettized variant's bits, one for
+    every quantizable weight or ``{parameter name: bits}`` (a name it lacks, or 16, stays float16)."""
     import jax
     from tqdm.auto import tqdm
 
@@ -210,7 +211,7 @@ def prepare(config, workdir, nbits, min_size, seed=0, progress=True, variants=VA
     from sdjax import unet
 
     settings = dict(config=config, nbits=nbits, min_size=min_size, seed=seed)
-    variants = [v for v in VARIANTS if v in variants or v == "float16"]
+    variants = [v for v in VARIANTS if v in variants]
     done = all(_read_manifest(workdir, v).get("settings") == settings for v in variants)
     if done:
         return
@@ -224,22 +225,32 @@ def prepare(config, workdir, nbits, min_size, seed=0, progress=True, variants=VA
         np.save(os.path.join(workdir, variant, fn), np.asarray(a))
         return fn
 
+    def dense(variant, i, name, shape, w16):
+        manifests[variant]["entries"].append(dict(name=name, kind="dense", shape=list(shape),
+                                                  files={"value": save(variant, i, "value", w16)}))
+
     t0 = time.perf_counter()
     for i, (name, shape) in enumerate(tqdm(list(shapes.items()), desc="prepare", disable=not progress)):
         w = draw(name, shape, i, seed)
         w16 = w.astype(np.float16)
-        dense = dict(name=name, kind="dense", shape=list(shape), files={"value": save("float16", i, "value", w16)})
-        manifests["float16"]["entries"].append(dense)
+        if "float16" in manifests:
+            dense("float16", i, name, shape, w16)
+        quantized = [v for v in manifests if v != "float16"]
         if not quantizable(name, shape, min_size):
-            for v in variants[1:]:
-                manifests[v]["entries"].append(dict(dense, files={"value": save(v, i, "value", w16)}))
+            for v in quantized:
+                dense(v, i, name, shape, w16)
             continue
         if "palettized6" in manifests:
-            pw = palettize.kmeans(w16, nbits)
-            manifests["palettized6"]["entries"].append(dict(
-                name=name, kind="palettized", shape=list(shape), nbits=nbits,
-                files={"packed": save("palettized6", i, "packed", pw.packed), "lut": save("palettized6", i, "lut", pw.lut)}))
-            del pw
+            bits = nbits if isinstance(nbits, int) else nbits.get(name, 16)
+            if bits == 16:
+                dense("palettized6", i, name, shape, w16)
+            else:
+                pw = palettize.kmeans(w16, bits)
+                manifests["palettized6"]["entries"].append(dict(
+                    name=name, kind="palettized", shape=list(shape), nbits=bits,
+                    files={"packed": save("palettized6", i, "packed", pw.packed),
+                           "lut": save("palettized6", i, "lut", pw.lut)}))
+                del pw
         if "int8" in manifests:
             qw = int8.quantize(w16)
             jax.block_until_ready(qw.data)

@@ -198,3 +198,24 @@ def test_kernel_cost_counts_kernels_of_bigger_programs():
     assert [r["blocks"] for r in rows] == [10, 30]
     assert rows[0]["fusions"] >= 10 and rows[1]["fusions"] > rows[0]["fusions"]
     assert all(r["per_fusion_bytes"] == r["kept_bytes"] / r["fusions"] for r in rows)
+
+
+def test_coreml_export_experiment_on_a_micro_sdxl(tmp_path, capsys):
+    """experiments/coreml_export.py end to end on an SDXL-shaped micro UNet: both recipes and both
+    attention forms exported, the mixed recipe's average bits at or just under 4.5, the table printed."""
+    import coreml_export
+    bits = coreml_export.mixed_bits("sdxl-micro", 1024)
+    avg = coreml_export.average_bits(bits, "sdxl-micro")
+    assert 4.0 < avg <= coreml_export.MIXED_TARGET_BITS and {4, 6, 8} >= set(bits.values())
+    assert any(n.startswith("add_embedding.") and b == 8 for n, b in bits.items())
+    out = tmp_path / "r.json"
+    coreml_export.main(["--config", "sdxl-micro", "--workdir", str(tmp_path / "w"), "--min-size", "1024",
+                        "--recipes", "6bit,mixed", "--attention", "split_einsum_v2,original", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["recipe"], r["attention"]) for r in saved["results"]] == [
+        ("6bit", "split_einsum_v2"), ("6bit", "original"), ("mixed", "split_einsum_v2"), ("mixed", "original")]
+    six, mixed = saved["results"][0], saved["results"][2]
+    assert mixed["package_bytes"] < six["package_bytes"] and all(r["peak_rss"] > 0 for r in saved["results"])
+    assert not list((tmp_path / "w").glob("*.mlpackage"))  # packages deleted unless --keep-packages
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sdjax ")]
+    assert len(table) == 4 and f"mixed ({avg:.2f} b)" in table[2]
