@@ -49,6 +49,21 @@ def _dense(w, dtype):
     return w.astype(dtype) if w.dtype != dtype else w
 
 
+def _zero_of(x):
+    """A float32 zero XLA cannot fold away that depends on ``x``: ``x[0] * 0``, which is 0 or NaN
+    (x[0] not finite), mapped to 0 so one bad input element cannot poison what it is added to."""
+    return jnp.nan_to_num((x.reshape(-1)[0] * 0).astype(jnp.float32), nan=0.0)
+
+
+def after(a, x):
+    """``a`` (a float array), computed no earlier than ``x``: the same values with a data dependence
+    on ``x``. For inputs that exist at the program start but are used deep inside it, such as a
+    cross-attention's text context: XLA's CPU scheduler otherwise runs every layer's projection of
+    it (and the float32 copies of their float16 weights) at the start and keeps them alive (1.26 GB
+    of such temporaries in a full-size SDXL UNet's forward pass; experiments/quant_memory.py)."""
+    return a + _zero_of(x).astype(a.dtype)
+
+
 def _after_input(w, x):
     """Tie the expansion of a compressed weight to this layer's input.
 
@@ -62,9 +77,7 @@ def _after_input(w, x):
     """
     if not is_quantized(w) and w.dtype == jnp.float32:
         return w
-    # x[0] * 0 is 0, or NaN when x[0] is not finite: mapped to 0, so one bad input element cannot
-    # poison the whole weight (and every other sample of the batch)
-    dep = jnp.nan_to_num((x.reshape(-1)[0] * 0).astype(jnp.float32), nan=0.0)
+    dep = _zero_of(x)
 
     def tie(a):
         if jnp.issubdtype(a.dtype, jnp.floating):
@@ -206,7 +219,7 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
     q: (B, Lq, D), k/v: (B, Lk, D) -> (B, Lq, D). ``mask`` is additive, broadcastable to
     (B*heads, Lq, Lk). Scores, softmax and its normalisation are float32 whatever the input
     dtype. When the scores would exceed ``chunk_elements``, they are computed one head and
-    ``query_chunk`` queries at a time, sequentially under ``lax.map``.
+    ``query_chunk`` queries at a time, sequentially in a ``lax.fori_loop``.
     """
     b, lq, d = q.shape
     lk = k.shape[1]
@@ -231,8 +244,14 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
     else:
         n = -(-lq // c)
         qb = jnp.pad(q, ((0, 0), (0, n * c - lq), (0, 0))).reshape(bh * n, c, hd)
-        head = jnp.arange(bh * n) // n
-        out = jax.lax.map(lambda a: block(a[0], k[a[1]], v[a[1]]), (qb, head))
+
+        def step(i, out):
+            h = i // n
+            return jax.lax.dynamic_update_index_in_dim(out, block(qb[i], k[h], v[h]), i, 0)
+        # the output buffer is made from the queries (``after``), not as a constant: XLA's CPU
+        # scheduler otherwise creates every attention's buffer at the program start and keeps them
+        # all (with lax.map: 0.4 GB in a full-size SDXL UNet's forward pass)
+        out = jax.lax.fori_loop(0, bh * n, step, after(jnp.zeros(qb.shape, v.dtype), qb))
         out = out.reshape(bh, n * c, hd)[:, :lq]
     return out.reshape(b, heads, lq, hd).transpose(0, 2, 1, 3).reshape(b, lq, d)
 

@@ -29,6 +29,8 @@ def resnet(x, p, temb, groups, eps, out_scale=1.0):
 
 
 def _attn(x, ctx, p, heads):
+    if ctx is not x:  # cross-attention: project the context when this layer runs (nn.after)
+        ctx = nn.after(ctx, x)
     q, k, v = nn.linear(x, p["to_q"]), nn.linear(ctx, p["to_k"]), nn.linear(ctx, p["to_v"])
     return nn.linear(nn.attention(q, k, v, heads), p["to_out"]["0"])
 
