@@ -88,12 +88,18 @@ def encode(pipe, prompts, negatives=None, clip_skip: int = 0):
     ``negatives`` None: zeros when the pipeline forces zeros for an empty prompt, else the
     empty prompt encoded (as diffusers' ``negative_prompt=None``)."""
     states, pooled = encode_prompt_sdxl(pipe, prompts, clip_skip)
-    if negatives is None and force_zeros_for_empty_prompt(pipe):
-        neg_states, neg_pooled = jnp.zeros_like(states), jnp.zeros_like(pooled)
-    else:
-        negatives = [""] * len(prompts) if negatives is None else list(negatives)
-        neg_states, neg_pooled = encode_prompt_sdxl(pipe, negatives, 0)
+    neg_states, neg_pooled = _negative(pipe, negatives, states, pooled)
     return jnp.concatenate([neg_states, states]), jnp.concatenate([neg_pooled, pooled])
+
+
+def _negative(pipe, negatives, states, pooled):
+    """(states, pooled) of the negative side for ``len(states)`` rows: zeros for ``negatives`` None
+    where the pipeline forces zeros for an empty prompt, else ``negatives`` (None: the empty prompt)
+    encoded from the penultimate layer."""
+    if negatives is None and force_zeros_for_empty_prompt(pipe):
+        return jnp.zeros_like(states), jnp.zeros_like(pooled)
+    negatives = [""] * len(states) if negatives is None else list(negatives)
+    return encode_prompt_sdxl(pipe, negatives, 0)
 
 
 def _pair(v, default):
@@ -133,7 +139,7 @@ def time_ids(n: int, height: int, width: int, settings, from_image: bool) -> np.
     return np.asarray([neg, pos], np.float32)
 
 
-def prompt_conditions(pipe, prompts, negative_prompt="", height=None, width=None, settings=None, clip_skip=0):
+def prompt_conditions(pipe, prompts, negative_prompt, height, width, settings=None, clip_skip=0):
     """The UNet conditioning of ``prompts`` as host float32 arrays, for code that batches rows itself
     (evaluation, calibration): ``(negative, positive)`` dicts of arrays with one row for the negative
     side and one per prompt, ``{"context": (B, L, D)}``, plus ``"text_embeds"`` (B, P) and
@@ -141,8 +147,8 @@ def prompt_conditions(pipe, prompts, negative_prompt="", height=None, width=None
 
     What ``Pipeline.generate`` would use for the same prompts: SD encodes ``negative_prompt``
     (None is the empty prompt); SDXL zeros a ``None`` negative where the pipeline forces zeros, and
-    builds text-to-image time ids for ``height`` x ``width`` (default: the UNet's sample size times
-    the VAE factor) from ``settings``' micro-conditioning (``GenerationSettings``, default none).
+    builds text-to-image time ids for images of ``height`` x ``width`` pixels from ``settings``'
+    micro-conditioning (``GenerationSettings``, default none).
     Rows go to the UNet through ``unet_inputs``."""
     prompts = list(prompts)
     if pipe.architecture == "sd":
@@ -150,14 +156,9 @@ def prompt_conditions(pipe, prompts, negative_prompt="", height=None, width=None
         pos = pipe.encode_prompt(prompts, clip_skip)
         return {"context": np.asarray(neg, np.float32)}, {"context": np.asarray(pos, np.float32)}
     states, pooled = encode_prompt_sdxl(pipe, prompts, clip_skip)
-    if negative_prompt is None and force_zeros_for_empty_prompt(pipe):
-        neg_states, neg_pooled = jnp.zeros_like(states[:1]), jnp.zeros_like(pooled[:1])
-    else:
-        neg_states, neg_pooled = encode_prompt_sdxl(pipe, ["" if negative_prompt is None else negative_prompt], 0)
+    neg_states, neg_pooled = _negative(pipe, None if negative_prompt is None else [negative_prompt],
+                                       states[:1], pooled[:1])
     ucfg = pipe.configs["unet"]
-    if height is None or width is None:
-        size = ucfg.sample_size if isinstance(ucfg.sample_size, int) else ucfg.sample_size[0]
-        height = width = size * pipe.vae_scale_factor
     if settings is None:
         from .generate import GenerationSettings
         settings = GenerationSettings()

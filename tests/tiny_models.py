@@ -189,6 +189,12 @@ def nhwc(a):
     return np.asarray(a).transpose(0, 2, 3, 1)
 
 
+def psnr(a, b):
+    """PSNR in dB of images in [0, 1] (peak 1)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
 def rel_err(got, ref):
     """max|got - ref| / max|ref|: the issue's parity measure."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)

@@ -113,10 +113,9 @@ def _step(component, architecture, ucfg, ccfg, acc, weights, rest, other, batch,
 def _cond_table(pipe, component, prompts, image_size):
     """{name: (n_prompts, ...) float32/int32}: each prompt's fixed conditioning for ``_condition``."""
     if component != "unet":
-        tokenizer = pipe.tokenizer if component == "text_encoder" else getattr(pipe, "tokenizer_2", None)
-        ids = np.asarray(tokenizer(prompts))
         if pipe.architecture == "sd":
-            return {"ids": ids}
+            return {"ids": np.asarray(pipe.tokenizer(prompts))}
+        ids = np.asarray(dict(conditioning.text_encoders(pipe))[component](prompts))
     _, pos = conditioning.prompt_conditions(pipe, prompts, "", *image_size)
     if component == "unet":
         return pos

@@ -6,16 +6,11 @@ import torch
 
 import sdjax
 from sdjax import generate as gen
-from tiny_models import DIFFUSERS_SCHEDULERS, nchw
+from tiny_models import DIFFUSERS_SCHEDULERS, nchw, psnr
 
 PSNR_MIN = 70.0
 PROMPTS = ["a red circle", "the small blue square"]
 NEGATIVE = ["green", ""]
-
-
-def psnr(a, b):
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def _scheduler(folder, name):

@@ -18,8 +18,8 @@ from sdjax.cli import main
 from sdjax.nn import is_quantized
 from sdjax.evaluation import calibration, fisher as sensitivity, sweep
 from sdjax.evaluation.evaluator import Evaluator, Settings
-from sdjax.params import sdjax_to_torch
-from tiny_models import rel_err
+from sdjax.params import CheckpointError, sdjax_to_torch
+from tiny_models import psnr, rel_err
 
 PROMPTS = ["a red circle", "a small blue cat"]
 PSNR_MIN = 70.0
@@ -29,11 +29,6 @@ PSNR_MIN = 70.0
 def xl(pipeline_dirs):
     folder, ref = pipeline_dirs("sdxl")
     return folder, ref, sdjax.load(folder, progress=False)
-
-
-def _psnr(a, b):
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def _size(pipe):
@@ -68,7 +63,7 @@ def test_evaluator_generations_are_diffusers_xl_pipelines(xl, evaluator):
                      height=s, width=s, latents=x_t, output_type="np").images
         one = ref(prompts[:2], negative_prompt=["", ""], num_inference_steps=1, guidance_scale=7.5, height=s,
                   width=s, latents=x_t[:2], output_type="latent").images
-    assert _psnr(ev.reference["images"], images) >= PSNR_MIN, _psnr(ev.reference["images"], images)
+    assert psnr(ev.reference["images"], images) >= PSNR_MIN, psnr(ev.reference["images"], images)
     assert rel_err(ev.reference["one_step_latents"], one.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
 
@@ -127,7 +122,7 @@ def test_gptq_recipe_on_sdxl(xl):
     float_img = pipe.generate(PROMPTS, steps=2, seed=0, output_type="np", progress=False)
     qpipe = dataclasses.replace(pipe, params=q)
     got = qpipe.generate(PROMPTS, steps=2, seed=0, output_type="np", progress=False)
-    assert 15 < _psnr(got, float_img) < 80
+    assert 15 < psnr(got, float_img) < 80
 
 
 # --- Fisher sensitivities --------------------------------------------------------------------------------
@@ -276,3 +271,10 @@ def test_sdjax_eval_on_a_tiny_sdxl_folder(xl, tmp_path, capsys):
         assert np.isfinite(r["metrics"]["latent_psnr_1step_db"]) and np.isfinite(r["metrics"]["ssim"]), r["name"]
     for f in ("report.md", "quality_vs_bits.png", "sizes.png", "grid.png"):
         assert (out / f).exists(), f
+
+
+def test_fisher_of_an_encoder_without_its_tokenizer_is_named(xl):
+    _, _, pipe = xl
+    with pytest.raises(CheckpointError, match="text_encoder_2 has no tokenizer_2"):
+        sensitivity.fisher(dataclasses.replace(pipe, tokenizer_2=None), PROMPTS, component="text_encoder_2",
+                           latents=np.zeros((2, 4, 16, 16), np.float32), progress=False)
