@@ -24,6 +24,7 @@ others.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -58,6 +59,21 @@ def program(inputs: dict, body, opset_version=None):
     prog = Program()
     prog.add_function("main", func)
     return prog
+
+
+_SHARED = weakref.WeakKeyDictionary()  # {Block being built: {(value, dtype): const Var}}
+
+
+def shared_const(value, dtype=None):
+    """One const Var per value in the block being built (each op's literal arguments would
+    otherwise be a const op of their own: at SDXL size split_einsum_v2's einsum equations and
+    axes were 20k const ops, memory and time in every later pass)."""
+    from coremltools.converters.mil.mil.block import curr_block
+    consts = _SHARED.setdefault(curr_block(), {})
+    key = (repr(value), dtype)
+    if key not in consts:
+        consts[key] = _mb().const(val=value if dtype is None else np.array(value, dtype))
+    return consts[key]
 
 
 def tables_dtype(dtype):
@@ -305,7 +321,8 @@ def attention(q, k, v, heads, mask=None, mode="split_einsum_v2", name="attn", qu
 
     "split_einsum_v2" (apple/ml-stable-diffusion): per head, queries in chunks of at most
     ``query_chunk`` (the last chunk is the remainder, kept), scores ``(B, Sk, 1, chunk)`` by
-    einsum with softmax over axis 1, outputs concatenated over chunks then heads.
+    einsum with softmax over axis 1, outputs concatenated over chunks then heads; q is scaled
+    once before it is split (``split`` ops give the heads and chunks).
     "original": heads reshaped into a batch axis, matmul, softmax over keys, matmul."""
     mb = _mb()
     if mode not in ATTENTION_MODES:
@@ -333,33 +350,41 @@ def attention(q, k, v, heads, mask=None, mode="split_einsum_v2", name="attn", qu
         o = mb.matmul(x=vh, y=w, transpose_y=True, name=name + "_o")  # (b, h, hd, sq)
         return mb.reshape(x=o, shape=[b, c, 1, sq], name=name)
 
-    # split_einsum_v2
+    # split_einsum_v2: the scale is applied to q once (Apple's code scales every chunk's scores;
+    # the same product, and for power-of-two scales such as SDXL's 64-wide heads the same bits), and
+    # heads and query chunks come from one ``split`` op each rather than a slice per head and chunk,
+    # and the equations and axes are shared consts: a full-size SDXL UNet has 37k MIL ops instead of
+    # 62k, and its export's memory and time scale with them
+    q = mb.mul(x=q, y=scale, name=name + "_qs")
     kt = mb.transpose(x=k, perm=[0, 3, 2, 1], name=name + "_kt")  # (b, sk, 1, c)
-    bounds = [(s0, min(sq, s0 + query_chunk)) for s0 in range(0, sq, query_chunk)]
+    sizes = [min(query_chunk, sq - s0) for s0 in range(0, sq, query_chunk)]
+
+    def heads_of(x, axis, tag):
+        return [x] if heads == 1 else list(mb.split(x=x, num_splits=heads, axis=axis, name=tag))
+
+    q_chunks = [q] if len(sizes) == 1 else list(mb.split(x=q, split_sizes=sizes, axis=3, name=name + "_qc"))
+    q_heads = [heads_of(qc, 1, f"{name}_qc{j}_h") for j, qc in enumerate(q_chunks)]  # [chunk][head]
+    k_heads = heads_of(kt, 3, name + "_kh")
+    v_heads = heads_of(v, 1, name + "_vh")
+    qk, vw, axis1 = shared_const("bkhc,bchq->bkhq"), shared_const("bchk,bkhq->bchq"), shared_const(1, np.int32)
+    axis3, no = shared_const(3, np.int32), shared_const(False)
     head_outs = []
     for h in range(heads):
-        c0, c1 = h * hd, (h + 1) * hd
-        qh = mb.slice_by_index(x=q, begin=[0, c0, 0, 0], end=[b, c1, 1, sq], name=f"{name}_q{h}")
-        kh = mb.slice_by_index(x=kt, begin=[0, 0, 0, c0], end=[b, sk, 1, c1], name=f"{name}_k{h}")
-        vh = mb.slice_by_index(x=v, begin=[0, c0, 0, 0], end=[b, c1, 1, sk], name=f"{name}_v{h}")
         chunks = []
-        for j, (s0, s1) in enumerate(bounds):
+        for j, (s0, s1) in enumerate(zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes))):
             tag = f"{name}_h{h}c{j}"
-            qc = qh if len(bounds) == 1 else mb.slice_by_index(
-                x=qh, begin=[0, 0, 0, s0], end=[b, hd, 1, s1], name=tag + "_q")
             # "bchq,bkhc->bkhq" written with the operands swapped, the form MIL accepts
-            s = mb.einsum(values=(kh, qc), equation="bkhc,bchq->bkhq", name=tag + "_qk")  # (b, sk, 1, n)
-            s = mb.mul(x=s, y=scale, name=tag + "_scaled")
+            s = mb.einsum(values=(k_heads[h], q_heads[j][h]), equation=qk, name=tag + "_qk")
             if mask is not None:
                 s = mb.add(x=s, y=mask[:, s0:s1][None, :, None, :], name=tag + "_masked")
-            w = mb.softmax(x=s, axis=1, name=tag + "_w")
+            w = mb.softmax(x=s, axis=axis1, name=tag + "_w")  # (b, sk, 1, n)
             # "bkhq,bchk->bchq", swapped likewise
-            chunks.append(mb.einsum(values=(vh, w), equation="bchk,bkhq->bchq", name=tag + "_o"))
+            chunks.append(mb.einsum(values=(v_heads[h], w), equation=vw, name=tag + "_o"))
         head_outs.append(chunks[0] if len(chunks) == 1 else
-                         mb.concat(values=chunks, axis=3, name=f"{name}_h{h}_o"))
+                         mb.concat(values=chunks, axis=axis3, interleave=no, name=f"{name}_h{h}_o"))
     if len(head_outs) == 1:
         return mb.identity(x=head_outs[0], name=name)
-    return mb.concat(values=head_outs, axis=1, name=name)
+    return mb.concat(values=head_outs, axis=axis1, interleave=no, name=name)
 
 
 def activation(x, name_of_act, name):

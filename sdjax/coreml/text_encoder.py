@@ -42,6 +42,54 @@ from . import mil
 MASK_VALUE = -1e4  # finite: -inf scores can give NaN on some Core ML backends; exp underflows to 0 anyway
 FP16_PASSES = ["common::add_fp16_cast", "common::const_elimination", "common::cast_optimization",
                "common::dead_code_elimination"]
+OPS_PER_FP16_ROUND = 8000  # above this, FP16_PASSES run in rounds over consecutive shares of the ops
+
+
+def fp16_pass_names(n_ops: int, ops_per_round: int | None = None) -> list:
+    """FP16_PASSES for a program of ``n_ops`` top-level ops, in ``ceil(n_ops / ops_per_round)``
+    rounds. ``common::add_fp16_cast`` gives each op a cast per float32 input and output and keeps
+    the float32 op until the pass ends; the casts meet in fp16->fp32->fp16 pairs that only the
+    later ``cast_optimization`` removes, so one round over a full-size SDXL UNet in
+    ``split_einsum_v2`` form (~45k ops) held 2.2 GB of transient ops. Round ``i`` of ``k`` converts
+    the first ``i/k`` of the ops (those an earlier round converted already have float16 inputs and
+    are left alone; a value an earlier round cast to float16 reuses that cast, as one round's cache
+    would), each round followed by the three clean-up passes: the same program (tested), a ``k``-th
+    of the transient ops. One round is FP16_PASSES itself."""
+    per = OPS_PER_FP16_ROUND if ops_per_round is None else int(ops_per_round)
+    k = max(1, -(-int(n_ops) // per))
+    if k == 1:
+        return list(FP16_PASSES)
+    return [name for i in range(1, k + 1) for name in [_fp16_share_pass(i, k)] + FP16_PASSES[1:]]
+
+
+def _fp16_share_pass(i: int, k: int) -> str:
+    """The name of a registered ``add_fp16_cast`` that converts only the first ``i/k`` of the main
+    function's top-level ops (all of them when ``i == k``) and reuses the float16 casts earlier
+    rounds made (registered on first use)."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    name = f"add_fp16_cast_round_{i}_of_{k}"
+    if f"sdjax::{name}" not in PASS_REGISTRY:
+        class _Round(add_fp16_cast):
+            def apply(self, prog):
+                ops = list(prog.functions["main"].operations)
+                self._made = {op.name: op.outputs[0] for op in ops
+                              if op.op_type == "cast" and op.dtype.val == self.target_dtype}
+                if i < k:
+                    chosen = {id(op) for op in ops[:len(ops) * i // k]}
+                    self.op_selector = lambda op: id(op) in chosen
+                super().apply(prog)
+
+            def current_cache_vars(self):
+                cache = self._cache_vars[-1]
+                if len(self._cache_vars) == 1:  # the main function's block: earlier rounds' casts
+                    for n, v in self._made.items():
+                        cache.setdefault(n, v)
+                return cache
+
+        PASS_REGISTRY.add("sdjax", _Round, override=False, name=name)
+    return f"sdjax::{name}"
 
 
 def opset(target=None):
@@ -155,7 +203,7 @@ def _bcs_to_bld(x, name):
 
 def convert(prog, compute_precision="float32", minimum_deployment_target=None):
     """``ct.convert`` of ``prog`` with the pass pipeline sdjax.coreml.interp documents: empty
-    for float32, the four fp16 passes for float16.
+    for float32, the four fp16 passes for float16 (in rounds for big programs: ``fp16_pass_names``).
 
     The passes change ``prog`` in place, so convert a freshly built program each time
     (``copy.deepcopy`` of a whole encoder overflows Python's recursion limit)."""
@@ -166,7 +214,8 @@ def convert(prog, compute_precision="float32", minimum_deployment_target=None):
         precision, pipeline = ct.precision.FLOAT32, ct.PassPipeline.EMPTY
     elif compute_precision == "float16":
         precision = ct.precision.FLOAT16
-        pipeline = ct.PassPipeline(pass_names=FP16_PASSES, pipeline_name="fp16")
+        n_ops = sum(len(f.operations) for f in prog.functions.values())
+        pipeline = ct.PassPipeline(pass_names=fp16_pass_names(n_ops), pipeline_name="fp16")
     else:
         raise ValueError(f"compute_precision must be 'float32' or 'float16', got {compute_precision!r}")
     # skip_model_load: the package is only saved here; on a Mac, loading would compile it for the

@@ -5,6 +5,7 @@ implementations; the resource layout StableDiffusionXL+Resources.swift loads; qu
 `sdjax export-coreml --refiner`."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -296,3 +297,33 @@ def test_cli_writes_the_xl_layout_with_a_refiner(pipeline_dirs, tmp_path, capsys
 
 def test_print_measured():
     print("\nCore ML SDXL, PSNR vs sdjax (dB):", {k: round(v, 1) for k, v in MEASURED.items()})
+
+
+def test_fp16_rounds_give_the_one_round_program(base, tmp_path, monkeypatch):
+    """A big program's fp16 conversion runs in rounds (cte.fp16_pass_names); forced to many rounds on
+    the tiny SDXL UNet it must write the program the single round writes, op for op, and the
+    interpreter must give the same output bits."""
+    uc = base.configs["unet"]
+    p = base.configs["text_encoder_2"].projection_dim
+    one_round = cte.fp16_pass_names(5000, ops_per_round=10 ** 9)
+    assert one_round == cte.FP16_PASSES
+    n_ops = len(cunet.build(base.params["unet"], uc, text_embeds_dim=p).functions["main"].operations)
+    assert n_ops > 100
+    rounds = cte.fp16_pass_names(n_ops, ops_per_round=n_ops // 7)
+    assert sum(n.startswith("sdjax::") for n in rounds) >= 7 and rounds[-3:] == cte.FP16_PASSES[1:]
+    paths = {}
+    for label, per in (("one", 10 ** 9), ("rounds", n_ops // 7)):
+        monkeypatch.setattr(cte, "OPS_PER_FP16_ROUND", per)
+        paths[label] = cunet.export(base.params["unet"], uc, tmp_path / f"{label}.mlpackage",
+                                    compute_precision="float16", text_embeds_dim=p)
+    progs = {k: interp.load_program(v) for k, v in paths.items()}
+    # the Builder numbers generated names process-wide (``_0``, ``_1``, ...): compare names without numbers
+    ops = {k: [(op.op_type, re.sub(r"_\d+", "", op.name), [v.sym_type.__name__ + str(v.shape) for v in op.outputs])
+               for op in g.functions["main"].operations] for k, g in progs.items()}
+    assert ops["rounds"] == ops["one"]
+    x = _unet_inputs(base)
+    feed = {"sample": x["sample"], "timestep": x["timestep"],
+            "encoder_hidden_states": np.ascontiguousarray(x["context"].transpose(0, 2, 1)[:, :, None]),
+            "time_ids": x["time_ids"], "text_embeds": x["text_embeds"]}
+    outs = {k: interp.run(g, feed)["noise_pred"] for k, g in progs.items()}
+    np.testing.assert_array_equal(outs["rounds"], outs["one"])
