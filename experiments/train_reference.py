@@ -288,6 +288,11 @@ def main(argv=None):
                     help="host devices each batch is split over (XLA_FLAGS, set before jax starts; the result "
                          "depends on it only through float summation order)")
     ap.add_argument("--ship", action="store_true", help="copy the exported model into sdjax/reference_model")
+    ap.add_argument("--unet-config", default=None, metavar="JSON",
+                    help="JSON object of keys that override UNET_CONFIG (e.g. '{\"attention_head_dim\": 8}')")
+    ap.add_argument("--vae-from", default=None, metavar="DIR",
+                    help="take the VAE (weights, config, scaling factor) from this diffusers folder instead of "
+                         "training one (e.g. sdjax/reference_model)")
     args = ap.parse_args(argv)
     if args.devices < 1:
         ap.error(f"--devices {args.devices}: must be >= 1")
@@ -308,16 +313,33 @@ def main(argv=None):
                              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     vcfg = cfgs.vae_config(VAE_CONFIG)
 
-    vparams = train_vae(args, vcfg)
+    if args.vae_from:
+        vck = checkpoint.load(args.vae_from, progress=False)
+        vparams, vcfg = jax.tree.map(jnp.asarray, vck.params["vae"]), vck.configs["vae"]
+        sf = vcfg.scaling_factor
+        log["vae_from"] = args.vae_from
+    else:
+        vparams, sf = train_vae(args, vcfg), None
     log["vae_minutes"] = (time.time() - t0) / 60
     images, _ = held_out(args, 256)
     log["vae_psnr_db"] = vae_psnr(vparams, vcfg, images)
-    sf = scaling_factor(vparams, vcfg, args)
-    vcfg = cfgs.vae_config({**VAE_CONFIG, "scaling_factor": sf})
+    if sf is None:
+        sf = scaling_factor(vparams, vcfg, args)
+        vcfg = cfgs.vae_config({**VAE_CONFIG, "scaling_factor": sf})
     log["scaling_factor"] = sf
     print(f"VAE: held-out PSNR {log['vae_psnr_db']:.2f} dB, scaling factor {sf:.5f}")
 
-    ucfg = cfgs.unet_config(UNET_CONFIG)
+    unet_config = dict(UNET_CONFIG)
+    if args.unet_config:
+        try:
+            override = json.loads(args.unet_config)
+        except json.JSONDecodeError as e:
+            ap.error(f"--unet-config: not JSON ({e})")
+        if not isinstance(override, dict):
+            ap.error("--unet-config: expected a JSON object of UNET_CONFIG keys")
+        unet_config.update(override)
+        log["unet_config"] = unet_config  # the default run logs as before
+    ucfg = cfgs.unet_config(unet_config)
     t1 = time.time()
     tparams = train_unet(args, vparams, vcfg, ucfg, ccfg, tok)
     log["unet_minutes"] = (time.time() - t1) / 60

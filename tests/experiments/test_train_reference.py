@@ -73,3 +73,24 @@ def test_two_device_run_matches_one_device_run(whole, tmp_path):
         a, b = load_file(whole / "model" / name), load_file(out / "model" / name)
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-4, err_msg=f"{name}:{k}")
+
+
+@pytest.mark.slow  # one more short UNet stage on top of the fixture's run
+def test_vae_from_and_unet_config(whole, tmp_path):
+    """--vae-from reuses a model's VAE unchanged (no VAE stage); --unet-config changes the exported UNet."""
+    out = tmp_path / "arch"
+    override = '{"attention_head_dim": 2, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", ' \
+               '"CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", ' \
+               '"CrossAttnUpBlock2D"]}'
+    assert train_reference.main(["--out", str(out), *FAST, "--vae-from", str(whole / "model"),
+                                 "--unet-config", override]) == 0
+    assert (out / "unet.msgpack").exists() and not (out / "vae.msgpack").exists()  # no VAE stage ran
+    a = load_file(whole / "model" / WEIGHTS[1])
+    b = load_file(out / "model" / WEIGHTS[1])
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    pipe = sdjax.load(str(out / "model"), progress=False)
+    u = pipe.configs["unet"]
+    assert set(u.down_block_types) == {"CrossAttnDownBlock2D"} and u.attention_head_dim == 2
+    assert pipe.configs["vae"].scaling_factor == sdjax.load(str(whole / "model"), progress=False).configs["vae"].scaling_factor
+    with pytest.raises(SystemExit):
+        train_reference.main(["--out", str(tmp_path / "bad"), *FAST, "--unet-config", "[1]"])
