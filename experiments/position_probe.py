@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sdjax
+from samplers import schedule
 from sdjax import shapes, unet, vae
 
 BASE = shapes.Scene("large", "red", "square", "top left", "white")
@@ -47,9 +48,7 @@ def main(argv=None):
     uncond = jnp.asarray(pipe.encode_prompt([""]))
     mean, _ = vae.encode(pipe.params["vae"], vc, jnp.asarray(shapes.render(BASE)[None] * 2 - 1))
     z0 = np.asarray(mean) * vc.scaling_factor
-    sc = pipe.scheduler_config
-    betas = np.linspace(sc["beta_start"] ** 0.5, sc["beta_end"] ** 0.5, sc["num_train_timesteps"]) ** 2
-    acp = np.cumprod(1 - betas)
+    acp = schedule.alphas_cumprod(pipe.scheduler_config)
     rng = np.random.default_rng(args.seed)
     print("noise predictions from the base scene's noisy latent: spread across captions / "
           "mean distance to the unconditional prediction")
