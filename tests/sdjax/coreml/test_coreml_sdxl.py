@@ -70,11 +70,15 @@ def _unet_inputs(pipe, seed=0):
             "time_ids": ids, "text_embeds": rng.standard_normal((2, p)).astype(np.float32)}
 
 
+def _unet_feed(x):
+    """``_unet_inputs`` as the package's inputs (the context as ``(B, D, 1, L)``)."""
+    return {"sample": x["sample"], "timestep": x["timestep"],
+            "encoder_hidden_states": np.ascontiguousarray(x["context"].transpose(0, 2, 1)[:, :, None]),
+            "time_ids": x["time_ids"], "text_embeds": x["text_embeds"]}
+
+
 def _unet(path, pipe, x):
-    o = interp.run(interp.load_program(path), {
-        "sample": x["sample"], "timestep": x["timestep"],
-        "encoder_hidden_states": np.ascontiguousarray(x["context"].transpose(0, 2, 1)[:, :, None]),
-        "time_ids": x["time_ids"], "text_embeds": x["text_embeds"]})
+    o = interp.run(interp.load_program(path), _unet_feed(x))
     ref = sdjax.unet.apply(pipe.params["unet"], pipe.configs["unet"], x["sample"].transpose(0, 2, 3, 1),
                            x["timestep"], x["context"],
                            added_cond={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]})
@@ -321,9 +325,6 @@ def test_fp16_rounds_give_the_one_round_program(base, tmp_path, monkeypatch):
     ops = {k: [(op.op_type, re.sub(r"_\d+", "", op.name), [v.sym_type.__name__ + str(v.shape) for v in op.outputs])
                for op in g.functions["main"].operations] for k, g in progs.items()}
     assert ops["rounds"] == ops["one"]
-    x = _unet_inputs(base)
-    feed = {"sample": x["sample"], "timestep": x["timestep"],
-            "encoder_hidden_states": np.ascontiguousarray(x["context"].transpose(0, 2, 1)[:, :, None]),
-            "time_ids": x["time_ids"], "text_embeds": x["text_embeds"]}
+    feed = _unet_feed(_unet_inputs(base))
     outs = {k: interp.run(g, feed)["noise_pred"] for k, g in progs.items()}
     np.testing.assert_array_equal(outs["rounds"], outs["one"])
