@@ -219,7 +219,8 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
     q: (B, Lq, D), k/v: (B, Lk, D) -> (B, Lq, D). ``mask`` is additive, broadcastable to
     (B*heads, Lq, Lk). Scores, softmax and its normalisation are float32 whatever the input
     dtype. When the scores would exceed ``chunk_elements``, they are computed one head and
-    ``query_chunk`` queries at a time, sequentially in a ``lax.fori_loop``.
+    ``query_chunk`` queries at a time, sequentially in a ``lax.fori_loop`` (or, when a head's
+    queries fit in one chunk, as many whole heads at a time as fit).
     """
     b, lq, d = q.shape
     lk = k.shape[1]
@@ -242,17 +243,26 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
     if c is None or mask is not None:
         out = block(q, k, v, mask)
     else:
-        n = -(-lq // c)
-        qb = jnp.pad(q, ((0, 0), (0, n * c - lq), (0, 0))).reshape(bh * n, c, hd)
+        n = -(-lq // c)                         # query chunks per head
+        # short sequences: a step takes as many whole heads as fit, not one (a loop over thousands of
+        # tiny blocks is slow); long ones take one head's chunk of queries
+        g = max(1, min(bh, chunk_elements // (c * lk))) if n == 1 else 1
+        m = -(-bh // g)                         # steps' head groups
+        qb = jnp.pad(q, ((0, m * g - bh), (0, n * c - lq), (0, 0)))
+        qb = qb.reshape(m, g, n, c, hd).transpose(0, 2, 1, 3, 4).reshape(m * n, g, c, hd)
+        kb = jnp.pad(k, ((0, m * g - bh), (0, 0), (0, 0))).reshape(m, g, hd, lk)
+        vb = jnp.pad(v, ((0, m * g - bh), (0, 0), (0, 0))).reshape(m, g, lk, hd)
+        if g == 1:
+            qb, kb, vb = qb[:, 0], kb[:, 0], vb[:, 0]
 
         def step(i, out):
             h = i // n
-            return jax.lax.dynamic_update_index_in_dim(out, block(qb[i], k[h], v[h]), i, 0)
+            return jax.lax.dynamic_update_index_in_dim(out, block(qb[i], kb[h], vb[h]), i, 0)
         # the output buffer is made from the queries (``after``), not as a constant: XLA's CPU
         # scheduler otherwise creates every attention's buffer at the program start and keeps them
         # all (with lax.map: 0.4 GB in a full-size SDXL UNet's forward pass)
-        out = jax.lax.fori_loop(0, bh * n, step, after(jnp.zeros(qb.shape, v.dtype), qb))
-        out = out.reshape(bh, n * c, hd)[:, :lq]
+        out = jax.lax.fori_loop(0, m * n, step, after(jnp.zeros(qb.shape, v.dtype), qb))
+        out = out.reshape(m, n, g, c, hd).transpose(0, 2, 1, 3, 4).reshape(m * g, n * c, hd)[:bh, :lq]
     return out.reshape(b, heads, lq, hd).transpose(0, 2, 1, 3).reshape(b, lq, d)
 
 

@@ -163,12 +163,8 @@ def detect(image) -> dict:
     if img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"detect expects an RGB image (H, W, 3), got shape {img.shape}")
     h, w, _ = img.shape
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
-                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
+    bg_rgb, dist, fg = _foreground(img)
     background = _nearest(bg_rgb, BACKGROUNDS)
-    dist = np.sqrt(((img - bg_rgb) ** 2).sum(-1))
-    fg = dist > 0.5 * max(float(dist.max()), 0.2)
     out = dict.fromkeys(ATTRIBUTES)
     out["background"] = background
     if fg.sum() < 4:
@@ -183,16 +179,46 @@ def detect(image) -> dict:
     cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
     out["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     # shape: the template, drawn in the foreground's bounding box, that overlaps the foreground best
-    box = fg[y0:y1, x0:x1].astype(np.float32)
-    bh, bw = box.shape
-    best, best_iou = None, -1.0
-    for shape in SHAPES:
-        t = _box_template(shape, bw, bh)
-        iou = float((t * box).sum() / np.maximum((np.maximum(t, box)).sum(), 1e-6))
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    out["shape"] = best
+    fit = _template_ious(fg[y0:y1, x0:x1])
+    out["shape"] = max(SHAPES, key=lambda s: fit[s])
     return out
+
+
+def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(background RGB from the border, distance from it, boolean foreground mask) of a float image in [0, 1]."""
+    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    dist = np.sqrt(((img - bg_rgb) ** 2).sum(-1))
+    return bg_rgb, dist, dist > 0.5 * max(float(dist.max()), 0.2)
+
+
+def _template_ious(box: np.ndarray) -> dict:
+    bh, bw = box.shape
+    box = box.astype(np.float32)
+    return {s: float((t * box).sum() / max(float(np.maximum(t, box).sum()), 1e-6))
+            for s in SHAPES for t in [_box_template(s, bw, bh)]}
+
+
+def shape_fit(image, shape: str) -> float:
+    """How well the foreground is drawn as ``shape``: IoU of the foreground mask with the shape's
+    template drawn in the foreground's bounding box (1.0 for a crisp rendered square; a square drawn
+    as a rounded blob scores lower as a square). 0.0 when there is no foreground.
+
+    This is the quantity ``detect`` maximises over shapes, read for the asked shape: a detector
+    confidence that tells a square with corners from a four-lobed blob that is still nearest a square.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    img = np.asarray(image)
+    if img.dtype == np.uint8:
+        img = img.astype(np.float32) / 255
+    img = np.clip(img.astype(np.float32), 0, 1)
+    _, _, fg = _foreground(img)
+    if fg.sum() < 4:
+        return 0.0
+    ys, xs = np.nonzero(fg)
+    return _template_ious(fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1])[shape]
 
 
 def _box_template(shape: str, bw: int, bh: int) -> np.ndarray:

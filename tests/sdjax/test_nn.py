@@ -19,6 +19,12 @@ def test_chunked_attention_equals_unchunked():
     chunked = nn.attention(q, k, v, heads=4, chunk_elements=64 * 77)  # 64 queries; 300 is no multiple
     assert nn.query_chunk(8, 300, 77, 64 * 77) == 64 and nn.query_chunk(8, 300, 77, 1 << 30) is None
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-6)
+    # short sequences: whole heads per step, 3 of the 8 (so the last step's group is padded)
+    grouped = nn.attention(q, k, v, heads=4, chunk_elements=3 * 300 * 77)
+    assert nn.query_chunk(8, 300, 77, 3 * 300 * 77) == 300
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(full), rtol=1e-5, atol=1e-6)
+    hlo = jax.jit(lambda q: nn.attention(q, k, v, heads=4, chunk_elements=3 * 300 * 77)).lower(q).as_text()
+    assert "3x300x77" in hlo or "[3,300,77]" in hlo
 
 
 def test_attention_matches_torch_sdpa():

@@ -58,3 +58,22 @@ def test_detector_takes_uint8_and_rejects_bad_shapes():
     assert shapes.detect((img * 255).round().astype(np.uint8))["shape"] == "square"
     with pytest.raises(ValueError, match="RGB"):
         shapes.detect(np.zeros((64, 64)))
+
+
+def test_shape_fit_tells_drawn_corners_from_blobs():
+    """shape_fit reads the asked shape's template overlap: rendered large shapes fit their own shape
+    best, and a square with rounded corners (what an undertrained model draws) fits a square
+    less well than the crisp square does, while detect may still call it a square."""
+    for shape in shapes.SHAPES:
+        img = shapes.render(shapes.Scene("large", "red", shape, "center", "white"))
+        fits = {s: shapes.shape_fit(img, s) for s in shapes.SHAPES}
+        assert max(fits, key=fits.get) == shape and fits[shape] >= 0.9, (shape, fits)
+    square = shapes.render(shapes.Scene("large", "red", "square", "center", "white"))
+    yy, xx = (np.mgrid[:64, :64] + 0.5 - 32) / 16
+    rounded = np.abs(xx) ** 4 + np.abs(yy) ** 4 <= 1          # a superellipse: a square with round corners
+    blob = np.where(rounded[..., None], np.float32([0.86, 0.16, 0.16]), np.float32([0.96, 0.96, 0.96]))
+    assert shapes.detect(blob)["shape"] == "square"
+    assert shapes.shape_fit(blob, "square") < 0.95 < 0.99 <= shapes.shape_fit(square, "square")
+    assert shapes.shape_fit(np.ones((64, 64, 3), np.float32), "circle") == 0.0
+    with pytest.raises(ValueError, match="hexagon"):
+        shapes.shape_fit(square, "hexagon")
