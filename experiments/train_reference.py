@@ -8,9 +8,11 @@ Stages (each resumes from its last checkpoint in --out; a finished stage is skip
 1. VAE (AutoencoderKL, 3 levels = 4x downsampling, 4 latent channels): L2 + L1 reconstruction and a small
    KL term on 64x64 scenes rendered on the fly (``sdjax.shapes``).
 2. The latent scaling factor, 1 / std of the latents of 2048 scenes (how SD's 0.18215 was chosen).
-3. CLIP text encoder and UNet (SD 1.x block types, cross-attention, epsilon prediction, SD 1.x
-   scaled-linear betas) trained jointly from scratch; 10% of captions dropped to "" so that
-   classifier-free guidance works.
+3. The UNet (SD 1.x block types, cross-attention, epsilon prediction, SD 1.x scaled-linear betas)
+   trained from scratch under a CLIP text encoder, 10% of captions dropped to "" so that classifier-free
+   guidance works. The shipped model keeps the text encoder frozen at its random initialisation
+   (``--freeze-text-encoder``), as SD trains its UNet under a frozen CLIP: trained jointly, the text
+   encoder stops telling the position words apart and the UNet never learns position (README).
 
 AdamW (optax) with warmup and cosine decay; EMA weights (``optax.incremental_update``) are what is
 exported. Everything derives from --seed: the data of step i is a function of (seed, i), so a resumed
@@ -107,10 +109,14 @@ class Interrupted(RuntimeError):
 class Stage:
     """One optimisation with resumable state {params, opt, ema, step} saved to ``out/<name>.msgpack``."""
 
-    def __init__(self, name, out, params, loss_fn, lr, steps, warmup, ema_decay, save_every):
+    def __init__(self, name, out, params, loss_fn, lr, steps, warmup, ema_decay, save_every, frozen=()):
         self.name, self.steps, self.save_every = name, steps, save_every
         self.path = os.path.join(out, f"{name}.msgpack")
         self.tx = optimizer(lr, steps, warmup)
+        if frozen:  # top-level parts of params that never change (no update, no weight decay)
+            labels = {k: jax.tree.map(lambda _, f=k in frozen: "frozen" if f else "train", v)
+                      for k, v in params.items()}
+            self.tx = optax.multi_transform({"train": self.tx, "frozen": optax.set_to_zero()}, labels)
         self.state = {"params": params, "opt": self.tx.init(params),
                       "ema": jax.tree.map(lambda a: jnp.array(a, copy=True), params), "step": 0}
         if os.path.exists(self.path):
@@ -233,13 +239,16 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok):
         noise = jax.random.normal(k3, lat.shape)
         a = acp[t][:, None, None, None]
         noisy = jnp.sqrt(a) * lat + jnp.sqrt(1 - a) * noise
-        ctx = clip.apply(p["text_encoder"], ccfg, ids)[0]
+        te = jax.lax.stop_gradient(p["text_encoder"]) if args.freeze_text_encoder else p["text_encoder"]
+        ctx = clip.apply(te, ccfg, ids)[0]
         pred = unet.apply(p["unet"], ucfg, noisy, t, ctx)
+        if args.prediction_type == "v_prediction":   # v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x)
+            return jnp.mean((pred - (jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * lat)) ** 2)
         return jnp.mean((pred - noise) ** 2)
 
     params = {"text_encoder": clip.init_params(ccfg, args.seed + 10), "unet": unet.init_params(ucfg, args.seed + 11)}
     stage = Stage("unet", args.out, params, loss_fn, args.unet_lr, args.unet_steps, 300, args.ema_decay,
-                  args.save_every)
+                  args.save_every, frozen=("text_encoder",) if args.freeze_text_encoder else ())
     if stage.done:
         return stage.state["ema"]
     stats, captions = encode_pool(args, vparams, vcfg, args.pool)
@@ -260,7 +269,8 @@ def export(args, vparams, vcfg, tparams, ucfg, ccfg, tok_dir, dest):
     ckpt = checkpoint.Checkpoint(
         params={"text_encoder": tparams["text_encoder"], "unet": tparams["unet"], "vae": vparams},
         configs={"text_encoder": ccfg, "unet": ucfg, "vae": vcfg}, tokenizer_dir=tok_dir,
-        scheduler_config=dict(SCHEDULER_CONFIG), source="experiments/train_reference.py")
+        scheduler_config={**SCHEDULER_CONFIG, "prediction_type": args.prediction_type},
+        source="experiments/train_reference.py")
     if os.path.exists(dest):
         shutil.rmtree(dest)
     checkpoint.save(ckpt, dest, progress=False)
@@ -287,6 +297,12 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=2,
                     help="host devices each batch is split over (XLA_FLAGS, set before jax starts; the result "
                          "depends on it only through float summation order)")
+    ap.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
+                    help="what the UNet predicts (written to the scheduler config): the noise, as SD 1.x, or "
+                         "v, as SD 2.x, whose loss weighs the high-noise steps that decide the layout")
+    ap.add_argument("--freeze-text-encoder", action="store_true",
+                    help="keep the text encoder at its random initialisation (only the UNet learns): trained "
+                         "jointly, the text encoder stops telling the position words apart")
     ap.add_argument("--ship", action="store_true", help="copy the exported model into sdjax/reference_model")
     ap.add_argument("--unet-config", default=None, metavar="JSON",
                     help="JSON object of keys that override UNET_CONFIG (e.g. '{\"attention_head_dim\": 8}')")

@@ -94,3 +94,20 @@ def test_vae_from_and_unet_config(whole, tmp_path):
     assert pipe.configs["vae"].scaling_factor == sdjax.load(str(whole / "model"), progress=False).configs["vae"].scaling_factor
     with pytest.raises(SystemExit):
         train_reference.main(["--out", str(tmp_path / "bad"), *FAST, "--unet-config", "[1]"])
+
+
+@pytest.mark.slow  # one more short UNet stage on top of the fixture's run
+def test_frozen_text_encoder_and_v_prediction(whole, tmp_path):
+    """--freeze-text-encoder exports the text encoder exactly as initialised (no update, no weight decay)
+    while the UNet trains; --prediction-type v_prediction is written to the scheduler config."""
+    from sdjax import clip, nn
+    out = tmp_path / "frozen"
+    assert train_reference.main(["--out", str(out), *FAST, "--vae-from", str(whole / "model"),
+                                 "--freeze-text-encoder", "--prediction-type", "v_prediction"]) == 0
+    pipe = sdjax.load(str(out / "model"), progress=False)
+    init = nn.flatten(clip.init_params(pipe.configs["text_encoder"], 0 + 10))  # the script's --seed 0 + 10
+    got = nn.flatten(pipe.params["text_encoder"])
+    assert init.keys() == got.keys() and all(np.array_equal(np.asarray(init[k]), np.asarray(got[k])) for k in init)
+    trained = load_file(whole / "model" / WEIGHTS[2])  # the jointly trained encoder did change
+    assert not all(np.array_equal(trained[k], load_file(out / "model" / WEIGHTS[2])[k]) for k in trained)
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
