@@ -19,17 +19,11 @@ import sys
 import numpy as np
 
 from sdjax.evaluation import figures
+from sdjax.evaluation.results import _num
 from sdjax.evaluation.state import _safe
 
 COLUMNS = [("latent_psnr_1step_db", "1-step latent PSNR", "{:.1f}"), ("final_latent_psnr_db", "final latent PSNR", "{:.1f}"),
            ("image_psnr_db", "image PSNR", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"), ("adherence", "all five", "{:.3f}")]
-
-
-def _value(metrics, key):
-    v = metrics.get(key)
-    if isinstance(v, dict):
-        v = v.get("all")
-    return v
 
 
 def table(report) -> str:
@@ -38,14 +32,13 @@ def table(report) -> str:
     head = ["recipe", "bits/weight (all / candidates)"] + [c[1] for c in keys]
     rows = [head, ["---"] * len(head)]
     fm = (report.get("float") or {}).get("metrics") or {}
-    rows.append(["float model", "32"] + ["" if k != "adherence" or _value(fm, k) is None
-                                         else f.format(_value(fm, k)) for k, _, f in keys])
+
+    def cells(metrics, only=None):   # a metric absent (or not in ``only``) is an empty cell
+        vals = [_num(metrics.get(k)) if only is None or k in only else None for k, _, _ in keys]
+        return ["" if v is None else f.format(v) for v, (_, _, f) in zip(vals, keys)]
+    rows.append(["float model", "32"] + cells(fm, only={"adherence"}))
     for r in report["recipes"]:
-        cells = [r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}"]
-        for k, _, f in keys:
-            v = _value(r["metrics"], k)
-            cells.append("" if v is None else f.format(v))
-        rows.append(cells)
+        rows.append([r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}"] + cells(r["metrics"]))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -156,12 +156,7 @@ def detect(image) -> dict:
     Returns a dict with the keys of ``ATTRIBUTES``; an attribute that cannot be read (no foreground)
     is ``None``.
     """
-    img = np.asarray(image)
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255
-    img = np.clip(img.astype(np.float32), 0, 1)
-    if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"detect expects an RGB image (H, W, 3), got shape {img.shape}")
+    img = _as_rgb(image, "detect")
     h, w, _ = img.shape
     bg_rgb, dist, fg = _foreground(img)
     background = _nearest(bg_rgb, BACKGROUNDS)
@@ -184,6 +179,17 @@ def detect(image) -> dict:
     return out
 
 
+def _as_rgb(image, caller: str) -> np.ndarray:
+    """An RGB image (H, W, 3), float in [0, 1] or uint8, as float32 in [0, 1]."""
+    img = np.asarray(image)
+    if img.dtype == np.uint8:
+        img = img.astype(np.float32) / 255
+    img = np.clip(img.astype(np.float32), 0, 1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"{caller} expects an RGB image (H, W, 3), got shape {img.shape}")
+    return img
+
+
 def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(background RGB from the border, distance from it, boolean foreground mask) of a float image in [0, 1]."""
     border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
@@ -203,18 +209,14 @@ def _template_ious(box: np.ndarray) -> dict:
 def shape_fit(image, shape: str) -> float:
     """How well the foreground is drawn as ``shape``: IoU of the foreground mask with the shape's
     template drawn in the foreground's bounding box (1.0 for a crisp rendered square; a square drawn
-    as a rounded blob scores lower as a square). 0.0 when there is no foreground.
+    with rounded corners scores lower as a square). 0.0 when there is no foreground.
 
     This is the quantity ``detect`` maximises over shapes, read for the asked shape: a detector
-    confidence that tells a square with corners from a four-lobed blob that is still nearest a square.
+    confidence that tells a square with corners from a rounded one that is still nearest a square.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    img = np.asarray(image)
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255
-    img = np.clip(img.astype(np.float32), 0, 1)
-    _, _, fg = _foreground(img)
+    _, _, fg = _foreground(_as_rgb(image, "shape_fit"))
     if fg.sum() < 4:
         return 0.0
     ys, xs = np.nonzero(fg)

@@ -77,3 +77,5 @@ def test_shape_fit_tells_drawn_corners_from_blobs():
     assert shapes.shape_fit(np.ones((64, 64, 3), np.float32), "circle") == 0.0
     with pytest.raises(ValueError, match="hexagon"):
         shapes.shape_fit(square, "hexagon")
+    with pytest.raises(ValueError, match="shape_fit expects an RGB image"):
+        shapes.shape_fit(square[..., 0], "square")
