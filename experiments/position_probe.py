@@ -1,5 +1,5 @@
 """Does a model use each caption attribute? For captions that differ in one attribute only
-(position, colour, shape, size; from "a large red square at the top left on a white background"),
+(position, colour, shape, size, background; from "a large red square at the top left on a white background"),
 prints how far apart their text encoder states are and how far apart the UNet's noise predictions
 are at several timesteps, beside how far each is from the unconditional prediction. An attribute
 whose spread is near zero is ignored by the model, whatever the detector later reads.
@@ -22,7 +22,7 @@ from sdjax import shapes, unet, vae
 
 BASE = shapes.Scene("large", "red", "square", "top left", "white")
 VARIANTS = {"position": list(shapes.POSITIONS), "color": list(shapes.COLORS), "shape": list(shapes.SHAPES),
-            "size": list(shapes.SIZES)}
+            "size": list(shapes.SIZES), "background": list(shapes.BACKGROUNDS)}
 
 
 def spread(x):

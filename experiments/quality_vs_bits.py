@@ -13,22 +13,22 @@ same x_T), against the float model. Resumable: the same --out continues a killed
 Mixed-bit recipes are chosen on selection pairs (the calibration prompts with other x_T), never on
 the evaluation pairs measured here (``sdjax.evaluation.sweep``'s docstring says why). Measured (embedded model,
 defaults: 24 prompts x 2 seeds, 25 steps DPM++ 2M, guidance 7.5; 2-core CPU; the same run as README's
-``sdjax eval -o eval-out``, 8 min 06 s in a fresh clone; this script on the finished folder: 6 s):
+``sdjax eval -o eval-out``, 8 min 37 s in a fresh venv; this script on the finished folder: 7 s):
 
       bits    Apple    sdjax    diff   (one-step latent PSNR over the 48 pairs, dB)
-      8.70    49.06    52.77   +3.71
-      9.88    50.57    58.41   +7.83
-     11.55    54.21    62.37   +8.16
-     12.35    56.21    64.33   +8.12
-     13.89    60.21    68.51   +8.31
-     14.27    66.23    70.96   +4.73
-     15.21    70.43    74.20   +3.77
+      8.46    52.52    55.65   +3.13
+      9.90    51.88    59.23   +7.34
+     11.04    55.96    62.78   +6.82
+     12.39    60.81    66.75   +5.94
+     14.28    64.70    72.49   +7.79
+     14.96    68.04    74.89   +6.85
+     15.51    70.11    78.13   +8.02
 
-    uniform 6-bit (38.21 dB) at <= 4.5 bits: PASS, mixed-gptq-u6img-4.33, 38.47 dB at 4.33 candidate bits
-    (4.68 over every conv/linear weight); with the final latents', images' PSNR and SSIM too: FAIL (the
-    smallest recipe keeping all four is mixed-sdjax-8.48). k-means alone: mixed-sdjax-u6-5.23 chosen,
-    37.28 dB on the evaluation pairs.
-    Fisher estimate vs measured per-layer sensitivity: Spearman 0.67-0.83; 25 s vs 68 s.
+    uniform 6-bit (38.95 dB) at <= 4.5 bits: FAIL; the smallest GPTQ recipe chosen for it,
+    mixed-gptq-u6-4.35, is 38.89 dB on the evaluation pairs; with the final latents', images' PSNR and SSIM
+    too: FAIL (the smallest keeping all four is mixed-gptq-u6img-5.02). k-means alone: mixed-sdjax-u6-5.19
+    chosen, 37.15 dB on the evaluation pairs.
+    Fisher estimate vs measured per-layer sensitivity: Spearman 0.49-0.63; 29 s vs 70 s.
 
     python experiments/quality_vs_bits.py                                   # runs/quality_vs_bits
     python experiments/quality_vs_bits.py --n-prompts 48 --seeds 0,1,2 --out runs/qvb_large

@@ -2,6 +2,8 @@
 
     python experiments/train_reference.py                      # train into runs/reference (resumes)
     python experiments/train_reference.py --ship               # ... then copy the model into sdjax/
+    python experiments/train_reference.py --init-from sdjax/reference_model --freeze-text-encoder \
+        --noise-offset 0.1 --unet-steps 2500 --unet-lr 5e-4 --out runs/ft   # fine-tune a trained model
 
 Stages (each resumes from its last checkpoint in --out; a finished stage is skipped):
 
@@ -13,6 +15,8 @@ Stages (each resumes from its last checkpoint in --out; a finished stage is skip
    guidance works. The shipped model keeps the text encoder frozen at its random initialisation
    (``--freeze-text-encoder``), as SD trains its UNet under a frozen CLIP: trained jointly, the text
    encoder stops telling the position words apart and the UNet never learns position (README).
+   The shipped UNet was then fine-tuned from that model (``--init-from``) with offset noise
+   (``--noise-offset 0.1``), so that the caption, not the mean of x_T, decides a black or white background.
 
 AdamW (optax) with warmup and cosine decay; EMA weights (``optax.incremental_update``) are what is
 exported. Everything derives from --seed: the data of step i is a function of (seed, i), so a resumed
@@ -225,7 +229,7 @@ def encode_pool(args, vparams, vcfg, n):
     return np.concatenate(stats), captions
 
 
-def train_unet(args, vparams, vcfg, ucfg, ccfg, tok):
+def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
     acp = jnp.asarray(alphas_cumprod())
     empty = np.asarray(tok([""]))[0]
     sf = vcfg.scaling_factor
@@ -237,6 +241,9 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok):
         lat = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k1, mean.shape)) * sf
         t = jax.random.randint(k2, (lat.shape[0],), 0, acp.shape[0])
         noise = jax.random.normal(k3, lat.shape)
+        if args.noise_offset:   # offset noise: a per-image, per-channel constant in the noise (see --noise-offset)
+            offset = jax.random.normal(jax.random.fold_in(key, 1), (*lat.shape[:2], 1, 1))
+            noise = noise + args.noise_offset * offset
         a = acp[t][:, None, None, None]
         noisy = jnp.sqrt(a) * lat + jnp.sqrt(1 - a) * noise
         te = jax.lax.stop_gradient(p["text_encoder"]) if args.freeze_text_encoder else p["text_encoder"]
@@ -246,7 +253,11 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok):
             return jnp.mean((pred - (jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * lat)) ** 2)
         return jnp.mean((pred - noise) ** 2)
 
-    params = {"text_encoder": clip.init_params(ccfg, args.seed + 10), "unet": unet.init_params(ucfg, args.seed + 11)}
+    if init is not None:
+        params = init
+    else:
+        params = {"text_encoder": clip.init_params(ccfg, args.seed + 10),
+                  "unet": unet.init_params(ucfg, args.seed + 11)}
     stage = Stage("unet", args.out, params, loss_fn, args.unet_lr, args.unet_steps, 300, args.ema_decay,
                   args.save_every, frozen=("text_encoder",) if args.freeze_text_encoder else ())
     if stage.done:
@@ -274,6 +285,16 @@ def export(args, vparams, vcfg, tparams, ucfg, ccfg, tok_dir, dest):
     if os.path.exists(dest):
         shutil.rmtree(dest)
     checkpoint.save(ckpt, dest, progress=False)
+
+
+def _json_object(ap, flag, text, what):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        ap.error(f"{flag}: not JSON ({e})")
+    if not isinstance(value, dict):
+        ap.error(f"{flag}: expected a JSON object of {what} keys")
+    return value
 
 
 def main(argv=None):
@@ -306,6 +327,16 @@ def main(argv=None):
     ap.add_argument("--ship", action="store_true", help="copy the exported model into sdjax/reference_model")
     ap.add_argument("--unet-config", default=None, metavar="JSON",
                     help="JSON object of keys that override UNET_CONFIG (e.g. '{\"attention_head_dim\": 8}')")
+    ap.add_argument("--vae-config", default=None, metavar="JSON",
+                    help="JSON object of keys that override VAE_CONFIG (e.g. '{\"layers_per_block\": 2}')")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start the UNet stage from this diffusers folder's UNet and text encoder (fine-tune a "
+                         "trained model, e.g. sdjax/reference_model) instead of a random initialisation; its "
+                         "UNet config is used and its VAE too unless --vae-from is given")
+    ap.add_argument("--noise-offset", type=float, default=0.0,
+                    help="add this times a per-image, per-channel N(0, 1) constant to the training noise "
+                         "(diffusers' --noise_offset): without it the mean of x_T, not the caption, decides "
+                         "between a black and a white background (README)")
     ap.add_argument("--vae-from", default=None, metavar="DIR",
                     help="take the VAE (weights, config, scaling factor) from this diffusers folder instead of "
                          "training one (e.g. sdjax/reference_model)")
@@ -327,8 +358,25 @@ def main(argv=None):
     vocab_size = len(json.load(open(os.path.join(tok_dir, "vocab.json"))))
     ccfg = cfgs.clip_config({**CLIP_CONFIG, "vocab_size": vocab_size, "bos_token_id": tok._tok.bos_token_id,
                              "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
-    vcfg = cfgs.vae_config(VAE_CONFIG)
+    vae_config = dict(VAE_CONFIG)
+    if args.vae_config:
+        if args.vae_from or args.init_from:
+            ap.error("--vae-config and --vae-from/--init-from: the VAE comes from that folder")
+        vae_config.update(_json_object(ap, "--vae-config", args.vae_config, "VAE_CONFIG"))
+        log["vae_config"] = vae_config
+    vcfg = cfgs.vae_config(vae_config)
 
+    init = None
+    if args.init_from:
+        if args.unet_config:
+            ap.error("--unet-config and --init-from: the UNet config comes from the --init-from folder")
+        ick = checkpoint.load(args.init_from, progress=False)
+        init = {k: jax.tree.map(jnp.asarray, ick.params[k]) for k in ("text_encoder", "unet")}
+        want = jax.eval_shape(lambda: clip.init_params(ccfg, 0))
+        if jax.tree.map(lambda a: a.shape, want) != jax.tree.map(lambda a: a.shape, init["text_encoder"]):
+            ap.error(f"--init-from {args.init_from}: its text encoder is not this script's CLIP_CONFIG "
+                     "(shapes differ), so it cannot be fine-tuned here")
+        args.vae_from = args.vae_from or args.init_from
     if args.vae_from:
         vck = checkpoint.load(args.vae_from, progress=False)
         vparams, vcfg = jax.tree.map(jnp.asarray, vck.params["vae"]), vck.configs["vae"]
@@ -341,23 +389,17 @@ def main(argv=None):
     log["vae_psnr_db"] = vae_psnr(vparams, vcfg, images)
     if sf is None:
         sf = scaling_factor(vparams, vcfg, args)
-        vcfg = cfgs.vae_config({**VAE_CONFIG, "scaling_factor": sf})
+        vcfg = cfgs.vae_config({**vae_config, "scaling_factor": sf})
     log["scaling_factor"] = sf
     print(f"VAE: held-out PSNR {log['vae_psnr_db']:.2f} dB, scaling factor {sf:.5f}")
 
     unet_config = dict(UNET_CONFIG)
     if args.unet_config:
-        try:
-            override = json.loads(args.unet_config)
-        except json.JSONDecodeError as e:
-            ap.error(f"--unet-config: not JSON ({e})")
-        if not isinstance(override, dict):
-            ap.error("--unet-config: expected a JSON object of UNET_CONFIG keys")
-        unet_config.update(override)
+        unet_config.update(_json_object(ap, "--unet-config", args.unet_config, "UNET_CONFIG"))
         log["unet_config"] = unet_config  # the default run logs as before
-    ucfg = cfgs.unet_config(unet_config)
+    ucfg = ick.configs["unet"] if args.init_from else cfgs.unet_config(unet_config)
     t1 = time.time()
-    tparams = train_unet(args, vparams, vcfg, ucfg, ccfg, tok)
+    tparams = train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init)
     log["unet_minutes"] = (time.time() - t1) / 60
     log["total_minutes"] = (time.time() - t0) / 60
 

@@ -111,3 +111,44 @@ def test_frozen_text_encoder_and_v_prediction(whole, tmp_path):
     trained = load_file(whole / "model" / WEIGHTS[2])  # the jointly trained encoder did change
     assert not all(np.array_equal(trained[k], load_file(out / "model" / WEIGHTS[2])[k]) for k in trained)
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.slow  # two more short UNet stages on top of the fixture's run
+def test_init_from_and_noise_offset(whole, tmp_path):
+    """--init-from starts the UNet stage from a trained model's weights (its VAE, UNet config and frozen text
+    encoder carried over); --noise-offset changes the training noise and so the weights, and nothing else."""
+    from sdjax import nn
+    src = sdjax.load(str(whole / "model"), progress=False)
+    runs = {}
+    for name, extra in (("plain", []), ("offset", ["--noise-offset", "0.1"])):
+        out = tmp_path / name
+        assert train_reference.main(["--out", str(out), *FAST, "--init-from", str(whole / "model"),
+                                     "--freeze-text-encoder", *extra]) == 0
+        assert not (out / "vae.msgpack").exists()  # the VAE came from the --init-from folder
+        runs[name] = sdjax.load(str(out / "model"), progress=False)
+    for pipe in runs.values():
+        assert pipe.configs["unet"] == src.configs["unet"]
+        for part in ("text_encoder", "vae"):
+            a, b = nn.flatten(src.params[part]), nn.flatten(pipe.params[part])
+            assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a), part
+    # three fine-tuning steps move the UNet a little from where it started, not back to a random init
+    s, p, o = (nn.flatten(x.params["unet"]) for x in (src, runs["plain"], runs["offset"]))
+    moved = max(float(np.abs(np.asarray(p[k]) - np.asarray(s[k])).max()) for k in s)
+    assert 0 < moved < 0.05
+    assert any(not np.array_equal(np.asarray(p[k]), np.asarray(o[k])) for k in p)
+    with pytest.raises(SystemExit):
+        train_reference.main(["--out", str(tmp_path / "bad"), *FAST, "--init-from", str(whole / "model"),
+                              "--unet-config", '{"attention_head_dim": 2}'])
+
+
+@pytest.mark.slow  # one more short run (both stages)
+def test_vae_config(tmp_path):
+    """--vae-config changes the trained and exported VAE; it cannot be combined with a VAE taken from a folder."""
+    out = tmp_path / "vae"
+    assert train_reference.main(["--out", str(out), *FAST, "--vae-config",
+                                 '{"block_out_channels": [8, 16, 32], "norm_num_groups": 4}']) == 0
+    v = sdjax.load(str(out / "model"), progress=False).configs["vae"]
+    assert list(v.block_out_channels) == [8, 16, 32] and v.norm_num_groups == 4
+    for bad in (["--vae-config", "[1]"], ["--vae-config", '{"layers_per_block": 2}', "--vae-from", str(out / "model")]):
+        with pytest.raises(SystemExit):
+            train_reference.main(["--out", str(tmp_path / "bad"), *FAST, *bad])

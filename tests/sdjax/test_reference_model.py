@@ -86,7 +86,8 @@ def test_draws_what_it_is_asked(pipe):
     captions = [scenes[i].caption for i in rng.permutation(len(scenes))[:30]]
     images = pipe.generate(captions, steps=25, seed=3, output_type="np", progress=False)
     acc = shapes.score(images, captions)
-    assert acc["color"] >= 0.8 and acc["shape"] >= 0.8 and acc["position"] >= 0.8 and acc["all"] >= 0.6, acc
+    assert acc["color"] >= 0.8 and acc["shape"] >= 0.8 and acc["position"] >= 0.8 and acc["background"] >= 0.8, acc
+    assert acc["all"] >= 0.6, acc
 
 
 def test_text_encoder_tells_positions_apart(pipe):
