@@ -13,7 +13,7 @@ same x_T), against the float model. Resumable: the same --out continues a killed
 Mixed-bit recipes are chosen on selection pairs (the calibration prompts with other x_T), never on
 the evaluation pairs measured here (``sdjax.evaluation.sweep``'s docstring says why). Measured (embedded model,
 defaults: 24 prompts x 2 seeds, 25 steps DPM++ 2M, guidance 7.5; 2-core CPU; the same run as README's
-``sdjax eval -o eval-out``, 8 min 37 s in a fresh venv; this script on the finished folder: 7 s):
+``sdjax eval -o eval-out``, 8 min 37 s and 9 min 09 s in two fresh installs; this script on the finished folder: 7 s):
 
       bits    Apple    sdjax    diff   (one-step latent PSNR over the 48 pairs, dB)
       8.46    52.52    55.65   +3.13
