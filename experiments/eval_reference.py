@@ -6,6 +6,7 @@
    pairs (captions drawn at random from the 540 the dataset has; seeds not used anywhere else),
 4. shapes as drawn: ``shapes.shape_fit`` of the asked shape on those images against dataset renderings of
    the same captions (a square drawn with rounded corners is still read as a square but fits it less),
+   and for squares ``shapes.box_fill``'s side-midpoint fill by size (pinched, four-lobed squares read low),
 
 and writes a JSON report and a captioned grid of generated images (the README's picture).
 
@@ -66,6 +67,13 @@ def shape_fits(images, captions, seed=HELD_OUT_SEED):
         ref = [shapes.shape_fit(shapes.render(shapes.parse_caption(captions[i]), rng), shape) for i in idx]
         out[shape] = {"generated": float(np.mean(gen)) if idx else float("nan"),
                       "dataset": float(np.mean(ref)) if idx else float("nan"), "n": len(idx)}
+    # squares: shapes.box_fill's side-midpoint fill, by size (pinched sides read low; shape_fit misses them)
+    for size in shapes.SIZES:
+        idx = [i for i, c in enumerate(captions)
+               if (lambda sc: sc.shape == "square" and sc.size == size)(shapes.parse_caption(c))]
+        sides = [shapes.box_fill(images[i])["sides"] for i in idx]
+        out["square"][f"sides_{size}"] = float(np.nanmean(sides)) if idx else float("nan")
+        out["square"][f"n_{size}"] = len(idx)
     return out
 
 
@@ -130,6 +138,9 @@ def main(argv=None):
           "generated vs dataset images of the same captions):")
     for k, v in report["shape_fit"].items():
         print(f"  {k:<9} {v['generated']:.3f} vs {v['dataset']:.3f}  (n = {v['n']})")
+    sq = report["shape_fit"]["square"]
+    print("squares' side-midpoint fill (shapes.box_fill; 1.0 for the dataset's, low for pinched sides): "
+          + ", ".join(f"{size} {sq[f'sides_{size}']:.3f} (n = {sq[f'n_{size}']})" for size in shapes.SIZES))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     atomic_write_json(args.json, report, indent=2)
     print(f"wrote {args.json}")

@@ -223,6 +223,29 @@ def shape_fit(image, shape: str) -> float:
     return _template_ious(fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1])[shape]
 
 
+def box_fill(image, patch: float = 0.2) -> dict:
+    """How full the foreground's bounding box is at its four corners and at the midpoints of its four
+    sides: ``{"corners": ..., "sides": ...}``, each the mean foreground share of square patches of side
+    ``patch`` x the box's shorter side. A crisp square reads 1.0 on both; a square with rounded corners
+    is low on "corners" only; a pinched, four-lobed square (concave sides) is low on "sides", which
+    ``shape_fit`` alone does not tell apart. Both are NaN when there is no foreground.
+    """
+    if not 0 < patch <= 0.5:
+        raise ValueError(f"box_fill: patch must be in (0, 0.5], got {patch!r}")
+    _, _, fg = _foreground(_as_rgb(image, "box_fill"))
+    if fg.sum() < 4:
+        return {"corners": float("nan"), "sides": float("nan")}
+    ys, xs = np.nonzero(fg)
+    box = fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float64)
+    h, w = box.shape
+    k = max(1, int(round(patch * min(h, w))))
+    my, mx = (h - k) // 2, (w - k) // 2
+    corners = [box[:k, :k], box[:k, -k:], box[-k:, :k], box[-k:, -k:]]
+    sides = [box[:k, mx:mx + k], box[-k:, mx:mx + k], box[my:my + k, :k], box[my:my + k, -k:]]
+    return {"corners": float(np.mean([c.mean() for c in corners])),
+            "sides": float(np.mean([c.mean() for c in sides]))}
+
+
 def _box_template(shape: str, bw: int, bh: int) -> np.ndarray:
     ss = 4
     xs = (np.arange(bw * ss) + 0.5) / (bw * ss)

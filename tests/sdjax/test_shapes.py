@@ -79,3 +79,26 @@ def test_shape_fit_tells_drawn_corners_from_blobs():
         shapes.shape_fit(square, "hexagon")
     with pytest.raises(ValueError, match="shape_fit expects an RGB image"):
         shapes.shape_fit(square[..., 0], "square")
+
+
+def test_box_fill_tells_pinched_sides_from_round_corners():
+    """A crisp square fills its box everywhere; a rounded one (superellipse) misses its corners only; a
+    pinched, four-lobed one (a square with a bite out of each side) misses the middle of its sides, as small squares
+    drawn by the reference model do (README)."""
+    bg, red = np.float32([0.96, 0.96, 0.96]), np.float32([0.86, 0.16, 0.16])
+    yy, xx = (np.mgrid[:64, :64] + 0.5 - 32) / 16
+    paint = lambda mask: np.where(mask[..., None], red, bg)
+    crisp = shapes.box_fill(paint((np.abs(xx) <= 1) & (np.abs(yy) <= 1)))
+    rounded = shapes.box_fill(paint(np.abs(xx) ** 4 + np.abs(yy) ** 4 <= 1))
+    bites = [(xx - cx) ** 2 + (yy - cy) ** 2 <= 0.5 ** 2 for cx, cy in ((1.3, 0), (-1.3, 0), (0, 1.3), (0, -1.3))]
+    pinched = shapes.box_fill(paint((np.abs(xx) <= 1) & (np.abs(yy) <= 1) & ~np.any(bites, axis=0)))
+    assert crisp == {"corners": 1.0, "sides": 1.0}
+    assert rounded["sides"] == 1.0 and rounded["corners"] < 0.9
+    assert pinched["corners"] == 1.0 and pinched["sides"] < 0.9
+    assert rounded["sides"] - pinched["sides"] > 0.1
+    empty = shapes.box_fill(np.ones((64, 64, 3), np.float32))
+    assert np.isnan(empty["corners"]) and np.isnan(empty["sides"])
+    with pytest.raises(ValueError, match="patch"):
+        shapes.box_fill(paint(np.abs(xx) <= 1), patch=0.0)
+    with pytest.raises(ValueError, match="box_fill expects an RGB image"):
+        shapes.box_fill(np.zeros((8, 8)))
