@@ -60,17 +60,17 @@ def shape_fits(images, captions, seed=HELD_OUT_SEED):
     """Mean ``shapes.shape_fit`` of the asked shape per shape, on the generated images and on dataset
     renderings (jittered as in training) of the same captions: how crisply each shape is drawn."""
     rng = np.random.default_rng([seed, 2])
+    scenes = [shapes.parse_caption(c) for c in captions]
     out = {}
     for shape in shapes.SHAPES:
-        idx = [i for i, c in enumerate(captions) if shapes.parse_caption(c).shape == shape]
+        idx = [i for i, sc in enumerate(scenes) if sc.shape == shape]
         gen = [shapes.shape_fit(images[i], shape) for i in idx]
-        ref = [shapes.shape_fit(shapes.render(shapes.parse_caption(captions[i]), rng), shape) for i in idx]
+        ref = [shapes.shape_fit(shapes.render(scenes[i], rng), shape) for i in idx]
         out[shape] = {"generated": float(np.mean(gen)) if idx else float("nan"),
                       "dataset": float(np.mean(ref)) if idx else float("nan"), "n": len(idx)}
     # squares: shapes.box_fill's side-midpoint fill, by size (pinched sides read low; shape_fit misses them)
     for size in shapes.SIZES:
-        idx = [i for i, c in enumerate(captions)
-               if (lambda sc: sc.shape == "square" and sc.size == size)(shapes.parse_caption(c))]
+        idx = [i for i, sc in enumerate(scenes) if sc.shape == "square" and sc.size == size]
         sides = [shapes.box_fill(images[i])["sides"] for i in idx]
         out["square"][f"sides_{size}"] = float(np.nanmean(sides)) if idx else float("nan")
         out["square"][f"n_{size}"] = len(idx)

@@ -297,6 +297,14 @@ def _json_object(ap, flag, text, what):
     return value
 
 
+def _load_folder(ap, flag, path):
+    from sdjax.params import CheckpointError
+    try:
+        return checkpoint.load(path, progress=False)
+    except CheckpointError as e:
+        ap.error(f"{flag}: {e}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -370,7 +378,7 @@ def main(argv=None):
     if args.init_from:
         if args.unet_config:
             ap.error("--unet-config and --init-from: the UNet config comes from the --init-from folder")
-        ick = checkpoint.load(args.init_from, progress=False)
+        ick = _load_folder(ap, "--init-from", args.init_from)
         init = {k: jax.tree.map(jnp.asarray, ick.params[k]) for k in ("text_encoder", "unet")}
         want = jax.eval_shape(lambda: clip.init_params(ccfg, 0))
         if jax.tree.map(lambda a: a.shape, want) != jax.tree.map(lambda a: a.shape, init["text_encoder"]):
@@ -378,7 +386,7 @@ def main(argv=None):
                      "(shapes differ), so it cannot be fine-tuned here")
         args.vae_from = args.vae_from or args.init_from
     if args.vae_from:
-        vck = checkpoint.load(args.vae_from, progress=False)
+        vck = ick if args.vae_from == args.init_from else _load_folder(ap, "--vae-from", args.vae_from)
         vparams, vcfg = jax.tree.map(jnp.asarray, vck.params["vae"]), vck.configs["vae"]
         sf = vcfg.scaling_factor
         log["vae_from"] = args.vae_from

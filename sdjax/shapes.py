@@ -216,11 +216,17 @@ def shape_fit(image, shape: str) -> float:
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    _, _, fg = _foreground(_as_rgb(image, "shape_fit"))
+    box = _foreground_box(image, "shape_fit")
+    return 0.0 if box is None else _template_ious(box)[shape]
+
+
+def _foreground_box(image, caller: str):
+    """The boolean foreground mask cropped to its bounding box, or None when there is no foreground."""
+    _, _, fg = _foreground(_as_rgb(image, caller))
     if fg.sum() < 4:
-        return 0.0
+        return None
     ys, xs = np.nonzero(fg)
-    return _template_ious(fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1])[shape]
+    return fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
 def box_fill(image, patch: float = 0.2) -> dict:
@@ -232,11 +238,10 @@ def box_fill(image, patch: float = 0.2) -> dict:
     """
     if not 0 < patch <= 0.5:
         raise ValueError(f"box_fill: patch must be in (0, 0.5], got {patch!r}")
-    _, _, fg = _foreground(_as_rgb(image, "box_fill"))
-    if fg.sum() < 4:
+    box = _foreground_box(image, "box_fill")
+    if box is None:
         return {"corners": float("nan"), "sides": float("nan")}
-    ys, xs = np.nonzero(fg)
-    box = fg[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float64)
+    box = box.astype(np.float64)
     h, w = box.shape
     k = max(1, int(round(patch * min(h, w))))
     my, mx = (h - k) // 2, (w - k) // 2
