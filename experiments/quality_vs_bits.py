@@ -39,24 +39,21 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def comparison(results, key="latent_psnr_1step_db"):
-    """[(bits, apple name, apple dB, ours name, ours dB, ours bits)] for each Apple recipe."""
+READINGS = ("apple_latent_psnr_db", "latent_psnr_1step_db", "final_latent_psnr_db", "image_psnr_db", "ssim")
+
+
+def comparison(results):
+    """[(apple recipe, ours)] for each of Apple's recipes with a mixed-sdjax recipe of its tag: Apple's own
+    pre-analysis (apple-mbp) when it ran, else Apple's rule on sdjax's readings (apple-rule)."""
+    from sdjax.evaluation.targets import vs_apple
+    which, rows = vs_apple(results)
     by = {r["name"]: r for r in results["recipes"]}
-    rows = []
-    for r in sorted(results["recipes"], key=lambda r: r["avg_bits"]):
-        if not r["name"].startswith("mixed-apple-"):
-            continue
-        o = by.get("mixed-sdjax-" + r["name"][len("mixed-apple-"):])
-        if o is not None:
-            rows.append((r["avg_bits"], r["name"], r["metrics"].get(key), o["name"], o["metrics"].get(key), o["avg_bits"]))
-    return rows
+    return which, [(by[f"{which}-{tag}"], by[f"mixed-sdjax-{tag}"], m) for tag, m in rows]
 
 
 def main(argv=None):
@@ -83,13 +80,18 @@ def main(argv=None):
     import json
     with open(os.path.join(args.out, "report.json")) as f:
         results = json.load(f)
-    rows = comparison(results)
+    which, rows = comparison(results)
     if rows:
-        print("\nsdjax allocator vs Apple's mixed-bit palettization at the same bits (one-step latent PSNR, dB):")
-        print(f"{'bits':>6} {'Apple':>8} {'sdjax':>8} {'diff':>7}   (sdjax recipe bits)")
-        for bits, _, pa, _, po, ob in rows:
-            d = po - pa if np.isfinite(pa) and np.isfinite(po) else float("nan")
-            print(f"{bits:6.2f} {pa:8.2f} {po:8.2f} {d:+7.2f}   ({ob:.2f})")
+        print(f"\nsdjax allocator (mixed-sdjax) vs {which} at the same stored bytes; Apple's bits name the recipe, "
+              "stored bits count LUTs over every conv/linear weight; each cell Apple / sdjax (dB; SSIM as is):")
+        print(f"{'Apple bits':>10} {'stored':>7}  " + "  ".join(f"{k[:18]:>19}" for k in READINGS))
+        for a, o, _ in rows:
+            cells = []
+            for k in READINGS:
+                pa, po = a["metrics"].get(k), o["metrics"].get(k)
+                fmt = "{:.4f}" if k == "ssim" else "{:.2f}"
+                cells.append(f"{fmt.format(pa):>9}/{fmt.format(po):<9}" if pa is not None and po is not None else f"{'-':>19}")
+            print(f"{a['apple_bits']:10.2f} {a['avg_bits']:7.2f}  " + "  ".join(cells))
     for t in results.get("targets") or []:
         print(f"\ntarget {'PASS' if t['pass'] else 'FAIL'}: {t['name']}\n  want: {t['want']}\n  got:  {t['got']}")
     sens = results.get("sensitivity")

@@ -216,17 +216,27 @@ def scaling_factor(vparams, vcfg, args):
     return float(1.0 / lat.std())
 
 
+def shape_cells(images, captions, cell):
+    """(n, H/cell, W/cell, 1) float32: 1 where a latent cell (cell x cell pixels) touches the shape,
+    i.e. has a pixel that is not the caption's background colour; 0 elsewhere."""
+    bg = np.asarray([shapes.BACKGROUNDS[shapes.parse_caption(c).background] for c in captions], np.float32) / 255
+    touched = np.abs(images - bg[:, None, None, :]).max(-1) > 1e-3
+    n, h, w = touched.shape
+    return touched.reshape(n, h // cell, cell, w // cell, cell).any((2, 4))[..., None].astype(np.float32)
+
+
 def encode_pool(args, vparams, vcfg, n):
-    """Latent distributions (mean, logvar) and token ids of the first n scenes of the UNet's data
-    stream, encoded once: the UNet stage samples a fresh latent from them at every step."""
+    """Latent distributions (mean, logvar), token ids and ``shape_cells`` of the first n scenes of the
+    UNet's data stream, encoded once: the UNet stage samples a fresh latent from them at every step."""
     enc = jax.jit(lambda x: vae.encode(vparams, vcfg, x * 2 - 1))
-    stats, captions = [], []
+    stats, captions, cells = [], [], []
     for i in tqdm(range(0, n, 256), desc="encode", dynamic_ncols=True, mininterval=2.0):
         images, caps = shapes.batch(args.seed + 3, i, min(256, n - i))
         mean, logvar = enc(jnp.asarray(images))
         stats.append(np.concatenate([np.asarray(mean), np.asarray(logvar)], -1))
+        cells.append(shape_cells(images, caps, images.shape[1] // mean.shape[1]))
         captions += caps
-    return np.concatenate(stats), captions
+    return np.concatenate(stats), captions, np.concatenate(cells)
 
 
 def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
@@ -235,14 +245,14 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
     sf = vcfg.scaling_factor
 
     def loss_fn(p, batch, key):
-        stats, ids = batch
+        stats, ids, cells = batch
         k1, k2, k3 = jax.random.split(key, 3)
         mean, logvar = jnp.split(stats, 2, axis=-1)
         lat = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k1, mean.shape)) * sf
         t = jax.random.randint(k2, (lat.shape[0],), 0, acp.shape[0])
         noise = jax.random.normal(k3, lat.shape)
         if args.noise_offset:   # offset noise: a per-image, per-channel constant in the noise (see --noise-offset)
-            offset = jax.random.normal(jax.random.fold_in(key, 1), (*lat.shape[:2], 1, 1))
+            offset = jax.random.normal(jax.random.fold_in(key, 1), (lat.shape[0], 1, 1, lat.shape[-1]))  # NHWC
             noise = noise + args.noise_offset * offset
         a = acp[t][:, None, None, None]
         noisy = jnp.sqrt(a) * lat + jnp.sqrt(1 - a) * noise
@@ -250,8 +260,13 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
         ctx = clip.apply(te, ccfg, ids)[0]
         pred = unet.apply(p["unet"], ucfg, noisy, t, ctx)
         if args.prediction_type == "v_prediction":   # v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x)
-            return jnp.mean((pred - (jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * lat)) ** 2)
-        return jnp.mean((pred - noise) ** 2)
+            target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * lat
+        else:
+            target = noise
+        if args.shape_weight:   # the cells that draw the shape weigh 1 + shape_weight (see --shape-weight)
+            w = 1 + args.shape_weight * cells
+            return jnp.mean(w * (pred - target) ** 2) / jnp.mean(w)
+        return jnp.mean((pred - target) ** 2)
 
     if init is not None:
         params = init
@@ -262,7 +277,7 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
                   args.save_every, frozen=("text_encoder",) if args.freeze_text_encoder else ())
     if stage.done:
         return stage.state["ema"]
-    stats, captions = encode_pool(args, vparams, vcfg, args.pool)
+    stats, captions, cells = encode_pool(args, vparams, vcfg, args.pool)
     ids = np.asarray(tok(captions))
     b = args.unet_batch
 
@@ -271,7 +286,7 @@ def train_unet(args, vparams, vcfg, ucfg, ccfg, tok, init=None):
         pick = rng.integers(0, len(stats), b)
         batch_ids = ids[pick].copy()
         batch_ids[rng.random(b) < args.caption_dropout] = empty
-        return jnp.asarray(stats[pick]), jnp.asarray(batch_ids)
+        return jnp.asarray(stats[pick]), jnp.asarray(batch_ids), jnp.asarray(cells[pick])
 
     return stage.run(make_batch, args.seed, args.interrupt_after)["ema"]
 
@@ -345,6 +360,10 @@ def main(argv=None):
                     help="add this times a per-image, per-channel N(0, 1) constant to the training noise "
                          "(diffusers' --noise_offset): without it the mean of x_T, not the caption, decides "
                          "between a black and a white background (README)")
+    ap.add_argument("--shape-weight", type=float, default=0.0,
+                    help="weigh the loss of the latent cells that touch the shape 1 + this (the rest 1): a "
+                         "small square covers ~10%% of the latent, so the plain mean spends little on its "
+                         "edges and draws it with pinched sides (README)")
     ap.add_argument("--vae-from", default=None, metavar="DIR",
                     help="take the VAE (weights, config, scaling factor) from this diffusers folder instead of "
                          "training one (e.g. sdjax/reference_model)")

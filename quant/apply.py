@@ -253,6 +253,8 @@ def quantize_weight(w, method, options, act_scale=None, importance=None, hessian
             raise RecipeError("gptq palettization needs the layer's hessian")
         return gptq.palettize(np.asarray(w), hessian, options["nbits"], group_size=options.get("group_size"),
                               per_channel_scale=options.get("per_channel_scale", False))
+    if method == "palettize" and options.get("clustering") == "coremltools":
+        return palettize.coremltools_kmeans(np.asarray(w), options["nbits"])
     if method == "palettize":
         return palettize.kmeans(np.asarray(w), options["nbits"], options.get("group_size"),
                                 importance=None if importance is None else np.asarray(importance),

@@ -3,7 +3,8 @@ the float model's on the same inputs (same prompts, seeds and starting latents).
 
     from quant import metrics
     metrics.noise_psnr_db(eps_float, eps_quant)        # UNet noise predictions, pooled
-    metrics.latent_psnr_db(lat_float, lat_quant)       # Apple's protocol: per sample, then averaged
+    metrics.latent_psnr_db(lat_float, lat_quant)       # per sample (peak max|ref|), then averaged
+    metrics.apple_psnr_db(lat_float, lat_quant)        # Apple's compute_psnr, rounded per sample, averaged
     metrics.image_psnr_db(img_float, img_quant)        # NHWC in [0, 1]
     metrics.ssim(img_float, img_quant)                 # per image; metrics.mean_ssim for the average
     metrics.finite_report(img_quant)                   # {"finite": bool, "nan": n, "inf": n}
@@ -13,8 +14,8 @@ or in decibels, and higher is better. They are computed in float64 (PSNR and SQN
 float64), so the metric adds no rounding of its own to the error it measures.
 
 PSNR, ``20 log10(peak / rmse)`` dB with ``rmse = sqrt(mean((ref - x)**2))``. The peak defaults to
-``max |ref|`` over the same values the rmse is taken over (Apple's ml-stable-diffusion convention,
-whose mixed-bit recipes are chosen by the PSNR of the latents after one denoising step), so PSNR
+``max |ref|`` over the same values the rmse is taken over (close to Apple's ml-stable-diffusion
+``compute_psnr``, whose peak is the *test* output's ``max |x|``: see ``apple_psnr_db``), so PSNR
 reads as "how many dB the error sits below the largest reference value" for any tensor, whatever its
 scale. +6.02 dB per halving of the error. Identical inputs give ``inf``; an input holding NaN or Inf
 gives ``nan`` rather than an exception, so one broken recipe does not stop a sweep (``finite_report``
@@ -24,9 +25,16 @@ says how broken).
   ``(x_t, t, c)``, *pooled*: one rmse and one peak (``max |ref|``) over all samples together. An epsilon
   model's predictions have about unit scale at every timestep, so pooling weighs every sample alike
   and gives the direct cost of quantizing the UNet.
-- ``latent_psnr_1step_db``: ``latent_psnr_db`` of the latents after one denoising step from the same
-  ``x_T`` (Apple's protocol; its numbers in DESIGN.md are on this scale: 82.2 dB noise floor,
-  66.0 dB linear 8-bit). The experiment runs the step; ``latent_psnr_db`` scores it.
+- ``latent_psnr_1step_db``: ``latent_psnr_db`` of the latents after a 1-step plan of the evaluation's
+  own sampler (for the default DPM++ 2M with SD 1.x's schedule: one x0 prediction from x_T at
+  t = 501), guided, each pair from its own seed's ``x_T``: sdjax's cheap sensitivity reading. It is
+  *not* Apple's (next item).
+- ``apple_latent_psnr_db``: Apple's reading (``mixed_bit_compression_pre_analysis.py``): the latents of
+  the pipeline's *own* scheduler run for ``num_inference_steps=1`` (for SD 1.x's PNDM that is one step
+  at t = 1, so values sit at 90-110 dB, the scale of Apple's published SDXL figures: 82.2 dB noise
+  floor, 66.0 dB linear 8-bit), one ``x_T`` per prompt drawn in order from one generator, empty
+  negative prompts, scored with ``apple_psnr_db``. The evaluation layer runs it
+  (``sdjax.evaluation.apple``).
 - ``latent_psnr_db``: per-sample PSNR, each sample's peak its own ``max |ref|``, averaged over samples
   with ``mean_db`` (Apple averages per-prompt PSNR).
 - ``image_psnr_db``: per-image PSNR of decoded images in ``[0, 1]`` with peak 1.0 (the images' data
@@ -61,7 +69,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-BUILTIN = ("noise_psnr_db", "latent_psnr_1step_db", "image_psnr_db", "ssim", "adherence")
+BUILTIN = ("noise_psnr_db", "latent_psnr_1step_db", "apple_latent_psnr_db", "image_psnr_db", "ssim", "adherence")
 
 # SSIM's constants as Wang et al. 2004 state them (and tf.image.ssim and dm-pix use them)
 SSIM_WINDOW = 11
@@ -232,10 +240,40 @@ def noise_psnr_db(ref_eps, eps) -> float:
 
 
 def latent_psnr_db(ref_latents, latents) -> float:
-    """Apple's protocol metric: PSNR of each sample's latents against the reference's, with peak
-    ``max |ref|`` of that sample, averaged over samples with ``mean_db``. Any layout, samples on
-    axis 0."""
+    """PSNR of each sample's latents against the reference's, with peak ``max |ref|`` of that sample,
+    averaged over samples with ``mean_db``. Any layout, samples on axis 0."""
     return mean_db(per_sample_psnr_db(ref_latents, latents))
+
+
+APPLE_EPS, APPLE_EPS2 = 1e-5, 1e-10   # compute_psnr's guards on the peak and the rmse
+
+
+def apple_psnr_per_sample(ref, x) -> list:
+    """Apple's ``compute_psnr(ref_i, x_i)`` (ml-stable-diffusion ``torch2coreml.py``) of each sample
+    (axis 0), rounded as its pre-analysis rounds it, ``float(f"{psnr:.1f}")``:
+
+        20 log10((max |x_i| + 1e-5) / (sqrt(mean((ref_i - x_i)**2)) + 1e-10))
+
+    The peak is the *test* sample's ``max |x_i|`` (not the reference's), and the guards make identical
+    samples finite (about 20 log10(peak / 1e-10) dB). Computed in float64."""
+    r, a = _pair(ref, x, "apple_psnr_per_sample")
+    if r.ndim < 1 or r.shape[0] == 0:
+        raise ValueError(f"apple_psnr_per_sample: needs a leading sample axis with samples; got shape {r.shape}")
+    out = []
+    for ri, ai in zip(r, a):
+        if not (np.isfinite(ri).all() and np.isfinite(ai).all()):
+            out.append(math.nan)
+            continue
+        rmse = math.sqrt(float(np.sum((ri - ai) * (ri - ai))) / ri.size)
+        out.append(float(f"{20 * math.log10((float(np.abs(ai).max()) + APPLE_EPS) / (rmse + APPLE_EPS2)):.1f}"))
+    return out
+
+
+def apple_psnr_db(ref, x) -> float:
+    """Apple's per-prompt PSNRs (``apple_psnr_per_sample``, rounded to 0.1 dB) averaged as its
+    pre-analysis averages them: ``sum(values) / len(values)``. NaN when any sample holds NaN or Inf."""
+    v = apple_psnr_per_sample(ref, x)
+    return math.nan if any(math.isnan(p) for p in v) else sum(v) / len(v)
 
 
 def _check_images(ref_images, images, what):

@@ -21,6 +21,13 @@ Apple's procedure (ml-stable-diffusion ``mixed_bit_compression_pre_analysis.py``
   position in that width's cumulative order is > the threshold, else ``default_nbits``.
 - ``average_bits``: ``sum(nbits * numel) / sum(numel)``, 16 for float layers.
 
+What else Apple's run fixes, for callers that reproduce it as Apple runs it (``sdjax.evaluation.apple``):
+candidates are conv/linear tensors of more than ``APPLE_MIN_SIZE`` weights, visited in the model's
+module order (its sort is stable, so ties in the rounded PSNRs keep that order: ``sensitivity_order``'s
+``tie_order``); each is palettized per tensor as coremltools clusters it
+(``quant.palettize.coremltools_kmeans``); its "linear_8bit" baseline quantizes *every* weight of the
+UNet (norms too) with ``apple_linear8``, per-tensor asymmetric int8.
+
 Our allocator (``quant.allocation``)
 ------------------------------------
 Apple ranks layers by PSNR alone: a small layer that is slightly less sensitive than a big one is
@@ -54,6 +61,7 @@ from tqdm.auto import tqdm
 
 
 NBITS = (1, 2, 4, 6, 8)              # the widths the Neural Engine accelerates (Apple's NBITS)
+APPLE_MIN_SIZE = 1e5                 # Apple's PALETTIZE_MIN_SIZE: candidates have more weights than this
 PALETTE_NBITS = (1, 2, 3, 4, 6, 8)   # every width quant.palettize supports
 FLOAT_BITS = 16                      # "not palettized": the layer stays float16
 VALID_NBITS = PALETTE_NBITS + (FLOAT_BITS,)
@@ -61,7 +69,7 @@ VALID_NBITS = PALETTE_NBITS + (FLOAT_BITS,)
 __all__ = [
     "NBITS", "PALETTE_NBITS", "FLOAT_BITS", "VALID_NBITS",
     "single_layer_sweep", "sensitivity_order", "cumulative_sweep", "cumulative_sweeps",
-    "apple_thresholds", "apple_recipe", "apple_recipes", "average_bits", "stored_bits",
+    "apple_thresholds", "apple_recipe", "apple_recipes", "apple_linear8", "average_bits", "stored_bits",
     "fisher_estimate", "rank_agreement",
 ]
 
@@ -187,14 +195,20 @@ def single_layer_sweep(measure, layers, nbits=NBITS, done=None, on_result=None, 
     return {b: {layer: results[b][layer] for layer in layers} for b in widths}
 
 
-def sensitivity_order(psnr):
+def sensitivity_order(psnr, tie_order=None):
     """Layers least sensitive first: descending PSNR (``inf`` first), ``nan`` last (the most
-    sensitive), ties broken by layer name. Apple's ``descending_psnr_order``, made deterministic."""
+    sensitive). Apple's ``descending_psnr_order``. Ties are broken by layer name, or, with
+    ``tie_order`` (a sequence of every layer), by position in it: Apple's stable sort over its
+    candidates in module order."""
+    rank = None if tie_order is None else {layer: i for i, layer in enumerate(tie_order)}
+    if rank is not None and any(layer not in rank for layer in psnr):
+        raise ValueError(f"tie_order is missing layers: {[x for x in psnr if x not in rank][:5]!r}")
+
     def key(item):
         layer, p = item
         p = float(p)
         nan = math.isnan(p)
-        return (nan, 0.0 if nan else -p, str(layer))
+        return (nan, 0.0 if nan else -p, str(layer) if rank is None else rank[layer])
     return [layer for layer, _ in sorted(psnr.items(), key=key)]
 
 
@@ -212,7 +226,7 @@ def _single_for(single, b):
     return single
 
 
-def cumulative_sweep(measure, single, nbits, done=None, on_result=None, progress=True):
+def cumulative_sweep(measure, single, nbits, done=None, on_result=None, progress=True, tie_order=None):
     """Apple's cumulative sweep of one width: ``[(layer, psnr), ...]`` in palettization order.
 
     ``single`` is the ``{layer: psnr}`` of this width (or the whole ``single_layer_sweep`` result).
@@ -220,9 +234,10 @@ def cumulative_sweep(measure, single, nbits, done=None, on_result=None, progress
     PSNR with the first ``i + 1`` layers palettized to ``nbits``. ``done`` (the earlier partial
     list, or a ``{layer: psnr}`` dict) must be a prefix of that order; those values are reused
     without measuring. ``on_result(nbits, layer, psnr)`` is called after each measurement.
+    ``tie_order``: as ``sensitivity_order``'s.
     """
     b = _nbits(nbits, allow_float=False)
-    order = sensitivity_order(_single_for(single, b))
+    order = sensitivity_order(_single_for(single, b), tie_order)
     done = dict(done or {})
     if set(done) != set(order[:len(done)]):
         raise ValueError(f"done is not a prefix of the {b}-bit cumulative order (was single changed?)")
@@ -291,6 +306,32 @@ def apple_recipes(cumulative, original_psnr, linear8_psnr, num=7, default_nbits=
     repeat when no layer's choice changes between two thresholds."""
     return [apple_recipe(cumulative, t, default_nbits)
             for t in apple_thresholds(original_psnr, linear8_psnr, num)]
+
+
+def apple_linear8(w):
+    """Apple's "linear_8bit" baseline weight (``fake_linear_quantize(w)`` of its pre-analysis, copied
+    there from coremltools 7.0b1): ``w`` as float16 (the pipeline's dtype), quantized to int8 with
+    one scale and zero point for the whole tensor (its ``axis=-1`` leaves no axis out of the range),
+    the range widened to hold 0:
+
+        lo, hi = min(w, 0), max(w, 0);  zp = clip(round((-128 hi - 127 lo) / (hi - lo)), -128, 127)
+        q = clip(round(w * 255 / (hi - lo)) + zp, -128, 127);  w' = (q - zp) * (hi - lo) / 255
+
+    every step in float16 as NumPy does it for a float16 array. Returns float16 of ``w``'s shape."""
+    v = np.asarray(w).astype(np.float16)
+    if v.size == 0:
+        raise ValueError("apple_linear8: empty weight")
+    lo = np.minimum(np.float16(0), v.min())
+    hi = np.maximum(np.float16(0), v.max())
+    if hi == lo:   # an all-zero tensor: Apple's division would give NaN; it stays zero
+        return v.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        zp = np.round((-128 * hi - 127 * lo) / (hi - lo))
+        zp = np.clip(zp, -128, 127).astype(np.int8)
+        scale = ((hi - lo) / np.float16(255)).astype(np.float16)
+        q = np.round(v * 255 / (hi - lo)) + zp
+        q = np.clip(q, -128, 127).astype(np.int8)
+        return (q.astype(np.float16) - zp.astype(np.float16)) * scale
 
 
 def average_bits(assignment, numel, cost_bits=None):

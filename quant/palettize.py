@@ -371,3 +371,41 @@ def kmeans(w, nbits, group_size=None, importance=None, per_channel_scale=False):
         shape=tuple(int(d) for d in w.shape), nbits=int(nbits),
         scale=None if scale is None else jnp.asarray(scale),
         group_size=None if group_size is None else int(group_size))
+
+
+COREMLTOOLS_KMEANS1D_MIN = 10_000   # coremltools clusters float16 tensors this large with kmeans1d
+
+
+def coremltools_kmeans(w, nbits):
+    """One LUT for ``w`` as coremltools' ``_get_kmeans_lookup_table_and_weight(nbits, w16)`` makes it,
+    the clustering behind Apple's mixed-bit pre-analysis (its ``fake_palettize`` casts the weight to
+    float16 first):
+
+    - ``COREMLTOOLS_KMEANS1D_MIN`` weights or more: exact 1-D k-means over the distinct float16 values
+      weighted by their counts (coremltools' ``kmeans1d``), which is ``kmeans`` here (the same optimal
+      clusters up to ties; ``kmeans`` then maps each value to its nearest float16 centroid, where
+      coremltools keeps the cluster, which differs only for values within rounding of a boundary);
+    - fewer: scikit-learn's ``KMeans(2**nbits, init="k-means++", tol=1e-2, n_init=1, random_state=0)``
+      over the weights in PyTorch's order (``(out, in, kh, kw)``; its seeding depends on the order),
+      centroids rounded to float16. scikit-learn is needed for these (``pip install scikit-learn``).
+
+    ``w``: sdjax layout (output channels last: ``(in, out)`` or HWIO)."""
+    w = np.asarray(w)
+    if w.size >= COREMLTOOLS_KMEANS1D_MIN:
+        return kmeans(w, nbits)
+    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or nbits not in SUPPORTED_NBITS:
+        raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise ImportError("coremltools' k-means of tensors under 10,000 weights (Apple's mixed-bit pre-analysis) "
+                          "uses scikit-learn: pip install scikit-learn") from None
+    torch_order = {2: (1, 0), 4: (3, 2, 0, 1)}.get(w.ndim, tuple(reversed(range(w.ndim))))
+    w16 = np.transpose(w.astype(np.float16), torch_order)  # (out, in[, kh, kw])
+    k = min(w16.size, 2 ** nbits)
+    km = KMeans(k, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(w16.reshape(-1, 1))
+    lut = np.zeros(2 ** nbits, np.float16)
+    lut[:k] = km.cluster_centers_[:, 0].astype(np.float16)
+    idx = np.transpose(km.labels_.reshape(w16.shape), np.argsort(torch_order)).reshape(-1)
+    return PalettizedWeight(packed=jnp.asarray(pack_bits(idx.astype(np.int64), nbits)), lut=jnp.asarray(lut[None]),
+                            shape=tuple(int(d) for d in w.shape), nbits=int(nbits))

@@ -37,7 +37,9 @@ Methods and their options (any other key in a rule is an error naming the rule):
   ``gptq`` (bool, default false): GPTQ palettization (``quant.gptq.palettize``): the same LUTs and
   bytes, with indices chosen to minimise the layer's *output* error on calibration inputs, given
   as ``apply_recipe``'s ``hessian=`` (``X^T X`` per layer, ``quant.gptq.collect``); not together
-  with ``sensitive``.
+  with ``sensitive``. ``clustering`` ("exact", the default, or "coremltools"): "coremltools" clusters
+  as coremltools does for Apple's mixed-bit pre-analysis (``quant.palettize.coremltools_kmeans``:
+  scikit-learn's k-means for tensors under 10,000 weights), per tensor only.
 - ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
 - ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
   ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
@@ -101,7 +103,7 @@ _REQUIRED = object()
 METHODS = {
     "float": {},
     "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error",
-                  "sensitive": False, "gptq": False},
+                  "sensitive": False, "gptq": False, "clustering": "exact"},
     "int8": {},
     "int8-w8a8": {"path": "integer", "act_method": "max", "granularity": "tensor",
                   "percentile": calibrate.DEFAULT_PERCENTILE},
@@ -216,6 +218,12 @@ def _check_options(where, method, given):
         if opts["gptq"] and opts["sensitive"]:
             raise RecipeError(f"{where}: gptq and sensitive cannot be combined (GPTQ fits its LUT with the "
                               "layer's input statistics instead of per-weight importances)")
+        if opts["clustering"] not in ("exact", "coremltools"):
+            raise bad("clustering", "'exact' or 'coremltools'")
+        if opts["clustering"] == "coremltools" and (opts["group_size"] is not None or opts["per_channel_scale"]
+                                                     or opts["sensitive"] or opts["gptq"]):
+            raise RecipeError(f"{where}: clustering 'coremltools' is plain per-tensor k-means (Apple's pre-analysis): "
+                              "not with group_size, per_channel_scale, sensitive or gptq")
         opts["nbits"] = int(opts["nbits"])
         opts["group_size"] = None if opts["group_size"] is None else int(opts["group_size"])
     if "path" in opts and opts["path"] not in int8.PATHS:

@@ -57,4 +57,18 @@ def get(name: str, **options) -> Sampler:
     return _FACTORIES[name](**options)
 
 
-__all__ = ["NAMES", "Plan", "Sampler", "Schedule", "State", "add_noise", "get"]
+def for_scheduler(scheduler_config: dict) -> Sampler:
+    """The sampler that mirrors the diffusers scheduler a checkpoint names (its scheduler_config's
+    ``_class_name``): what ``DiffusionPipeline.from_pretrained(...)`` would run. Its options (Karras
+    sigmas, spacing...) come from the config through ``Schedule.from_config``; a value the sampler does
+    not implement raises ValueError there."""
+    name = (scheduler_config or {}).get("_class_name")
+    for factory in _FACTORIES.values():
+        sampler = factory()
+        if sampler.diffusers_class == name:
+            return sampler
+    known = sorted({f().diffusers_class for f in _FACTORIES.values()})
+    raise ValueError(f"scheduler_config names scheduler {name!r}, which no sampler mirrors; known: {', '.join(known)}")
+
+
+__all__ = ["NAMES", "Plan", "Sampler", "Schedule", "State", "add_noise", "for_scheduler", "get"]

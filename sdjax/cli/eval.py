@@ -27,19 +27,21 @@ def register(sub):
     p = sub.add_parser("eval", help="quality vs bits: the float model and every recipe on a fixed prompt x seed set, "
                        "into a report folder (report.md, report.json, plots, image grids)",
                        description="Run the float model and every recipe on the same prompts and seeds and compare: "
-                       "noise-prediction PSNR, Apple's one-step latent PSNR, final-image PSNR and SSIM against the "
-                       "float model's image from the same x_T, prompt adherence (embedded model), plug-in metrics. "
-                       "mixed-apple / mixed-sdjax / mixed-gptq run the per-layer sensitivity analysis and build "
-                       "mixed-bit recipes (Apple's algorithm; sdjax's allocator at the same sizes and at uniform 6-bit's "
-                       "quality, over k-means or GPTQ layers), choosing them on the calibration prompts with other x_T, "
+                       "noise-prediction PSNR, sdjax's one-step latent PSNR, Apple's one-step reading, final-latent and "
+                       "image PSNR and SSIM against the float model's from the same x_T, prompt adherence (embedded model), "
+                       "plug-in metrics. apple-mbp (Apple's mixed-bit pre-analysis as Apple runs it), apple-rule (Apple's "
+                       "thresholds on sdjax's sweep), mixed-sdjax and mixed-gptq (sdjax's allocator at the sizes of Apple's "
+                       "recipes and at uniform 6-bit's quality, over k-means or GPTQ layers) run per-layer sensitivity "
+                       "sweeps and build mixed-bit recipes, choosing them on the calibration prompts with other x_T, "
                        "never on the evaluation pairs they are reported on. Resumable: rerun the same command "
                        "after an interruption and only what is missing is computed. Runs the prompt x seed batches "
                        "on every JAX device (data parallel); on one machine, "
                        "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
     model_arg(p)
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
-                   help="comma-separated presets, recipe JSON files, mixed-apple, mixed-sdjax, mixed-gptq (default: "
-                   "palette-8/6/4/3/2bit, w8-int8, mixed-apple, mixed-sdjax, mixed-gptq; add w8-int8conv or llm-int8 for those)")
+                   help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq "
+                   "(default: palette-8/6/4/3/2bit, w8-int8, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq; add "
+                   "w8-int8conv or llm-int8 for those)")
     p.add_argument("-o", "--out", default="eval-out", help="report folder (default eval-out); an existing one "
                    "of the same model and settings is resumed, another is refused")
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -96,7 +98,7 @@ def run(args):
     try:
         sweep.resolve(names)
         prompts, seeds = _eval_prompts(args), int_list("--seeds", args.seeds)
-        # the one-step metric on every pair (Apple's pre-analysis takes 8 prompts; one step is cheap,
+        # sdjax's one-step metric on every pair (Apple's reading takes 8 prompts; one step is cheap,
         # and recipes that differ by tenths of a dB need more than 8 samples to be told apart)
         settings = Settings(prompts=prompts, seeds=seeds, steps=args.steps, sampler=args.sampler,
                             guidance_scale=args.guidance_scale, batch=args.batch,

@@ -4,15 +4,19 @@ and the same outputs of any other params, compared metric by metric (``quant.met
     ev = Evaluator(pipe, prompts, seeds)                # runs the float model once
     out = ev.outputs(qparams)                           # the same runs with quantized params
     ev.metrics(out)                                     # {"latent_psnr_1step_db": ..., "ssim": ..., ...}
-    ev.one_step_psnr(qparams["unet"])                   # Apple's protocol alone (sensitivity sweeps)
+    ev.one_step_psnr(qparams["unet"])                   # sdjax's one-step reading alone (sensitivity sweeps)
+    ev.apple.psnr(qparams)                              # Apple's reading (sdjax.evaluation.apple)
 
 What is run, for every (prompt, seed) pair:
 
 - ``final``: the full generation, ``steps`` steps of ``sampler`` with classifier-free guidance from
   x_T = ``initial_noise(seed)`` (what ``Pipeline.generate`` does), decoded to an image;
-- ``one_step``: Apple's protocol (ml-stable-diffusion's mixed-bit pre-analysis): the latents after
-  one denoising step (a 1-step plan of the same sampler, same x_T and guidance), for the first
-  ``n_one_step`` pairs (Apple uses 8 prompts);
+- ``one_step``: sdjax's one-step reading: the latents of a 1-step plan of the same sampler (for
+  DPM++ 2M, one x0 prediction from t = 501), same x_T and guidance, for the first ``n_one_step`` pairs.
+  It is cheap and tracks the final images better than Apple's reading; it is *not* Apple's;
+- ``apple``: Apple's reading (``apple.AppleReading``: the pipeline's own scheduler for one step, one
+  x_T per prompt from one generator, empty negative prompts, Apple's PSNR and rounding) on the
+  evaluation prompts (8 of them, repeated if fewer), giving ``apple_latent_psnr_db``;
 - ``eps``: the UNet's noise prediction, conditioned on the prompt, on x_t made from the float model's
   own final latents of that pair at one timestep per pair (stratified over the training range) and
   noise drawn from ``noise_seed``: the quantity the UNet is trained to get right.
@@ -44,7 +48,9 @@ from quant import metrics
 from sdjax import conditioning
 from sdjax.generate import check_float, decode_images, denoise, initial_noise, unet_output, vae_params
 
-DEFAULT_ONE_STEP = 8     # pairs in Apple's one-step protocol (their 8 fixed prompts)
+from .apple import AppleReading, cycled
+
+DEFAULT_ONE_STEP = 8     # pairs of the one-step reading (as many as Apple's 8 prompts)
 NOISE_SEED = 4242        # timesteps and noise of the noise-prediction samples
 
 
@@ -120,7 +126,9 @@ class Evaluator:
         self.n1 = min(settings.n_one_step, self.n)
         t0 = time.perf_counter()
         # ``reference``: the float outputs from an earlier run (``self.reference``), not recomputed
+        self.apple = AppleReading(pipe, cycled(settings.prompts), batch=self.batch, reference=None if reference is None else reference.get("apple_latents"))
         self.reference = dict(reference) if reference is not None else self.outputs(pipe.params, desc="float model")
+        self.reference["apple_latents"] = self.apple.reference
         # noise-prediction samples: the float model's own final latents, one stratified t per pair
         from .calibration import noise_schedule
         abar, _ = noise_schedule(pipe.scheduler_config)
@@ -195,9 +203,9 @@ class Evaluator:
         return out
 
     def outputs(self, params, desc=None):
-        """{"one_step_latents", "final_latents", "images", "eps"} of ``params`` (a pipeline's
-        {"text_encoder", "unet", "vae"} params) on every pair (``eps`` not for the reference's
-        first pass)."""
+        """{"one_step_latents", "final_latents", "images", "eps", "apple_latents"} of ``params`` (a
+        pipeline's {"text_encoder", "unet", "vae"} params) on every pair (``eps`` not for the
+        reference's first pass; ``apple_latents``: Apple's reading, on its 8 prompts)."""
         neg, pos = self._contexts(params)
         up = self.replicate(params["unet"])
         out = {}
@@ -209,6 +217,7 @@ class Evaluator:
         out["images"] = self._images(self._decoder(params), out["final_latents"])
         steps.update()
         steps.close()
+        out["apple_latents"] = self.apple.reference if params is self.pipe.params else self.apple.latents(params)
         if hasattr(self, "noise_inputs"):
             out["eps"] = self._eps(params, pos)
         return out
@@ -232,8 +241,8 @@ class Evaluator:
         return self._contexts(self.pipe.params)
 
     def one_step_psnr(self, unet_params, pairs=None):
-        """Apple's metric for UNet params: mean per-pair PSNR (peak max|reference|) of the one-step
-        latents, over the first ``pairs`` pairs (default ``n_one_step``)."""
+        """sdjax's one-step reading for UNet params: mean per-pair PSNR (peak max|reference|) of the
+        one-step latents, over the first ``pairs`` pairs (default ``n_one_step``)."""
         n = self._one_step_pairs(pairs)
         return metrics.latent_psnr_db(self.reference["one_step_latents"][:n], self.one_step_latents(unet_params, pairs=n))
 
@@ -266,13 +275,14 @@ class Evaluator:
         A non-finite output (NaN/Inf) makes its metrics NaN and is reported in ``nonfinite``."""
         ref = self.reference
         bad = []
-        for key in ("one_step_latents", "final_latents", "images", "eps"):
+        for key in ("one_step_latents", "apple_latents", "final_latents", "images", "eps"):
             r = metrics.finite_report(out[key])
             if not r["finite"]:
                 bad.append(f"{key}: {r['nan']} NaN, {r['inf']} Inf")
         m = {
             "noise_psnr_db": metrics.noise_psnr_db(ref["eps"], out["eps"]),
             "latent_psnr_1step_db": metrics.latent_psnr_db(ref["one_step_latents"], out["one_step_latents"]),
+            "apple_latent_psnr_db": metrics.apple_psnr_db(ref["apple_latents"], out["apple_latents"]),
         } | self._final_metrics(out["final_latents"], out["images"])
         images_ok = bool(np.isfinite(out["images"]).all())
         if adherence is not None:

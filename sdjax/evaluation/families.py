@@ -1,4 +1,6 @@
-"""The generated recipe families: Apple's mixed-bit recipes and ours (k-means and GPTQ), their names and roles."""
+"""The generated recipe families, their names and roles: Apple's mixed-bit palettization as Apple runs it
+(``apple-mbp``), Apple's threshold rule on sdjax's readings (``apple-rule``), and our allocator over k-means
+and GPTQ layers (``mixed-sdjax``, ``mixed-gptq``) at the sizes of Apple's recipes and at uniform 6-bit's quality."""
 from __future__ import annotations
 
 
@@ -6,15 +8,20 @@ import numpy as np
 
 from quant import allocation, mixed_bit
 
+from .apple_sweep import recipe_rules
 
-GENERATED = ("mixed-apple", "mixed-sdjax", "mixed-gptq")
+GENERATED = ("apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq")
+RENAMED = {"mixed-apple": "apple-rule (Apple's threshold rule on sdjax's readings; apple-mbp is Apple's whole "
+                          "pre-analysis as Apple runs it)"}
 
 GPTQ_MAX_BITS = 10.0      # mixed-gptq at Apple's sizes up to this many bits (above, every family is near lossless)
 
 
 def family(name, recipe=None):
-    if name.startswith("mixed-apple"):
-        return "mixed (Apple)"
+    if name.startswith("apple-mbp"):
+        return "mixed (Apple, as Apple runs it)"
+    if name.startswith("apple-rule"):
+        return "mixed (Apple's rule, sdjax readings)"
     if name.startswith("mixed-sdjax"):
         return "mixed (sdjax)"
     if name.startswith("mixed-gptq"):
@@ -46,37 +53,59 @@ def quality_margin(got, reference):
             out.append(got[k] - ref)
     return float("nan") if any(np.isnan(out)) else float(min(out))  # NaN output: no margin at all
 
-# what a generated recipe was chosen for, and its name's tag: mixed-sdjax-7.17 (Apple's size),
-# mixed-gptq-u6-4.33 (uniform 6-bit's one-step PSNR), mixed-gptq-u6img-4.61 (... its final images too)
-ROLES = {"size": "Apple's recipe size", "one-step": "uniform 6-bit's one-step PSNR",
+# what a generated recipe was chosen for, and its name's tag: apple-mbp-7.02 (Apple's threshold on its reading,
+# named by Apple's bits), mixed-sdjax-7.02 (that recipe's size), mixed-gptq-u6-4.33 (uniform 6-bit's one-step
+# PSNR), mixed-gptq-u6img-4.61 (... its final images too)
+ROLES = {"apple": "Apple's threshold on Apple's reading", "apple-rule": "Apple's threshold on sdjax's one-step reading",
+         "size": "the size of an Apple recipe", "one-step": "uniform 6-bit's one-step PSNR",
          "final": "uniform 6-bit's final images"}
 
 _TAGS = {"size": "", "one-step": "u6-", "final": "u6img-"}
 
-def mixed_recipes(S, names, want_apple, want_ours, G=None):
-    """[(name, recipe dict, role)] of the generated families (``G``: the GPTQ sweep, for mixed-gptq);
-    role: a key of ``ROLES``."""
-    base = S.baselines()
-    single = S.single()
-    cumul = S.cumulative(single)
-    single_g = G.single() if G is not None else None
-    apple = mixed_bit.apple_recipes(cumul, base["original"], base["linear8"], num=7)
+
+def _stored_total(assignment, sweep_, numel_all):
+    """Stored bits of ``{layer: nbits}`` over every conv/linear layer (``numel_all``): a palettized layer
+    of the sweep costs what the sweep stores, every other layer 16 bits a weight."""
+    return sum(sweep_.cost_bits(n, int(assignment[n])) if int(assignment.get(n, 16)) < 16 and n in sweep_.numel
+               else 16 * k for n, k in numel_all.items())
+
+
+def mixed_recipes(S, want, G=None, A=None, numel_all=None):
+    """[(name, recipe, role)] of the generated families in ``want`` (``S``: sdjax's k-means sweep, ``G``:
+    the GPTQ sweep for mixed-gptq, ``A``: Apple's own for apple-mbp; ``numel_all``: every UNet
+    conv/linear layer's weight count); role: a key of ``ROLES``.
+
+    Our allocator's size-matched recipes take the sizes of Apple's own recipes (apple-mbp) when they are
+    wanted, else of apple-rule's: the same stored bytes over the whole UNet's conv/linear weights, under
+    the Apple recipe's tag."""
+    numel_all = dict(numel_all or S.numel)
+    out, sizes = [], []          # sizes: (tag, stored bits over every conv/linear layer)
+    if A is not None:
+        for name, a, _bits in A.recipes():
+            out.append((name, recipe_rules(name, a), "apple"))
+            sizes.append((name[len("apple-mbp-"):], _stored_total(a, A, numel_all)))
+    if "apple-rule" in want:
+        base = S.baselines()
+        for a in mixed_bit.apple_recipes(S.cumulative(S.single()), base["original"], base["linear8"], num=7):
+            a = {k: int(v) for k, v in a.items()}
+            tag = f"{mixed_bit.average_bits(a, S.numel):.2f}"   # Apple's bits over the candidates
+            out.append((f"apple-rule-{tag}", a, "apple-rule"))
+            if A is None:
+                sizes.append((tag, _stored_total(a, S, numel_all)))
     # our families: (prefix, sweep, its single-layer PSNRs, recipe maker, largest Apple size served)
-    ours = ([("mixed-sdjax", S, single, lambda name, a: a, np.inf)] if want_ours else []) + \
-           ([("mixed-gptq", G, single_g, gptq_recipe, GPTQ_MAX_BITS)] if G is not None else [])
-    out = []
-    for a in apple:
-        a = {k: int(v) for k, v in a.items()}
-        bits = mixed_bit.average_bits(a, S.numel, S.cost_bits)
-        if want_apple:
-            out.append((f"mixed-apple-{bits:.2f}", a, "size"))
+    ours = ([("mixed-sdjax", S, S.single(), lambda name, a: a, np.inf)] if "mixed-sdjax" in want else []) + \
+           ([("mixed-gptq", G, G.single(), gptq_recipe, GPTQ_MAX_BITS)] if G is not None else [])
+    float_rest = sum(16 * k for n, k in numel_all.items() if n not in S.numel)  # ours keep them float
+    for tag, total in sizes:
+        bits = (total - float_rest) / sum(S.numel.values())   # stored bits a weight over our candidates
+        if bits >= mixed_bit.FLOAT_BITS:   # an Apple recipe keeping every layer float: nothing to allocate
+            continue
         for prefix, sweep_, sens, make, max_bits in ours:
-            if bits <= max_bits:
+            if total / sum(numel_all.values()) <= max_bits:
                 pick = allocation.allocate(sens, sweep_.numel, bits, cost_bits=sweep_.cost_bits, nbits=sweep_.nbits)
-                out.append((f"{prefix}-{bits:.2f}", make(f"{prefix}-{bits:.2f}", {k: int(v) for k, v in pick.items()}),
-                            "size"))
+                out.append((f"{prefix}-{tag}", make(f"{prefix}-{tag}", {k: int(v) for k, v in pick.items()}), "size"))
     # the smallest of each family's recipes that keeps uniform 6-bit palettization's quality on the
-    # selection pairs: its one-step PSNR (Apple's metric); for GPTQ also the smallest keeping every
+    # selection pairs: its one-step PSNR (sdjax's reading); for GPTQ also the smallest keeping every
     # metric of the final images (GPTQ recipes searched on the one-step PSNR alone came out 1-4 dB
     # below uniform 6-bit on final latents and images; k-means ones did not)
     if ours:

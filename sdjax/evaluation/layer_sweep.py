@@ -1,4 +1,5 @@
-"""Per-layer one-step PSNR sweeps of the UNet on the selection pairs (the mixed-bit families' input)."""
+"""Per-layer one-step PSNR sweeps of the UNet on the selection pairs (the mixed-bit families' input; Apple's
+own pre-analysis is ``apple.AppleSweep``, a subclass)."""
 from __future__ import annotations
 
 import time
@@ -31,11 +32,12 @@ class LayerSweep:
     sweep is then kept in its own state file."""
 
     def __init__(self, ev: Evaluator, state: State, progress=True, candidate_min=CANDIDATE_MIN, nbits=mixed_bit.NBITS,
-                 cache=None, hessians=None, pairs=SWEEP_PAIRS):
+                 cache=None, hessians=None, pairs=SWEEP_PAIRS, file=None):
         self.ev, self.state, self.progress = ev, state, progress
+        self.tie_order = None   # sensitivity ties by layer name (Apple's sweep: module order)
         self.pairs = min(pairs, ev.n1)
         self.hessians, self._factors, self._keys = hessians, {}, {}
-        self.file = "sensitivity.json" if hessians is None else "sensitivity-gptq.json"
+        self.file = file or ("sensitivity.json" if hessians is None else "sensitivity-gptq.json")
         self.cache = {} if cache is None else cache
         self.nbits = tuple(nbits)
         self.unet = ev.pipe.params["unet"]
@@ -97,7 +99,7 @@ class LayerSweep:
         return nn.unflatten(flat)
 
     def measure(self, assignment):
-        """One-step PSNR on the sweep's pairs."""
+        """sdjax's one-step PSNR (``latent_psnr_1step_db``) on the sweep's pairs."""
         return self.ev.one_step_psnr(self.unet_with(assignment), pairs=self.pairs)
 
     def quality(self, assignment, final=False):
@@ -151,7 +153,7 @@ class LayerSweep:
                 self._save()
 
             out[nbits] = mixed_bit.cumulative_sweep(self.measure, single[nbits], nbits, done=done,
-                                                    on_result=keep, progress=self.progress)
+                                                    on_result=keep, progress=self.progress, tie_order=self.tie_order)
             self.data["cumulative"][str(nbits)] = [list(x) for x in out[nbits]]
             self._save(force=True)
         return out

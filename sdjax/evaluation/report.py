@@ -180,10 +180,14 @@ def render_markdown(results, files=None) -> str:
 
     if recipes or fl:
         L += ["## Recipes", ""]
+        apple_col = any(_num(r.get("apple_bits")) is not None for r in recipes)
         L.append("Average bits: stored bits per UNet conv/linear weight, LUTs and scales included, float layers "
-                 "counted as 16; candidate bits: the same over the mixed-bit candidate layers only (the larger ones; "
-                 "Apple's recipes are named by their bits over their candidates). MB = 10^6 bytes. PSNRs are against "
-                 "the float model (inf: identical).")
+                 "counted as 16; candidate bits: the same over the mixed-bit candidate layers only (the larger ones)"
+                 + ("; Apple bits: Apple's count, nbits x weights over Apple's candidates without LUTs, which names "
+                    "Apple's recipes" if apple_col else "")
+                 + ". MB = 10^6 bytes. PSNRs are against the float model (inf: identical). Apple's reading: Apple's "
+                 "pre-analysis metric (the pipeline's own scheduler for one step, 8 prompts, Apple's PSNR rounded to "
+                 "0.1 dB); latent PSNR, 1 step: sdjax's (a 1-step plan of the evaluation's sampler on every pair).")
         sel = (results.get("sensitivity") or {}).get("selection")
         if sel:
             L.append("")
@@ -191,26 +195,37 @@ def render_markdown(results, files=None) -> str:
             L.append(f"Mixed-bit recipes are chosen on selection pairs ({sel['prompts']} calibration prompts, x_T seed"
                      f"{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))}; {sel['pairs']} of them per sensitivity "
                      "measurement), never on the evaluation "
-                     "pairs measured here. mixed-...-u6-B: the smallest recipe of its family that keeps uniform 6-bit's "
+                     "pairs measured here. apple-mbp-B: Apple's pre-analysis as Apple runs it (its reading, candidates, "
+                     "clustering, int8 baseline and thresholds), B its Apple bits; apple-rule-B: Apple's thresholds on "
+                     "sdjax's one-step sweep; mixed-sdjax-B, mixed-gptq-B: our allocator at the stored size of the Apple "
+                     "recipe tagged B; mixed-...-u6-B: the smallest recipe of its family that keeps uniform 6-bit's "
                      "one-step PSNR there; mixed-...-u6img-B: the smallest that also keeps its final latents', images' "
-                     "PSNR and SSIM; the other mixed recipes are at the sizes of Apple's recipes.")
+                     "PSNR and SSIM.")
+        ab = (results.get("sensitivity_apple") or {}).get("baselines")
+        if ab:
+            L += ["", f"Apple's baselines on Apple's reading (selection prompts): original (float16 weights) "
+                      f"{_fmt(_num(ab.get('original')), 2)} dB, linear 8-bit (per-tensor asymmetric, every weight) "
+                      f"{_fmt(_num(ab.get('linear8')), 2)} dB; Apple's recipes take the thresholds "
+                      "linspace(original - 1, linear 8-bit + 5, 7)."]
         L.append("")
         float_unet = (fl.get("bytes") or {}).get("unet")
-        header = ["recipe", "family", "avg bits", "candidate bits", "UNet MB", "total MB", "UNet compression"] + \
-                 [_title(m) for m in metrics] + ["time"]
+        header = ["recipe", "family", "avg bits", "candidate bits"] + (["Apple bits"] if apple_col else []) + \
+                 ["UNet MB", "total MB", "UNet compression"] + [_title(m) for m in metrics] + ["time"]
         rows = []
         if fl:
             b = fl.get("bytes") or {}
-            rows.append(["float (reference)", "-", _fmt(_num(fl.get("avg_bits")), 2), "-", _fmt_mb(_mb(b.get("unet"))),
-                         _fmt_mb(_mb(_total_bytes(b))), "1.00x" if float_unet else "-"]
+            rows.append(["float (reference)", "-", _fmt(_num(fl.get("avg_bits")), 2), "-"] + (["-"] if apple_col else [])
+                        + [_fmt_mb(_mb(b.get("unet"))), _fmt_mb(_mb(_total_bytes(b))), "1.00x" if float_unet else "-"]
                         + [_fmt_metric(m, (fl.get("metrics") or {}).get(m)) for m in metrics] + ["-"])
         for r in recipes:
             b = r.get("bytes") or {}
             ratio, cells = _recipe_cells(r, metrics, float_unet)
             name = r.get("name", "?") + ("" if _is_finite_recipe(r) else " (NaN/Inf)")
             rows.append([name, r.get("family") or "-", _fmt(_num(r.get("avg_bits")), 2),
-                         _fmt(_num(r.get("avg_bits_candidates")), 2), _fmt_mb(_mb(b.get("unet"))),
-                         _fmt_mb(_mb(_total_bytes(b))), ratio] + cells + [_fmt_seconds(r.get("seconds"))])
+                         _fmt(_num(r.get("avg_bits_candidates")), 2)]
+                        + ([_fmt(_num(r.get("apple_bits")), 2)] if apple_col else [])
+                        + [_fmt_mb(_mb(b.get("unet"))), _fmt_mb(_mb(_total_bytes(b))), ratio] + cells
+                        + [_fmt_seconds(r.get("seconds"))])
         L += _table(header, rows) + [""]
         bad = [r for r in recipes if not _is_finite_recipe(r)]
         if bad:

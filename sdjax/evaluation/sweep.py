@@ -1,16 +1,21 @@
 """``sdjax eval``: the float model and every recipe on one prompt x seed set, into a report folder.
 
     from sdjax.evaluation import sweep
-    results = sweep.run(pipe, ["palette-6bit", "palette-4bit", "mixed-apple", "mixed-sdjax"], "eval-out")
+    results = sweep.run(pipe, ["palette-6bit", "palette-4bit", "apple-mbp", "mixed-sdjax"], "eval-out")
 
-Recipes are preset names, recipe JSON files (sdjax's or Apple's), or three generated families:
+Recipes are preset names, recipe JSON files (sdjax's or Apple's), or four generated families:
 
-- ``mixed-apple``: Apple's mixed-bit palettization (``quant.mixed_bit.apple_recipes``): per-layer and
-  cumulative one-step PSNR sweeps at 1, 2, 4, 6, 8 bits, recipes at the thresholds
-  ``linspace(original - 1, linear8 + 5, 7)``;
+- ``apple-mbp``: Apple's mixed-bit palettization as Apple runs it (``apple``, ``apple_sweep``): its
+  reading (the pipeline's own scheduler for one step, ``apple_latent_psnr_db``), candidates, clustering,
+  sweeps at 1, 2, 4, 6, 8 bits, baselines and thresholds ``linspace(original - 1, linear_8bit + 5, 7)``;
+  named by Apple's bits (``nbits x numel`` over its candidates, no LUTs);
+- ``apple-rule``: Apple's threshold rule (``quant.mixed_bit.apple_recipes``) applied to sdjax's
+  measurements instead (sdjax's one-step reading, candidates, exact k-means, per-channel int8 baseline):
+  what sdjax called Apple's recipes before it ran Apple's own pre-analysis;
 - ``mixed-sdjax``: our allocator (``quant.allocation.allocate``) at the same stored size as each of
-  Apple's recipes, so the two are compared at equal bits, and ``mixed-sdjax-u6-B``, the smallest of
-  its recipes that keeps uniform 6-bit palettization's one-step PSNR (``allocation.allocate_for_quality``);
+  Apple's recipes (apple-mbp's, else apple-rule's), so the two are compared at equal bytes, and
+  ``mixed-sdjax-u6-B``, the smallest of its recipes that keeps uniform 6-bit palettization's one-step
+  PSNR (``allocation.allocate_for_quality``);
 - ``mixed-gptq``: the same allocator over GPTQ-palettized layers (``quant.gptq``: the same LUTs and
   bytes, indices chosen for the layer's output on calibration inputs), with its own per-layer sweep,
   at the same sizes up to ``GPTQ_MAX_BITS``, ``mixed-gptq-u6-B`` as above, and ``mixed-gptq-u6img-B``,
@@ -22,8 +27,8 @@ well the cheap Fisher estimate ranks layers).
 Selection and evaluation use different pairs. The sweeps, Apple's thresholds and our searches run on
 the *selection pairs*: the calibration prompts (never evaluation prompts) with x_T from
 ``SELECTION_SEED`` (never a calibration generation's x_T, which GPTQ has fitted); each sweep
-measurement takes the first ``SWEEP_PAIRS`` of them (Apple's protocol uses 8 prompts), the quality
-searches all of them. Every recipe is then measured on the evaluation pairs: a recipe searched on
+measurement takes the first ``SWEEP_PAIRS`` of them (as many as Apple's 8 prompts), the quality
+searches all of them; Apple's sweep takes 8 of the calibration prompts through Apple's reading. Every recipe is then measured on the evaluation pairs: a recipe searched on
 the pairs it is reported on is fitted to them (the README gives the measurement).
 
 GPTQ recipes (``mixed-gptq``, ``palette-*-gptq``,
@@ -61,7 +66,9 @@ from sdjax.version import __version__
 from . import report
 from .calibration import Calibration, hessian_run
 from .evaluator import Evaluator, Settings
-from .families import GENERATED, GPTQ_MAX_BITS, ROLES, family, gptq_recipe, mixed_recipes, quality_margin  # noqa: F401
+from .apple import apple_min_size, conv_linear_numel, module_order  # noqa: F401
+from .apple_sweep import AppleSweep
+from .families import GENERATED, GPTQ_MAX_BITS, RENAMED, ROLES, family, gptq_recipe, mixed_recipes, quality_margin  # noqa: F401
 from .layer_sweep import CANDIDATE_MIN, FISHER_TIMESTEPS, SWEEP_PAIRS, LayerSweep  # noqa: F401
 from .outcome import EvalResult, RecipeResult, TargetResult  # noqa: F401
 from .state import EvalError, State, _check_manifest, _safe, fingerprint  # noqa: F401
@@ -70,7 +77,7 @@ from .targets import targets
 # llm-int8 and w8-int8conv are left out of the default set (add them with recipe_names / -r): the
 # default run must stay under 10 minutes on 2 cores, and llm-int8's integer path alone takes 36 s
 DEFAULT_RECIPES = ("palette-8bit", "palette-6bit", "palette-4bit", "palette-3bit", "palette-2bit",
-                   "w8-int8", "mixed-apple", "mixed-sdjax", "mixed-gptq")
+                   "w8-int8", "apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq")
 
 CALIBRATION_SEED = 1000   # x_T seeds of the calibration generation (the evaluation's are the user's)
 
@@ -80,6 +87,8 @@ def resolve(names):
     """Check recipe names -> [(name, recipe or None for generated)]; unknown names list the known."""
     out = []
     for n in names:
+        if n in RENAMED:
+            raise EvalError(f"recipe family {n!r} is now {RENAMED[n]}")
         if n in GENERATED:
             out.append((n, None))
             continue
@@ -106,6 +115,13 @@ def avg_bits(unet_params, min_numel=0):
         w = weights[name]
         return 8 * int(w.nbytes) if nn.is_quantized(w) else 16 * numel[name]
     return mixed_bit.average_bits({}, numel, stored)
+
+def apple_bits(unet_params, numel):
+    """Apple's count of a quantized UNet: ``nbits x numel`` over the layers of ``numel`` (a palettized
+    layer its width, an int8 one 8, a float one 16), no LUTs or scales, over their total."""
+    flat = nn.flatten(unet_params)
+    return mixed_bit.average_bits({}, numel, lambda n, _b: numel[n] * (
+        getattr(flat[n + ".weight"], "nbits", 8) if nn.is_quantized(flat[n + ".weight"]) else 16))
 
 def weight_only(params):
     """True when every quantized weight is a weight-only type (palettized, int8 W8A16): then the
@@ -182,7 +198,9 @@ class Options:
     ``adherence``: (images, prompts) -> scores (the embedded model's ``shapes.score``); ``plugins``:
     ``quant.metrics`` plug-ins; ``fisher``: also rank layers by the Fisher estimate;
     ``model_label``: the model's name in the report; ``candidate_min``, ``mixed_nbits``: the
-    mixed-bit candidate layers (at least this many weights) and their bit widths."""
+    mixed-bit candidate layers (at least this many weights) and their bit widths; ``apple_min_size``:
+    apple-mbp's candidates (more weights than this; default Apple's 1e5 scaled to the model,
+    ``apple.apple_min_size``)."""
     calibration: tuple = ()
     adherence: object = None
     plugins: tuple = ()
@@ -190,6 +208,7 @@ class Options:
     model_label: str | None = None
     candidate_min: int = CANDIDATE_MIN
     mixed_nbits: tuple = tuple(mixed_bit.NBITS)
+    apple_min_size: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "calibration", tuple(self.calibration or ()))
@@ -221,9 +240,10 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     state = State(out_dir, writer)
+    apple_min = o.apple_min_size if o.apple_min_size is not None else apple_min_size(pipe.params["unet"])
     manifest = {"sdjax_version": __version__, "fingerprint": fingerprint(pipe.params), "settings": settings.to_json(),
                 "mixed": {"candidate_min": candidate_min, "nbits": list(mixed_nbits), "selection_seed": SELECTION_SEED,
-                          "sweep_pairs": SWEEP_PAIRS}}
+                          "sweep_pairs": SWEEP_PAIRS, "apple_min_size": apple_min}}
     _check_manifest(state, manifest, out_dir)
 
     ref = state.load_arrays("float.npz")
@@ -237,6 +257,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         state.write(float_entry, "float.json")
 
     cache = {}  # quantized weights shared by the sensitivity sweep and every recipe
+    apple_numel = {n: k for n, k in conv_linear_numel(pipe.params["unet"]).items() if k > apple_min}
     roles = {}
     todo = [(n, r.to_json() if hasattr(r, "to_json") else r) for n, r in recipes if r is not None]
     want = {n for n, r in recipes if r is None}
@@ -246,7 +267,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
             raise EvalError("GPTQ recipes need calibration prompts (calibration=, `sdjax eval --calibration-prompts`) "
                             "for their input statistics")
         H = hessians(pipe, calibration, settings, state, progress)
-    S = G = None
+    S = G = A = None
     if want:
         if not calibration:
             raise EvalError(f"{', '.join(sorted(want))}: mixed-bit recipes are chosen on selection pairs that are not "
@@ -255,12 +276,13 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         S = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache)
         G = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache, hessians=H) \
             if "mixed-gptq" in want else None
+        A = AppleSweep(sel, state, progress, apple_min, mixed_nbits, cache=cache) if "apple-mbp" in want else None
         key = sorted(want)
         saved = state.read("mixed.json")
         if saved is not None and saved.get("families") == key:
             mixed = [tuple(x) for x in saved["recipes"]]
         else:
-            mixed = mixed_recipes(S, want, "mixed-apple" in want, "mixed-sdjax" in want, G)
+            mixed = mixed_recipes(S, want, G, A, conv_linear_numel(pipe.params["unet"]))
             state.write({"families": key, "recipes": [list(x) for x in mixed]}, "mixed.json")
         if o.fisher:
             S.fisher(S.single(), sel.s.prompts)
@@ -271,7 +293,8 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                "model": {"source": o.model_label or pipe.source, "fingerprint": manifest["fingerprint"]},
                "settings": dict(settings.to_json(), metrics=list(metrics.BUILTIN) + [p.name for p in plugins]),
                "float": float_entry, "recipes": [], "sensitivity": S.block() if S else None,
-               "sensitivity_gptq": G.block() if G else None, "targets": None}
+               "sensitivity_gptq": G.block() if G else None, "sensitivity_apple": A.block() if A else None,
+               "targets": None}
     images = {"float": report.to_uint8(ev.reference["images"])}
     bar = tqdm(todo, desc="recipes", unit="recipe", disable=not progress)
     for name, r in bar:
@@ -289,6 +312,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
             m, bad = ev.metrics(out, adherence=adherence, plugins=plugins)
             res = {"name": name, "family": family(name), "avg_bits": avg_bits(qparams["unet"]),
                    "avg_bits_candidates": avg_bits(qparams["unet"], candidate_min),
+                   "apple_bits": apple_bits(qparams["unet"], apple_numel),
                    "bytes": component_bytes(qparams), "metrics": m, "finite": bad is None, "nonfinite": bad,
                    "seconds": time.perf_counter() - t0, "recipe": r, "path": path}
             imgs = report.to_uint8(out["images"])
@@ -308,12 +332,15 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
 
 
 def write_recipes(results, out_dir):
-    """OUT/recipes/NAME.json (sdjax rules) and, for mixed-bit recipes, NAME.apple.json (Apple's
-    ``{layer: nbits}``): ready for ``sdjax quantize --recipe``."""
+    """OUT/recipes/NAME.json (sdjax rules) and, for Apple's mixed-bit recipes, NAME.apple.json (Apple's
+    ``{layer: nbits}``, for Apple's tools): ready for ``sdjax quantize --recipe``."""
     d = os.path.join(out_dir, "recipes")
     os.makedirs(d, exist_ok=True)
     for r in results["recipes"]:
         rec = r["recipe"]
+        if r["name"].startswith("apple-mbp-"):  # Apple's tools cluster as coremltools does, as the rules say
+            atomic_write_json(os.path.join(d, _safe(r["name"]) + ".apple.json"),
+                              {x["pattern"]: x["nbits"] for x in rec["rules"] if x["method"] == "palettize"})
         if quant.recipes.is_apple_recipe(rec):
             atomic_write_json(os.path.join(d, _safe(r["name"]) + ".apple.json"), rec)
             rec = quant.parse_recipe(rec).to_json() | {"name": r["name"]}

@@ -235,7 +235,8 @@ def test_finite_report():
 
 
 def test_builtin_registry():
-    assert metrics.BUILTIN == ("noise_psnr_db", "latent_psnr_1step_db", "image_psnr_db", "ssim", "adherence")
+    assert metrics.BUILTIN == ("noise_psnr_db", "latent_psnr_1step_db", "apple_latent_psnr_db", "image_psnr_db", "ssim",
+                               "adherence")
     for name in ("noise_psnr_db", "image_psnr_db", "ssim", "latent_psnr_db"):
         assert callable(getattr(metrics, name))
     for name in metrics.BUILTIN:
@@ -491,3 +492,26 @@ def test_metrics_module_does_not_import_torch():
     import subprocess
     code = "import sys, quant.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(pathlib.Path(__file__).parents[2]))
+
+
+def test_apple_psnr_is_apples_compute_psnr_rounded_then_averaged():
+    """Apple's compute_psnr (ml-stable-diffusion torch2coreml.py) per sample: peak max|test| + 1e-5 over
+    rmse + 1e-10, 20 log10, rounded with f"{:.1f}", summed and divided by the count."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 4, 8, 8))
+    test = ref + rng.standard_normal(ref.shape) * np.array([1e-3, 1e-2, 0.1, 1e-5, 0.0])[:, None, None, None]
+
+    def statement(a, b):  # a: reference, b: test, float64
+        rmse = np.sqrt(((a - b) * (a - b)).sum() / b.size)
+        return 20 * np.log10((np.abs(b).max() + 1e-5) / (rmse + 1e-10))
+    want = [round(float(statement(r, t)), 1) for r, t in zip(ref, test)]
+    got = metrics.apple_psnr_per_sample(ref, test)
+    assert got == want and got[4] == round(20 * np.log10((np.abs(test[4]).max() + 1e-5) / 1e-10), 1)
+    assert metrics.apple_psnr_db(ref, test) == sum(want) / 5
+    # the peak is the test's, not the reference's
+    assert metrics.apple_psnr_per_sample(ref[:1], 2 * ref[:1])[0] == round(float(statement(ref[0], 2 * ref[0])), 1)
+    bad = test.copy()
+    bad[2, 0, 0, 0] = np.nan
+    assert np.isnan(metrics.apple_psnr_per_sample(ref, bad)[2]) and np.isnan(metrics.apple_psnr_db(ref, bad))
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.apple_psnr_db(ref, test[:2])

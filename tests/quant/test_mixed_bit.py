@@ -437,3 +437,34 @@ def test_bad_input():
         al.allocate(single, {**m.numel, "layer00": 0}, 8.0)
     with pytest.raises(ValueError, match="rank_agreement needs at least 2"):
         mb.rank_agreement({"a": 1.0}, {"a": 2.0})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apple_linear8_is_per_tensor_asymmetric_int8_of_the_float16_weight(seed):
+    """Apple's fake_linear_quantize(w) (axis=-1 reduces over every axis): one scale and zero point for
+    the tensor, the range widened to hold 0, against a float64 statement of it (float16 arithmetic in
+    Apple's code moves a value by at most one step)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((3, 3, 16, 24)) * 0.05 + [0.0, 0.02, -0.3][seed]).astype(np.float32)
+    got = mb.apple_linear8(w)
+    assert got.dtype == np.float16 and got.shape == w.shape
+    v = w.astype(np.float16).astype(np.float64)
+    lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
+    zp = np.clip(np.round((-128 * hi - 127 * lo) / (hi - lo)), -128, 127)
+    q = np.clip(np.round(v * 255 / (hi - lo)) + zp, -128, 127)
+    want = (q - zp) * (hi - lo) / 255
+    step = (hi - lo) / 255
+    ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)  # float16 rounding of a result
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= step + 2 * ulp) and np.mean(err <= 2 * ulp) > 0.9
+    assert len(np.unique(got)) <= 256 and np.all(np.abs(got.astype(np.float64) - v) <= step / 2 + 2 * ulp)
+    assert np.array_equal(mb.apple_linear8(np.zeros((4, 4))), np.zeros((4, 4), np.float16))
+
+
+def test_sensitivity_order_ties_follow_the_given_order():
+    """Apple's stable sort keeps its candidates' (module) order among equal PSNRs."""
+    psnr = {"b": 50.0, "a": 50.0, "c": 60.0, "d": float("nan")}
+    assert mb.sensitivity_order(psnr) == ["c", "a", "b", "d"]
+    assert mb.sensitivity_order(psnr, tie_order=["d", "c", "b", "a"]) == ["c", "b", "a", "d"]
+    with pytest.raises(ValueError, match="tie_order is missing layers"):
+        mb.sensitivity_order(psnr, tie_order=["a", "b"])

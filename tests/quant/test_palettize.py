@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quant.palettize import SUPPORTED_NBITS, PalettizedWeight, kmeans, kmeans_1d, pack_bits, unpack_bits
+from quant.palettize import (SUPPORTED_NBITS, PalettizedWeight, coremltools_kmeans, kmeans, kmeans_1d, pack_bits,
+                             unpack_bits)
 from sdjax import nn
 
 ct = pytest.importorskip("coremltools")
@@ -296,3 +297,24 @@ def test_bad_weights_raise_value_errors(w, match):
     for pcs in (False, True):
         with pytest.raises(ValueError, match=match):
             kmeans(w, 4, per_channel_scale=pcs)
+
+
+@pytest.mark.parametrize("shape,nbits", [((3, 3, 8, 16), 2), ((24, 40), 4), ((3, 3, 32, 40), 6), ((96, 128), 4)])
+def test_coremltools_kmeans_is_coremltools_lookup_table(shape, nbits):
+    """What Apple's fake_palettize gets from coremltools' _get_kmeans_lookup_table_and_weight on the
+    float16 weight in PyTorch's layout: scikit-learn's k-means under 10,000 weights (the same values),
+    kmeans1d from there (the same optimum; a value within rounding of a cluster boundary may map to
+    the other float16 centroid, which only lowers the error)."""
+    pytest.importorskip("sklearn")
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+    w = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 0.1
+    order = (3, 2, 0, 1) if len(shape) == 4 else (1, 0)
+    torch_w = np.transpose(w.astype(np.float16), order)
+    lut, idx = _get_kmeans_lookup_table_and_weight(nbits, torch_w)
+    want = np.transpose(lut.astype(np.float16)[np.asarray(idx).reshape(-1)].reshape(torch_w.shape), np.argsort(order))
+    got = np.asarray(coremltools_kmeans(w, nbits).dequantize(jnp.float16))
+    if w.size < 10_000:
+        np.testing.assert_array_equal(got, want)
+    else:
+        sse = lambda x: float(np.sum((x.astype(np.float64) - w.astype(np.float16).astype(np.float64)) ** 2))
+        assert sse(got) <= sse(want) * (1 + 1e-6) and np.mean(got == want) > 0.999

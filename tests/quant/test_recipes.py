@@ -332,3 +332,21 @@ def test_cache_reuses_weights_quantized_the_same_way(unet):
     quant.apply_recipe(unet, {"rules": [{"pattern": "*", "method": "palettize", "nbits": 2, "sensitive": True}]},
                        importance=imp, cache=cache)
     assert len(cache) == 2 * n
+
+
+def test_coremltools_clustering_rule_is_apples_fake_palettize():
+    """"clustering": "coremltools" palettizes as Apple's pre-analysis (quant.palettize.coremltools_kmeans);
+    it is per-tensor k-means only, and an unknown clustering is named."""
+    pytest.importorskip("sklearn")
+    from quant import palettize
+    params = {"a": {"weight": np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)},  # sklearn
+              "b": {"weight": np.random.default_rng(1).standard_normal((3, 3, 32, 40)).astype(np.float32)}}  # 1-D
+    rule = {"pattern": "*", "method": "palettize", "nbits": 4, "clustering": "coremltools"}
+    q = quant.apply_recipe(params, {"rules": [rule]}, component="unet")
+    for n in ("a", "b"):
+        want = palettize.coremltools_kmeans(params[n]["weight"], 4).dequantize(np.float32)
+        np.testing.assert_array_equal(np.asarray(q[n]["weight"].dequantize(np.float32)), np.asarray(want))
+    with pytest.raises(quant.RecipeError, match="clustering must be 'exact' or 'coremltools'"):
+        quant.parse_recipe({"rules": [dict(rule, clustering="sklearn")]})
+    with pytest.raises(quant.RecipeError, match="clustering 'coremltools' is plain per-tensor k-means"):
+        quant.parse_recipe({"rules": [dict(rule, group_size=8)]})

@@ -124,3 +124,12 @@ def test_init_scales_x_T_and_img2img_noises_the_image():
     plan = sampler.plan(SCHEDULE, 10, strength=0.5)
     state = sampler.init(plan, x, image_latents=2 * x)
     np.testing.assert_allclose(state.x, 2 * x + plan.noise_level[0] * x, rtol=1e-6)
+
+
+def test_for_scheduler_is_the_checkpoints_own_scheduler():
+    """The sampler mirroring the diffusers scheduler a scheduler_config names (Apple's reading runs it)."""
+    assert samplers.for_scheduler({"_class_name": "PNDMScheduler", "skip_prk_steps": True}).name == "plms"
+    assert samplers.for_scheduler({"_class_name": "EulerDiscreteScheduler"}).name == "euler"
+    assert samplers.for_scheduler({"_class_name": "DPMSolverMultistepScheduler"}).name == "dpmpp_2m"
+    with pytest.raises(ValueError, match="'KDPM2DiscreteScheduler', which no sampler mirrors; known: DDIMScheduler"):
+        samplers.for_scheduler({"_class_name": "KDPM2DiscreteScheduler"})

@@ -52,7 +52,7 @@ def evaluator(xl):
 
 def test_evaluator_generations_are_diffusers_xl_pipelines(xl, evaluator):
     """The float reference the report compares every recipe with is StableDiffusionXLPipeline's
-    output for the same x_T: final images, and the one-step latents of Apple's protocol."""
+    output for the same x_T: final images, and sdjax's one-step latents (a 1-step plan of the sampler)."""
     _, ref, pipe = xl
     ev, s = evaluator, _size(pipe)
     pairs = ev.s.pairs

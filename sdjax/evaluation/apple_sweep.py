@@ -1,0 +1,101 @@
+"""Apple's mixed-bit pre-analysis on an sdjax model, as Apple runs it (see ``apple``): its candidates,
+clustering, sweeps on Apple's reading, baselines and recipes, and the recipe files it gives."""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+
+import quant
+from quant import mixed_bit
+from sdjax import nn
+
+from .apple import APPLE_RECIPES, apple_min_size, module_order
+from .layer_sweep import LayerSweep
+
+
+class AppleSweep(LayerSweep):
+    """Apple's pre-analysis on the selection pairs' prompts (``ev``: the selection Evaluator, whose
+    ``apple`` reading it measures with): candidates, clustering, sweeps, baselines as Apple's
+    (module docstring). Kept in OUT/state/sensitivity-apple.json; recipes from ``recipes()``."""
+
+    file_name = "sensitivity-apple.json"
+
+    def __init__(self, ev, state, progress=True, min_size=None, nbits=mixed_bit.NBITS, cache=None):
+        unet = ev.pipe.params["unet"]
+        self.min_size = apple_min_size(unet) if min_size is None else float(min_size)
+        # Apple's candidates: "numel() > min_size"; LayerSweep takes layers with more than an int
+        super().__init__(ev, state, progress, candidate_min=int(math.floor(self.min_size)), nbits=nbits, cache=cache,
+                         file=self.file_name)
+        self.layers = module_order(self.layers)
+        self.tie_order = self.layers
+        self.reading = ev.apple
+
+    def palettized(self, layer, nbits):
+        ck = quant.apply.cache_key("unet", layer, "palettize", {"nbits": nbits, "clustering": "coremltools"})
+        pw = self.cache.get(ck)
+        if pw is None:
+            pw = self.cache[ck] = quant.palettize.coremltools_kmeans(np.asarray(self.flat[layer + ".weight"]), nbits)
+        return pw
+
+    def measure(self, assignment):
+        return self.reading.psnr(self.unet_with(assignment), unet_only=True)
+
+    def baselines(self):
+        b = self.data.setdefault("baselines", {})
+        if "original" not in b:
+            f16 = jax.tree.map(lambda a: np.asarray(a, np.float16).astype(np.float32), self.unet)
+            b["original"] = self.measure_params(f16)
+        if "linear8" not in b:
+            flat = {k: (mixed_bit.apple_linear8(v).astype(np.float32) if k.endswith(".weight") else v)
+                    for k, v in self.flat.items()}
+            b["linear8"] = self.measure_params(nn.unflatten(flat))
+        self._save(force=True)
+        return b
+
+    def measure_params(self, unet_params):
+        return self.reading.psnr(unet_params, unet_only=True)
+
+    def recipes(self, num=APPLE_RECIPES):
+        """[(name, {layer: nbits}, Apple's bits)]: Apple's recipes at its thresholds, largest first,
+        each named ``apple-mbp-B`` by Apple's bits (repeats dropped)."""
+        base = self.baselines()
+        cumul = self.cumulative(self.single())
+        out, seen = [], set()
+        for r in mixed_bit.apple_recipes(cumul, base["original"], base["linear8"], num=num):
+            r = {k: int(v) for k, v in r.items()}
+            bits = mixed_bit.average_bits(r, self.numel)
+            name = f"apple-mbp-{bits:.2f}"
+            if name not in seen:
+                seen.add(name)
+                out.append((name, r, bits))
+        return out
+
+
+def recipe_rules(name, assignment):
+    """An sdjax recipe dict of Apple's ``{layer: nbits}`` palettized as Apple's pre-analysis does
+    (per tensor, coremltools' clustering); 16 stays float (a recipe keeping every layer float, Apple's
+    first at the threshold ``original - 1`` when no layer passes it, is one "float" rule)."""
+    rules = [{"pattern": n, "method": "palettize", "nbits": int(b), "clustering": "coremltools"}
+             for n, b in module_order_items(assignment) if int(b) < mixed_bit.FLOAT_BITS]
+    return {"name": name, "components": ["unet"], "source": "sdjax eval (apple-mbp)",
+            "rules": rules or [{"pattern": "*", "method": "float"}]}
+
+
+def module_order_items(assignment):
+    return [(n, assignment[n]) for n in module_order(assignment)]
+
+
+def apple_bits_of(rules_or_assignment, numel):
+    """Apple's bits (``nbits x numel`` over ``numel``'s layers, 16 for the rest) of an ``{layer: nbits}``
+    or of a recipe dict whose rules name layers exactly (palettize widths; other methods count 16)."""
+    if "rules" in rules_or_assignment:
+        a = {}
+        for r in rules_or_assignment["rules"]:
+            if r.get("method") == "palettize" and re.fullmatch(r"[\w.]+", r.get("pattern", "")) and r["pattern"] in numel:
+                a.setdefault(r["pattern"], int(r["nbits"]))
+    else:
+        a = {k: int(v) for k, v in rules_or_assignment.items() if k in numel}
+    return mixed_bit.average_bits(a, numel)
