@@ -22,14 +22,15 @@ from sdjax.evaluation import figures
 from sdjax.evaluation.results import _num
 from sdjax.evaluation.state import _safe
 
-COLUMNS = [("latent_psnr_1step_db", "1-step latent PSNR", "{:.1f}"), ("final_latent_psnr_db", "final latent PSNR", "{:.1f}"),
+COLUMNS = [("apple_latent_psnr_db", "Apple's reading", "{:.1f}"), ("latent_psnr_1step_db", "1-step latent PSNR", "{:.1f}"),
+           ("final_latent_psnr_db", "final latent PSNR", "{:.1f}"),
            ("image_psnr_db", "image PSNR", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"), ("adherence", "all five", "{:.3f}")]
 
 
 def table(report) -> str:
     """Every recipe's row (and the float model's adherence) as Markdown."""
     keys = [c for c in COLUMNS if any(c[0] in r["metrics"] for r in report["recipes"])]
-    head = ["recipe", "bits/weight (all / candidates)"] + [c[1] for c in keys]
+    head = ["recipe", "bits/weight (all / candidates / Apple's)"] + [c[1] for c in keys]
     rows = [head, ["---"] * len(head)]
     fm = (report.get("float") or {}).get("metrics") or {}
 
@@ -38,7 +39,8 @@ def table(report) -> str:
         return ["" if v is None else f.format(v) for v, (_, _, f) in zip(vals, keys)]
     rows.append(["float model", "32"] + cells(fm, only={"adherence"}))
     for r in report["recipes"]:
-        rows.append([r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}"] + cells(r["metrics"]))
+        apple = f" / {r['apple_bits']:.2f}" if r.get("apple_bits") is not None else ""
+        rows.append([r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}{apple}"] + cells(r["metrics"]))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -120,7 +120,7 @@ def test_init_from_and_noise_offset(whole, tmp_path):
     from sdjax import nn
     src = sdjax.load(str(whole / "model"), progress=False)
     runs = {}
-    for name, extra in (("plain", []), ("offset", ["--noise-offset", "0.1"])):
+    for name, extra in (("plain", []), ("offset", ["--noise-offset", "0.1"]), ("shape", ["--shape-weight", "4"])):
         out = tmp_path / name
         assert train_reference.main(["--out", str(out), *FAST, "--init-from", str(whole / "model"),
                                      "--freeze-text-encoder", *extra]) == 0
@@ -136,6 +136,8 @@ def test_init_from_and_noise_offset(whole, tmp_path):
     moved = max(float(np.abs(np.asarray(p[k]) - np.asarray(s[k])).max()) for k in s)
     assert 0 < moved < 0.05
     assert any(not np.array_equal(np.asarray(p[k]), np.asarray(o[k])) for k in p)
+    w = nn.flatten(runs["shape"].params["unet"])   # --shape-weight reweighs the loss: other weights
+    assert any(not np.array_equal(np.asarray(p[k]), np.asarray(w[k])) for k in p)
     with pytest.raises(SystemExit):
         train_reference.main(["--out", str(tmp_path / "bad"), *FAST, "--init-from", str(whole / "model"),
                               "--unet-config", '{"attention_head_dim": 2}'])
@@ -152,3 +154,16 @@ def test_vae_config(tmp_path):
     for bad in (["--vae-config", "[1]"], ["--vae-config", '{"layers_per_block": 2}', "--vae-from", str(out / "model")]):
         with pytest.raises(SystemExit):
             train_reference.main(["--out", str(tmp_path / "bad"), *FAST, *bad])
+
+
+def test_shape_cells_mark_the_latent_cells_the_shape_touches():
+    """--shape-weight's mask: a latent cell (4 x 4 pixels) is 1 where any of its pixels is not the
+    caption's background colour, i.e. where the rendered shape covers it at all."""
+    from sdjax import shapes
+    images, captions = shapes.batch(3, 0, 6)
+    cells = train_reference.shape_cells(images, captions, 4)
+    assert cells.shape == (6, 16, 16, 1) and set(np.unique(cells)) <= {0.0, 1.0}
+    for img, cap, c in zip(images, captions, cells):
+        bg = np.asarray(shapes.BACKGROUNDS[shapes.parse_caption(cap).background], np.float32) / 255
+        touched = (np.abs(img - bg).max(-1) > 1e-3).reshape(16, 4, 16, 4).any((1, 3))
+        assert np.array_equal(c[..., 0] > 0, touched) and 0 < c.mean() < 0.5
