@@ -30,7 +30,8 @@ COLUMNS = [("apple_latent_psnr_db", "Apple's reading", "{:.1f}"), ("latent_psnr_
 def table(report) -> str:
     """Every recipe's row (and the float model's adherence) as Markdown."""
     keys = [c for c in COLUMNS if any(c[0] in r["metrics"] for r in report["recipes"])]
-    head = ["recipe", "bits/weight (all / candidates / Apple's)"] + [c[1] for c in keys]
+    apple = any(r.get("apple_bits") is not None for r in report["recipes"])
+    head = ["recipe", "bits/weight (all / candidates" + (" / Apple's)" if apple else ")")] + [c[1] for c in keys]
     rows = [head, ["---"] * len(head)]
     fm = (report.get("float") or {}).get("metrics") or {}
 
@@ -39,8 +40,8 @@ def table(report) -> str:
         return ["" if v is None else f.format(v) for v, (_, _, f) in zip(vals, keys)]
     rows.append(["float model", "32"] + cells(fm, only={"adherence"}))
     for r in report["recipes"]:
-        apple = f" / {r['apple_bits']:.2f}" if r.get("apple_bits") is not None else ""
-        rows.append([r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}{apple}"] + cells(r["metrics"]))
+        ab = f" / {r['apple_bits']:.2f}" if r.get("apple_bits") is not None else ""
+        rows.append([r["name"], f"{r['avg_bits']:.2f} / {r['avg_bits_candidates']:.2f}{ab}"] + cells(r["metrics"]))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
