@@ -3,7 +3,6 @@ clustering, sweeps on Apple's reading, baselines and recipes, and the recipe fil
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import numpy as np
@@ -79,23 +78,6 @@ def recipe_rules(name, assignment):
     (per tensor, coremltools' clustering); 16 stays float (a recipe keeping every layer float, Apple's
     first at the threshold ``original - 1`` when no layer passes it, is one "float" rule)."""
     rules = [{"pattern": n, "method": "palettize", "nbits": int(b), "clustering": "coremltools"}
-             for n, b in module_order_items(assignment) if int(b) < mixed_bit.FLOAT_BITS]
+             for n, b in ((n, assignment[n]) for n in module_order(assignment)) if int(b) < mixed_bit.FLOAT_BITS]
     return {"name": name, "components": ["unet"], "source": "sdjax eval (apple-mbp)",
             "rules": rules or [{"pattern": "*", "method": "float"}]}
-
-
-def module_order_items(assignment):
-    return [(n, assignment[n]) for n in module_order(assignment)]
-
-
-def apple_bits_of(rules_or_assignment, numel):
-    """Apple's bits (``nbits x numel`` over ``numel``'s layers, 16 for the rest) of an ``{layer: nbits}``
-    or of a recipe dict whose rules name layers exactly (palettize widths; other methods count 16)."""
-    if "rules" in rules_or_assignment:
-        a = {}
-        for r in rules_or_assignment["rules"]:
-            if r.get("method") == "palettize" and re.fullmatch(r"[\w.]+", r.get("pattern", "")) and r["pattern"] in numel:
-                a.setdefault(r["pattern"], int(r["nbits"]))
-    else:
-        a = {k: int(v) for k, v in rules_or_assignment.items() if k in numel}
-    return mixed_bit.average_bits(a, numel)
