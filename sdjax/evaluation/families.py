@@ -76,20 +76,21 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
     conv/linear layer's weight count); role: a key of ``ROLES``.
 
     Our allocator's size-matched recipes take the sizes of Apple's own recipes (apple-mbp) when they are
-    wanted, else of apple-rule's: the same stored bytes over the whole UNet's conv/linear weights, under
-    the Apple recipe's tag."""
+    wanted, else of Apple's rule on sdjax's sweep (apple-rule's, computed even when apple-rule itself is not
+    wanted): the same stored bytes over the whole UNet's conv/linear weights, under the Apple recipe's tag."""
     numel_all = dict(numel_all or S.numel)
     out, sizes = [], []          # sizes: (tag, stored bits over every conv/linear layer)
     if A is not None:
         for name, a, _bits in A.recipes():
             out.append((name, recipe_rules(name, a), "apple"))
             sizes.append((name[len("apple-mbp-"):], _stored_total(a, A, numel_all)))
-    if "apple-rule" in want:
+    if "apple-rule" in want or A is None:   # without apple-mbp, ours take apple-rule's sizes (as before it)
         base = S.baselines()
         for a in mixed_bit.apple_recipes(S.cumulative(S.single()), base["original"], base["linear8"], num=7):
             a = {k: int(v) for k, v in a.items()}
             tag = f"{mixed_bit.average_bits(a, S.numel):.2f}"   # Apple's bits over the candidates
-            out.append((f"apple-rule-{tag}", a, "apple-rule"))
+            if "apple-rule" in want:
+                out.append((f"apple-rule-{tag}", a, "apple-rule"))
             if A is None:
                 sizes.append((tag, _stored_total(a, S, numel_all)))
     # our families: (prefix, sweep, its single-layer PSNRs, recipe maker, largest Apple size served)
@@ -101,7 +102,7 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
         if bits >= mixed_bit.FLOAT_BITS:   # an Apple recipe keeping every layer float: nothing to allocate
             continue
         for prefix, sweep_, sens, make, max_bits in ours:
-            if total / sum(numel_all.values()) <= max_bits:
+            if float(tag) <= max_bits:   # the Apple recipe's own bits
                 pick = allocation.allocate(sens, sweep_.numel, bits, cost_bits=sweep_.cost_bits, nbits=sweep_.nbits)
                 out.append((f"{prefix}-{tag}", make(f"{prefix}-{tag}", {k: int(v) for k, v in pick.items()}), "size"))
     # the smallest of each family's recipes that keeps uniform 6-bit palettization's quality on the

@@ -16,7 +16,7 @@ from sdjax.evaluation import fisher, sweep
 from sdjax.evaluation.evaluator import Evaluator, Settings
 from sdjax import shapes
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 PROMPTS = ("a large red circle in the center on a white background",
            "a small blue square at the top left on a black background",
            "a large green triangle at the bottom right on a gray background")
