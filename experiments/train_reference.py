@@ -370,6 +370,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.devices < 1:
         ap.error(f"--devices {args.devices}: must be >= 1")
+    if not args.shape_weight >= 0:
+        ap.error(f"--shape-weight {args.shape_weight}: must be >= 0 (the shape's cells weigh 1 + this)")
     ndev = len(jax.devices())
     for name in ("vae_batch", "unet_batch"):
         if getattr(args, name) % ndev:

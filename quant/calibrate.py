@@ -160,6 +160,12 @@ def layer_names(params):
     return out
 
 
+def layer_numel(params):
+    """``{name: number of weights}`` of the conv/linear layers in ``params`` (``layer_names``' order)."""
+    flat = nn.flatten(params)
+    return {n: int(np.prod(flat[n + ".weight"].shape)) for n in layer_names(params)}
+
+
 def observe(params, run, names=None):
     """Run ``run(params)`` with probes on the chosen layers -> ``{layer name: LayerStats}``.
 

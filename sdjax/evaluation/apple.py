@@ -46,7 +46,7 @@ import numpy as np
 import quant
 import samplers
 from quant import metrics, mixed_bit
-from sdjax import conditioning, nn
+from sdjax import conditioning
 from sdjax.generate import denoise, initial_noise
 
 APPLE_PROMPTS = 8        # RANDOM_TEST_DATA: Apple's 8 prompts
@@ -83,15 +83,10 @@ def module_order(layers):
     return sorted(layers, key=_order_key)
 
 
-def conv_linear_numel(unet_params):
-    flat = nn.flatten(unet_params)
-    return {n: int(np.prod(flat[n + ".weight"].shape)) for n in quant.calibrate.layer_names(unet_params)}
-
-
 def apple_min_size(unet_params):
     """Apple's ``PALETTIZE_MIN_SIZE`` (1e5, for SD-sized UNets) scaled by this UNet's conv/linear weight
     count over SD 1.5's; 1e5 itself for a UNet at least SD 1.5's size (SDXL: Apple's own runs)."""
-    total = sum(conv_linear_numel(unet_params).values())
+    total = sum(quant.calibrate.layer_numel(unet_params).values())
     return mixed_bit.APPLE_MIN_SIZE * min(1.0, total / SD15_UNET_CONV_LINEAR)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 
 import quant
@@ -13,6 +12,7 @@ from sdjax import nn
 
 from .apple import APPLE_RECIPES, apple_min_size, module_order
 from .layer_sweep import LayerSweep
+from .state import EvalError
 
 
 class AppleSweep(LayerSweep):
@@ -23,6 +23,8 @@ class AppleSweep(LayerSweep):
     file_name = "sensitivity-apple.json"
 
     def __init__(self, ev, state, progress=True, min_size=None, nbits=mixed_bit.NBITS, cache=None):
+        if ev.apple is None:
+            raise EvalError(f"apple-mbp: {ev.apple_unavailable}")
         unet = ev.pipe.params["unet"]
         self.min_size = apple_min_size(unet) if min_size is None else float(min_size)
         # Apple's candidates: "numel() > min_size"; LayerSweep takes layers with more than an int
@@ -39,23 +41,14 @@ class AppleSweep(LayerSweep):
             pw = self.cache[ck] = quant.palettize.coremltools_kmeans(np.asarray(self.flat[layer + ".weight"]), nbits)
         return pw
 
-    def measure(self, assignment):
-        return self.reading.psnr(self.unet_with(assignment), unet_only=True)
-
-    def baselines(self):
-        b = self.data.setdefault("baselines", {})
-        if "original" not in b:
-            f16 = jax.tree.map(lambda a: np.asarray(a, np.float16).astype(np.float32), self.unet)
-            b["original"] = self.measure_params(f16)
-        if "linear8" not in b:
-            flat = {k: (mixed_bit.apple_linear8(v).astype(np.float32) if k.endswith(".weight") else v)
-                    for k, v in self.flat.items()}
-            b["linear8"] = self.measure_params(nn.unflatten(flat))
-        self._save(force=True)
-        return b
-
     def measure_params(self, unet_params):
+        """Apple's reading of UNet params (``apple.AppleReading.psnr``)."""
         return self.reading.psnr(unet_params, unet_only=True)
+
+    def linear8_unet(self):
+        """Apple's "linear_8bit" baseline: every UNet weight, norms included, through ``apple_linear8``."""
+        return nn.unflatten({k: (mixed_bit.apple_linear8(v).astype(np.float32) if k.endswith(".weight") else v)
+                             for k, v in self.flat.items()})
 
     def recipes(self, num=APPLE_RECIPES):
         """[(name, {layer: nbits}, Apple's bits)]: Apple's recipes at its thresholds, largest first,

@@ -126,9 +126,17 @@ class Evaluator:
         self.n1 = min(settings.n_one_step, self.n)
         t0 = time.perf_counter()
         # ``reference``: the float outputs from an earlier run (``self.reference``), not recomputed
-        self.apple = AppleReading(pipe, cycled(settings.prompts), batch=self.batch, reference=None if reference is None else reference.get("apple_latents"))
+        # Apple's reading runs the checkpoint's own scheduler: one no sampler mirrors (or a setting one does
+        # not implement) leaves it out (``apple_unavailable`` says why) instead of stopping the evaluation
+        self.apple, self.apple_unavailable = None, None
+        try:
+            self.apple = AppleReading(pipe, cycled(settings.prompts), batch=self.batch,
+                                      reference=None if reference is None else reference.get("apple_latents"))
+        except ValueError as e:
+            self.apple_unavailable = f"Apple's reading needs the checkpoint's own scheduler: {e}"
         self.reference = dict(reference) if reference is not None else self.outputs(pipe.params, desc="float model")
-        self.reference["apple_latents"] = self.apple.reference
+        if self.apple is not None:
+            self.reference["apple_latents"] = self.apple.reference
         # noise-prediction samples: the float model's own final latents, one stratified t per pair
         from .calibration import noise_schedule
         abar, _ = noise_schedule(pipe.scheduler_config)
@@ -217,7 +225,8 @@ class Evaluator:
         out["images"] = self._images(self._decoder(params), out["final_latents"])
         steps.update()
         steps.close()
-        out["apple_latents"] = self.apple.reference if params is self.pipe.params else self.apple.latents(params)
+        if self.apple is not None:
+            out["apple_latents"] = self.apple.reference if params is self.pipe.params else self.apple.latents(params)
         if hasattr(self, "noise_inputs"):
             out["eps"] = self._eps(params, pos)
         return out
@@ -276,14 +285,18 @@ class Evaluator:
         ref = self.reference
         bad = []
         for key in ("one_step_latents", "apple_latents", "final_latents", "images", "eps"):
+            if key not in out:   # apple_latents without Apple's reading
+                continue
             r = metrics.finite_report(out[key])
             if not r["finite"]:
                 bad.append(f"{key}: {r['nan']} NaN, {r['inf']} Inf")
         m = {
             "noise_psnr_db": metrics.noise_psnr_db(ref["eps"], out["eps"]),
             "latent_psnr_1step_db": metrics.latent_psnr_db(ref["one_step_latents"], out["one_step_latents"]),
-            "apple_latent_psnr_db": metrics.apple_psnr_db(ref["apple_latents"], out["apple_latents"]),
-        } | self._final_metrics(out["final_latents"], out["images"])
+        }
+        if "apple_latents" in out:
+            m["apple_latent_psnr_db"] = metrics.apple_psnr_db(ref["apple_latents"], out["apple_latents"])
+        m |= self._final_metrics(out["final_latents"], out["images"])
         images_ok = bool(np.isfinite(out["images"]).all())
         if adherence is not None:
             m["adherence"] = adherence(out["images"], self.prompts) if images_ok else None

@@ -41,14 +41,12 @@ class LayerSweep:
         self.cache = {} if cache is None else cache
         self.nbits = tuple(nbits)
         self.unet = ev.pipe.params["unet"]
-        flat = nn.flatten(self.unet)
-        self.flat = flat
-        self.layers = [n for n in calibrate.layer_names(self.unet)
-                       if int(np.prod(flat[n + ".weight"].shape)) > candidate_min]
+        self.flat = nn.flatten(self.unet)
+        self.numel = {n: k for n, k in calibrate.layer_numel(self.unet).items() if k > candidate_min}
+        self.layers = list(self.numel)
         if not self.layers:
             raise EvalError(f"no UNet conv/linear layer has more than {candidate_min} weights: nothing for "
                             "mixed-bit selection to choose")
-        self.numel = {n: int(np.prod(flat[n + ".weight"].shape)) for n in self.layers}
         self._deq, self._width = {}, None  # see quantized
         self.data = state.read(self.file) or {}
         self.data.setdefault("single", {})
@@ -99,8 +97,16 @@ class LayerSweep:
         return nn.unflatten(flat)
 
     def measure(self, assignment):
-        """sdjax's one-step PSNR (``latent_psnr_1step_db``) on the sweep's pairs."""
-        return self.ev.one_step_psnr(self.unet_with(assignment), pairs=self.pairs)
+        """The sweep's reading of the UNet with ``assignment`` palettized (``measure_params``)."""
+        return self.measure_params(self.unet_with(assignment))
+
+    def measure_params(self, unet_params):
+        """sdjax's one-step PSNR (``latent_psnr_1step_db``) of UNet params on the sweep's pairs."""
+        return self.ev.one_step_psnr(unet_params, pairs=self.pairs)
+
+    def linear8_unet(self):
+        """The UNet of the "linear8" baseline: sdjax's ``w8-int8`` preset."""
+        return quant.apply_recipe(self.unet, "w8-int8", component="unet")
 
     def quality(self, assignment, final=False):
         """{metric: value} on every selection pair: the one-step PSNR; with ``final`` also the final
@@ -119,10 +125,9 @@ class LayerSweep:
         b = self.data.setdefault("baselines", {})
         if "original" not in b:
             f16 = jax.tree.map(lambda a: np.asarray(a, np.float16).astype(np.float32), self.unet)
-            b["original"] = self.ev.one_step_psnr(f16, pairs=self.pairs)
+            b["original"] = self.measure_params(f16)
         if "linear8" not in b:
-            b["linear8"] = self.ev.one_step_psnr(quant.apply_recipe(self.unet, "w8-int8", component="unet"),
-                                                 pairs=self.pairs)
+            b["linear8"] = self.measure_params(self.linear8_unet())
         self._save(force=True)
         return b
 

@@ -66,7 +66,7 @@ from sdjax.version import __version__
 from . import report
 from .calibration import Calibration, hessian_run
 from .evaluator import Evaluator, Settings
-from .apple import apple_min_size, conv_linear_numel, module_order  # noqa: F401
+from .apple import apple_min_size, module_order  # noqa: F401
 from .apple_sweep import AppleSweep
 from .families import GENERATED, GPTQ_MAX_BITS, RENAMED, ROLES, family, gptq_recipe, mixed_recipes, quality_margin  # noqa: F401
 from .layer_sweep import CANDIDATE_MIN, FISHER_TIMESTEPS, SWEEP_PAIRS, LayerSweep  # noqa: F401
@@ -106,13 +106,12 @@ def avg_bits(unet_params, min_numel=0):
     """Stored bits per UNet conv/linear weight; float layers count 16. ``min_numel``: only layers with
     more weights than that (the mixed-bit candidates: Apple's recipes name their bits over those)."""
     flat = nn.flatten(unet_params)
-    weights = {name: flat[name + ".weight"] for name in calibrate.layer_names(unet_params)}
-    numel = {name: int(np.prod(w.shape)) for name, w in weights.items() if int(np.prod(w.shape)) > min_numel}
+    numel = {name: k for name, k in calibrate.layer_numel(unet_params).items() if k > min_numel}
     if not numel:
         return 0.0
 
     def stored(name, _nbits):  # what the weight holds, whatever a recipe asked of it
-        w = weights[name]
+        w = flat[name + ".weight"]
         return 8 * int(w.nbytes) if nn.is_quantized(w) else 16 * numel[name]
     return mixed_bit.average_bits({}, numel, stored)
 
@@ -257,7 +256,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         state.write(float_entry, "float.json")
 
     cache = {}  # quantized weights shared by the sensitivity sweep and every recipe
-    apple_numel = {n: k for n, k in conv_linear_numel(pipe.params["unet"]).items() if k > apple_min}
+    apple_numel = {n: k for n, k in calibrate.layer_numel(pipe.params["unet"]).items() if k > apple_min}
     roles = {}
     todo = [(n, r.to_json() if hasattr(r, "to_json") else r) for n, r in recipes if r is not None]
     want = {n for n, r in recipes if r is None}
@@ -282,7 +281,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         if saved is not None and saved.get("families") == key:
             mixed = [tuple(x) for x in saved["recipes"]]
         else:
-            mixed = mixed_recipes(S, want, G, A, conv_linear_numel(pipe.params["unet"]))
+            mixed = mixed_recipes(S, want, G, A, calibrate.layer_numel(pipe.params["unet"]))
             state.write({"families": key, "recipes": [list(x) for x in mixed]}, "mixed.json")
         if o.fisher:
             S.fisher(S.single(), sel.s.prompts)

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .families import quality_margin
 
 # the readings the allocator-vs-Apple target is checked on: (metric, label); SSIM as a dB margin
 # (``quality_margin``: 10 log10 of the dissimilarity ratio)
 VS_APPLE_READINGS = (("apple_latent_psnr_db", "Apple's reading"), ("latent_psnr_1step_db", "sdjax's one-step reading"),
                      ("final_latent_psnr_db", "final latents"), ("image_psnr_db", "images"), ("ssim", "SSIM"))
-
-
-def _margin(key, ours, apple):
-    if key == "ssim":
-        return 10 * np.log10(max(1 - apple, 1e-12) / max(1 - ours, 1e-12))
-    return ours - apple
 
 
 def vs_apple(results):
@@ -34,7 +29,7 @@ def vs_apple(results):
             for k, _ in VS_APPLE_READINGS:
                 pa, po = a["metrics"].get(k), o["metrics"].get(k)
                 if pa is not None and po is not None and np.isfinite(pa) and np.isfinite(po):
-                    m[k] = float(_margin(k, po, pa))
+                    m[k] = quality_margin({k: po}, {k: pa})
             rows.append((a["name"][len(prefix):], m))
         if rows:
             return prefix[:-1], rows

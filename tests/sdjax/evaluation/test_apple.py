@@ -91,7 +91,7 @@ def test_apple_sweep_candidates_baselines_and_recipes(tmp_path):
     sel = sweep.selection(pipe, ["a small green triangle at the top right on a white background"], settings, state,
                           progress=False)
     A = AppleSweep(sel, state, progress=False, min_size=60000, nbits=(2, 8))
-    numel = {n: k for n, k in sweep.conv_linear_numel(pipe.params["unet"]).items() if k > 60000}
+    numel = {n: k for n, k in calibrate.layer_numel(pipe.params["unet"]).items() if k > 60000}
     assert A.layers == module_order(numel) and A.numel == numel and len(numel) == 3
     assert sel.apple.prompts == tuple([sel.s.prompts[0]] * 8)
     base = A.baselines()
@@ -112,3 +112,18 @@ def test_apple_sweep_candidates_baselines_and_recipes(tmp_path):
     B = AppleSweep(sel, state, progress=False, min_size=60000, nbits=(2, 8))
     B.measure = lambda a: (_ for _ in ()).throw(AssertionError("recomputed"))
     assert B.recipes() == recipes
+
+
+def test_a_scheduler_no_sampler_mirrors_leaves_apples_reading_out(tmp_path):
+    """A checkpoint whose own scheduler sdjax does not mirror is still evaluated (every other reading);
+    Apple's reading is left out and apple-mbp is refused with the reason."""
+    pipe = sdjax.load(None, progress=False)
+    pipe = dataclasses.replace(pipe, scheduler_config=dict(pipe.scheduler_config, _class_name="KDPM2DiscreteScheduler"))
+    settings = sweep.Settings(prompts=("a large red circle in the center on a white background",), steps=2)
+    ev = sweep.Evaluator(pipe, settings, progress=False)
+    assert ev.apple is None and "KDPM2DiscreteScheduler" in ev.apple_unavailable
+    m, bad = ev.metrics(ev.outputs(pipe.params))
+    assert bad is None and "apple_latent_psnr_db" not in m and m["latent_psnr_1step_db"] == np.inf
+    with pytest.raises(sweep.EvalError, match="apple-mbp: Apple's reading needs the checkpoint's own scheduler: "
+                                              "scheduler_config names scheduler 'KDPM2DiscreteScheduler'"):
+        AppleSweep(ev, sweep.State(str(tmp_path)), progress=False)
