@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, eval as eval_cmd, export_coreml, generate, inspect, quantize
+from . import convert, eval as eval_cmd, export_coreml, generate, inspect, quantize, report
 from .common import UsageError
 
-COMMANDS = (generate, inspect, quantize, eval_cmd, export_coreml, convert)
+COMMANDS = (generate, inspect, quantize, eval_cmd, report, export_coreml, convert)
 
 
 def build_parser():

@@ -130,6 +130,21 @@ def run(args):
         return
     _print_eval_summary(results)
     print(f"wrote {os.path.join(args.out, 'report.md')} (and report.json, plots, grids)")
+    _write_html(args.out)
+
+
+def _write_html(out):
+    """report.html, the page `sdjax report` writes, from the folder just finished; like a plot that fails,
+    a page that cannot be written is warned about without losing the rest of the report."""
+    import sys
+    from sdjax.evaluation import html_report
+    try:
+        written = html_report.write_html(out)
+    except (html_report.ReportError, OSError) as e:
+        print(f"sdjax eval: warning: report.html not written: {e}", file=sys.stderr)
+        return
+    print(f"wrote {written['html']}, the report as one page for a browser ({written['bytes'] / 1e6:.1f} MB with "
+          f"{html_report.FILES_DIR}/)")
 
 
 def _eval_prompts(args):
