@@ -14,25 +14,24 @@ Every figure is measured on the quantized model end to end, against the float mo
 Mixed-bit recipes are chosen on selection pairs (the calibration prompts with other x_T), never on
 the evaluation pairs measured here (``sdjax.evaluation.sweep``'s docstring says why). Measured (embedded model,
 defaults: 24 prompts x 2 seeds, 25 steps DPM++ 2M, guidance 7.5; 2-core CPU; the same run as README's
-``sdjax eval -o eval-out``, 13 min 08 s; this script on the finished folder: 7 s), each cell Apple / sdjax in
-dB (SSIM as is):
+``sdjax eval -o eval-out``, 13 min 52 s; this script on the finished folder: seconds), each cell Apple / sdjax
+in dB (SSIM as is):
 
     Apple bits  stored      Apple's reading         sdjax 1-step        final latents               images                 SSIM
-          6.83    7.05      72.22/73.66          39.53/48.76          45.22/49.33          49.95/53.88         0.9991/0.9996
-          8.04    8.25      77.41/80.26          44.05/54.86          51.29/55.10          55.16/59.25         0.9996/0.9999
-         10.35   10.51      81.33/86.57          49.82/59.81          55.84/63.42          60.03/68.28         0.9999/1.0000
-         11.79   11.93      87.59/92.44          51.11/66.07          61.22/67.81          65.80/71.57         1.0000/1.0000
-         13.64   13.75      91.51/97.08          56.70/70.61          65.54/73.50          70.07/77.14         1.0000/1.0000
-         14.51   14.58      96.72/98.77          57.67/74.33          68.81/76.69          72.93/81.33         1.0000/1.0000
-         15.27   15.33     101.21/102.91         66.23/76.81          74.34/79.36          79.28/84.93         1.0000/1.0000
+          6.83    7.05      72.22/73.66          39.53/48.76          45.22/49.33          49.42/53.52         0.9990/0.9995
+          8.04    8.25      77.41/80.26          44.05/54.86          51.29/55.10          54.57/58.82         0.9996/0.9999
+         10.35   10.51      81.33/86.57          49.82/59.81          55.84/63.42          59.32/68.01         0.9998/1.0000
+         11.79   11.93      87.59/92.44          51.11/66.07          61.22/67.81          65.22/70.99         1.0000/1.0000
+         13.64   13.75      91.51/97.08          56.70/70.61          65.54/73.50          69.37/76.61         1.0000/1.0000
+         14.51   14.58      96.72/98.77          57.67/74.33          68.81/76.69          72.06/81.42         1.0000/1.0000
+         15.27   15.33     101.21/102.91         66.23/76.81          74.34/79.36          78.66/85.22         1.0000/1.0000
 
     all five "sdjax allocator vs Apple's pre-analysis" targets PASS (+1.44 to +5.56 dB on Apple's reading,
-    +9.23 to +16.67 on sdjax's, +3.81 to +7.96 final latents, +3.93 to +8.40 images, +3.38 to +8.71 SSIM).
-    uniform 6-bit (38.95 dB) at <= 4.5 bits: FAIL; the smallest GPTQ recipe chosen for it,
-    mixed-gptq-u6-4.35, is 38.89 dB on the evaluation pairs; with the final latents', images' PSNR and SSIM
-    too: FAIL (the smallest keeping all four is mixed-gptq-u6img-5.02). k-means alone: mixed-sdjax-u6-5.19
-    chosen, 37.15 dB on the evaluation pairs.
-    Fisher estimate vs measured per-layer sensitivity: Spearman 0.49-0.63; 26 s vs 81 s.
+    +9.23 to +16.67 on sdjax's, +3.81 to +7.96 final latents, +4.10 to +9.36 images, +3.49 to +9.40 SSIM).
+    uniform 6-bit (38.95 dB) at <= 4.5 bits: PASS, mixed-gptq-u6-4.42, 40.00 dB on the evaluation pairs;
+    with the final latents', images' PSNR and SSIM too: FAIL by 0.01 bits (the smallest keeping all four is
+    mixed-gptq-u6img-4.51). k-means alone: mixed-sdjax-u6-5.19 chosen, 37.15 dB on the evaluation pairs.
+    Fisher estimate vs measured per-layer sensitivity: Spearman 0.49-0.65; 28 s vs 83 s.
 
     python experiments/quality_vs_bits.py                                   # runs/quality_vs_bits
     python experiments/quality_vs_bits.py --n-prompts 48 --seeds 0,1,2 --out runs/qvb_large

@@ -22,18 +22,22 @@ prints a table with sensitive - plain, and writes ``--json`` and a plot (``--plo
     python experiments/sensitive_kmeans.py --json runs/sensitive_kmeans.json --plot runs/sensitive_kmeans.png
     python experiments/sensitive_kmeans.py --quick --json /tmp/q.json       # smoke run (tests)
 
-Measured (embedded reference model, 64 calibration captions x 8 timesteps = 512 samples, x0
-self-generated; 120 other captions for evaluation, 256 SQNR triples, 25 steps dpmpp_2m, guidance 7.5;
-2-core CPU, 7.0 min of which the Fisher 45 s). adherence p/s: plain/sensitive:
+Measured (embedded reference model with today's decoder, 64 calibration captions x 8 timesteps = 512
+samples, x0 self-generated; 120 other captions for evaluation, 256 SQNR triples, 25 steps dpmpp_2m, guidance
+7.5; 2-core CPU, 7 min 52 s and max RSS 2.17 GiB by ``/usr/bin/time -v``). adherence p/s: plain/sensitive:
 
     nbits  group bits/w | SQNR dB plain   sens   diff | latPSNR plain   sens   diff |   color p/s   shape p/s     all p/s  d all
-        2 tensor   2.00 |         10.43  11.12  +0.69 |         13.15  14.16  +1.01 | 0.667/0.767 0.733/0.800 0.142/0.283 +0.142
-        3 tensor   3.01 |         16.76  17.03  +0.27 |         23.30  23.51  +0.20 | 0.992/0.992 0.942/0.917 0.850/0.867 +0.017
-        4 tensor   4.02 |         22.42  22.35  -0.07 |         26.46  27.21  +0.74 | 1.000/0.992 0.942/0.917 0.883/0.883 +0.000
-        2     16   2.02 |         10.42  11.21  +0.79 |         12.59  13.69  +1.10 | 0.517/0.733 0.600/0.733 0.142/0.242 +0.100
-        3     16   3.05 |         17.32  17.92  +0.61 |         22.89  23.41  +0.52 | 0.992/0.992 0.933/0.925 0.833/0.875 +0.042
-        4     16   4.09 |         23.41  23.79  +0.38 |         29.57  28.38  -1.20 | 1.000/1.000 0.933/0.925 0.900/0.883 -0.017
-    float model adherence: color 1.000, shape 0.925, all 0.892
+        2 tensor   2.00 |         10.43  11.15  +0.72 |         13.15  14.51  +1.36 | 0.700/0.683 0.733/0.708 0.150/0.225 +0.075
+        3 tensor   3.01 |         16.76  16.93  +0.17 |         23.30  21.08  -2.23 | 0.992/0.992 0.925/0.967 0.833/0.758 -0.075
+        4 tensor   4.02 |         22.42  23.34  +0.92 |         26.46  27.09  +0.62 | 1.000/0.992 0.942/0.942 0.875/0.892 +0.017
+        2     16   2.02 |         10.42  11.54  +1.12 |         12.59  14.06  +1.47 | 0.533/0.783 0.592/0.758 0.150/0.325 +0.175
+        3     16   3.05 |         17.32  18.28  +0.96 |         22.89  23.76  +0.87 | 0.983/1.000 0.958/0.925 0.858/0.817 -0.042
+        4     16   4.09 |         23.41  24.18  +0.76 |         29.57  28.45  -1.13 | 1.000/1.000 0.942/0.925 0.900/0.900 +0.000
+    float model adherence: color 1.000, shape 0.942, all 0.908
+
+The plain columns are those of the run before the decoder fine-tune (the UNet is the same); the sensitive
+ones moved (SQNR -0.1..+0.8 then, +0.2..+1.1 dB now) because the Fisher's x0 come from the float model's
+generations through the VAE.
 
 One LUT per output channel (SqueezeLLM's granularity; ``--group-size 1``), measured on the previous
 reference model (the one that ignored position, so its "all" was capped near 0.2) and not rerun: 634 s on a
@@ -44,14 +48,14 @@ shared CPU; the LUTs cost extra bits on these small layers:
         4      1   5.49 |         26.59 27.95 +1.35 |         31.88 32.99 +1.11 | 1.000/1.000 0.875/0.892 0.192/0.175 -0.017
 
 Reading: the weighting lowers what it optimises, the Fisher-weighted weight error, by only 3-10%
-(ratios 0.97, 0.97, 0.94 per tensor and 0.96, 0.94, 0.91 at g16 for 2, 3, 4 bits), because in one
-dimension it only reshapes the value histogram, and a weight's sensitivity here hardly depends on its
-value. The noise-prediction SQNR gains -0.1..+0.8 dB; latent PSNR moves by -1.2..+1.1 dB. At 2 bits,
-where plain k-means breaks the images (all five attributes right on 0.14 of the pairs), the sensitive
-weighting doubles that (0.28 per tensor, 0.24 at g16; standard error about 0.035 at 120 pairs) and gains
-about 1 dB of latent PSNR; at 3 and 4 bits adherence differences are within that noise. So on this model
-sensitive k-means is a small gain in the UNet's output error that shows in the images only where the
-images are already broken.
+(ratios measured on the previous run: 0.97, 0.97, 0.94 per tensor and 0.96, 0.94, 0.91 at g16 for 2, 3, 4
+bits), because in one dimension it only reshapes the value histogram, and a weight's sensitivity here hardly
+depends on its value. The noise-prediction SQNR gains +0.2..+1.1 dB; latent PSNR moves by -2.2..+1.5 dB. At
+2 bits, where plain k-means breaks the images (all five attributes right on 0.15 of the pairs), the
+sensitive weighting raises that to 0.225 per tensor and 0.325 at g16 (standard error about 0.035 at 120
+pairs) and gains about 1.4 dB of latent PSNR; at 3 and 4 bits adherence moves by -0.075..+0.017, about
+within two standard errors. So on this model sensitive k-means is a small gain in the UNet's output error
+that shows in the images only where the images are already broken.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
     python experiments/train_reference.py --ship               # ... then copy the model into sdjax/
     python experiments/train_reference.py --init-from sdjax/reference_model --freeze-text-encoder \
         --noise-offset 0.1 --unet-steps 2500 --unet-lr 5e-4 --out runs/ft   # fine-tune a trained model
+    python experiments/train_reference.py --init-from sdjax/reference_model --freeze-text-encoder \
+        --unet-steps 0 --decoder-steps 2000 --decoder-latent-noise 0.8 --shape-weight 8   # the decoder only
 
 Stages (each resumes from its last checkpoint in --out; a finished stage is skipped):
 
@@ -17,6 +19,9 @@ Stages (each resumes from its last checkpoint in --out; a finished stage is skip
    encoder stops telling the position words apart and the UNet never learns position (README).
    The shipped UNet was then fine-tuned from that model (``--init-from``) with offset noise
    (``--noise-offset 0.1``), so that the caption, not the mean of x_T, decides a black or white background.
+4. Optionally (``--decoder-steps``), the VAE decoder alone, encoder frozen so the UNet's latents keep their
+   meaning, on latents with added noise (``--decoder-latent-noise``): the shipped decoder was fine-tuned so,
+   to draw small squares with straight sides from latents as imprecise as the UNet's (README).
 
 AdamW (optax) with warmup and cosine decay; EMA weights (``optax.incremental_update``) are what is
 exported. Everything derives from --seed: the data of step i is a function of (seed, i), so a resumed
@@ -195,6 +200,38 @@ def train_vae(args, vcfg):
     return state["ema"]
 
 
+def train_decoder(args, vparams, vcfg):
+    """Fine-tune the VAE's decoder (and post_quant_conv) with the encoder frozen: the latent space the
+    UNet was trained in stays exactly the same, only how latents are drawn into pixels improves. Same
+    reconstruction loss as the VAE stage on fresh scenes; the pixels of the latent cells that touch the
+    shape weigh 1 + --shape-weight (a small square is ~4% of the pixels, so the plain mean blurs its sides)."""
+    def loss_fn(p, batch, key):
+        images, weight = batch
+        x = images * 2 - 1
+        mean, logvar = jax.lax.stop_gradient(vae.encode(p, vcfg, x))
+        k1, k2, k3 = jax.random.split(key, 3)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k1, mean.shape)
+        if args.decoder_latent_noise:   # per image, std uniform in [0, noise] in scaled latent units
+            std = args.decoder_latent_noise * jax.random.uniform(k2, (z.shape[0], 1, 1, 1))
+            z = z + std / vcfg.scaling_factor * jax.random.normal(k3, z.shape)
+        rec = vae.decode(p, vcfg, z)
+        err = (rec - x) ** 2 + 0.5 * jnp.abs(rec - x)
+        return jnp.mean(weight * err) / jnp.mean(weight)
+
+    stage = Stage("decoder", args.out, vparams, loss_fn, args.vae_lr * 0.3, args.decoder_steps, 100, 0.99,
+                  args.save_every, frozen=("encoder", "quant_conv"))
+    b = args.vae_batch
+    down = vcfg.scale_factor
+
+    def make_batch(i):
+        images, caps = shapes.batch(args.seed + 4, i * b, b)
+        w = 1 + args.shape_weight * shape_cells(images, caps, down)
+        w = np.repeat(np.repeat(w, down, axis=1), down, axis=2)
+        return jnp.asarray(images), jnp.asarray(w)
+
+    return stage.run(make_batch, args.seed, args.interrupt_after)["ema"]
+
+
 def held_out(args, n, offset=10_000_000):
     """Scenes far from the training stream (index offset), for measurements."""
     return shapes.batch(args.seed + 1, offset, n)
@@ -361,15 +398,27 @@ def main(argv=None):
                          "(diffusers' --noise_offset): without it the mean of x_T, not the caption, decides "
                          "between a black and a white background (README)")
     ap.add_argument("--shape-weight", type=float, default=0.0,
-                    help="weigh the loss of the latent cells that touch the shape 1 + this (the rest 1): a "
-                         "small square covers ~10%% of the latent, so the plain mean spends little on its "
-                         "edges and draws it with pinched sides (README)")
+                    help="weigh the loss of the latent cells that touch the shape 1 + this (the rest 1), in "
+                         "the UNet stage and, over those cells' pixels, in --decoder-steps: a small square "
+                         "covers ~10%% of the latent, so the plain mean spends little on its edges (README)")
+    ap.add_argument("--decoder-steps", type=int, default=0,
+                    help="after the VAE is trained or loaded, fine-tune its decoder this many steps with the "
+                         "encoder frozen (the UNet's latent space is unchanged; --shape-weight weighs the "
+                         "shape's pixels; see --decoder-latent-noise) (README)")
+    ap.add_argument("--decoder-latent-noise", type=float, default=0.0,
+                    help="during --decoder-steps, add Gaussian noise to each latent with a std drawn uniformly "
+                         "in [0, this] (in the UNet's scaled latent units), so the decoder learns to draw the "
+                         "clean scene from a latent as imprecise as the UNet's (README)")
     ap.add_argument("--vae-from", default=None, metavar="DIR",
                     help="take the VAE (weights, config, scaling factor) from this diffusers folder instead of "
                          "training one (e.g. sdjax/reference_model)")
     args = ap.parse_args(argv)
     if args.devices < 1:
         ap.error(f"--devices {args.devices}: must be >= 1")
+    if args.decoder_steps < 0:
+        ap.error(f"--decoder-steps {args.decoder_steps}: must be >= 0")
+    if not args.decoder_latent_noise >= 0:
+        ap.error(f"--decoder-latent-noise {args.decoder_latent_noise}: must be >= 0 (a std)")
     if not args.shape_weight >= 0:
         ap.error(f"--shape-weight {args.shape_weight}: must be >= 0 (the shape's cells weigh 1 + this)")
     ndev = len(jax.devices())
@@ -414,12 +463,17 @@ def main(argv=None):
     else:
         vparams, sf = train_vae(args, vcfg), None
     log["vae_minutes"] = (time.time() - t0) / 60
-    images, _ = held_out(args, 256)
-    log["vae_psnr_db"] = vae_psnr(vparams, vcfg, images)
-    if sf is None:
+    if sf is None:   # the encoder's, so a decoder fine-tune below does not change it
         sf = scaling_factor(vparams, vcfg, args)
         vcfg = cfgs.vae_config({**vae_config, "scaling_factor": sf})
     log["scaling_factor"] = sf
+    images, _ = held_out(args, 256)
+    if args.decoder_steps:
+        log["vae_psnr_db_before_decoder"] = vae_psnr(vparams, vcfg, images)
+        t2 = time.time()
+        vparams = train_decoder(args, vparams, vcfg)
+        log["decoder_minutes"] = (time.time() - t2) / 60
+    log["vae_psnr_db"] = vae_psnr(vparams, vcfg, images)
     print(f"VAE: held-out PSNR {log['vae_psnr_db']:.2f} dB, scaling factor {sf:.5f}")
 
     unet_config = dict(UNET_CONFIG)

@@ -22,9 +22,12 @@ def test_report_has_adherence_and_shape_fit(tmp_path, capsys):
     for v in fit.values():       # dataset renderings of the asked shape fit it almost exactly
         assert v["n"] == 0 or (v["dataset"] >= 0.85 and 0.0 <= v["generated"] <= 1.0)
         assert v["n"] > 0 or math.isnan(v["dataset"])
+        assert v["n"] == 0 or 0.5 <= v["round_trip"] <= 1.0   # the VAE's own drawing of the dataset's shape
     sq = fit["square"]
     assert sq["n_small"] + sq["n_large"] == sq["n"]
     for size in ("small", "large"):
-        assert math.isnan(sq[f"sides_{size}"]) if sq[f"n_{size}"] == 0 else 0.0 <= sq[f"sides_{size}"] <= 1.0
+        for part in ("sides", "corners"):
+            for v in (sq[f"{part}_{size}"], sq[f"{part}_{size}_round_trip"]):
+                assert math.isnan(v) if sq[f"n_{size}"] == 0 else 0.0 <= v <= 1.0
     assert (tmp_path / "g.png").stat().st_size > 0
     assert "shape as drawn" in capsys.readouterr().out

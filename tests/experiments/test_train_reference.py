@@ -143,6 +143,38 @@ def test_init_from_and_noise_offset(whole, tmp_path):
                               "--unet-config", '{"attention_head_dim": 2}'])
 
 
+@pytest.mark.slow  # two decoder-only runs on top of the fixture's model
+def test_decoder_fine_tune_keeps_the_latent_space(whole, tmp_path):
+    """--decoder-steps trains the VAE's decoder (and post_quant_conv) only: the encoder, quant_conv, scaling
+    factor, UNet and text encoder come out bit-identical (--unet-steps 0), so the UNet's latents keep their
+    meaning; --decoder-latent-noise changes what the decoder learns."""
+    from sdjax import nn
+    src = sdjax.load(str(whole / "model"), progress=False)
+    runs = {}
+    for name, extra in (("plain", []), ("noisy", ["--decoder-latent-noise", "0.5", "--shape-weight", "4"])):
+        out = tmp_path / name
+        assert train_reference.main(["--out", str(out), *FAST, "--init-from", str(whole / "model"),
+                                     "--freeze-text-encoder", "--unet-steps", "0", "--decoder-steps", "3",
+                                     *extra]) == 0
+        assert (out / "decoder.msgpack").exists()
+        runs[name] = sdjax.load(str(out / "model"), progress=False)
+    for pipe in runs.values():
+        assert pipe.configs["vae"] == src.configs["vae"]   # scaling factor included
+        for part in ("text_encoder", "unet"):
+            a, b = nn.flatten(src.params[part]), nn.flatten(pipe.params[part])
+            assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a), part
+        a, b = nn.flatten(src.params["vae"]), nn.flatten(pipe.params["vae"])
+        same = {k for k in a if np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
+        assert {k for k in a if k.startswith(("encoder.", "quant_conv."))} <= same
+        assert any(k.startswith("decoder.") for k in set(a) - same)
+        assert any(k.startswith("post_quant_conv.") for k in set(a) - same)
+    p, q = (nn.flatten(runs[n].params["vae"]) for n in ("plain", "noisy"))
+    assert any(not np.array_equal(np.asarray(p[k]), np.asarray(q[k])) for k in p if k.startswith("decoder."))
+    for bad in (["--decoder-steps", "-1"], ["--decoder-latent-noise", "-0.1"]):
+        with pytest.raises(SystemExit):
+            train_reference.main(["--out", str(tmp_path / "bad"), *FAST, *bad])
+
+
 @pytest.mark.slow  # one more short run (both stages)
 def test_vae_config(tmp_path):
     """--vae-config changes the trained and exported VAE; it cannot be combined with a VAE taken from a folder."""
