@@ -11,7 +11,7 @@
 The workflows that drive a pipeline (calibration runs, Fisher sensitivities, the evaluator, sweeps,
 the report) live in ``sdjax.evaluation``, above this package.
 """
-from . import calibrate, gptq, int8, llm_int8, palettize  # noqa: F401
+from . import calibrate, finetune, gptq, int8, llm_int8, palettize  # noqa: F401
 from . import recipes  # noqa: F401  (the recipe format)
 from . import io  # noqa: F401
 from . import allocation, apply, mixed_bit  # noqa: F401
