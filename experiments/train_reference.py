@@ -204,7 +204,7 @@ def train_decoder(args, vparams, vcfg):
     """Fine-tune the VAE's decoder (and post_quant_conv) with the encoder frozen: the latent space the
     UNet was trained in stays exactly the same, only how latents are drawn into pixels improves. Same
     reconstruction loss as the VAE stage on fresh scenes; the pixels of the latent cells that touch the
-    shape weigh 1 + --shape-weight (a small square is ~4% of the pixels, so the plain mean blurs its sides)."""
+    shape weigh 1 + --shape-weight (a small square is ~6% of the pixels, so the plain mean blurs its sides)."""
     def loss_fn(p, batch, key):
         images, weight = batch
         x = images * 2 - 1

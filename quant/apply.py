@@ -46,6 +46,14 @@ def _targets(params, recipe, component):
     return [(component, params)], False
 
 
+def small_layer_threshold(recipe, rule, name, size):
+    """The weight threshold under which ``rule`` leaves layer ``name`` of ``size`` weights float, or None
+    when the rule applies: a layer of at most the rule's (else the recipe's) threshold stays float unless
+    the rule keeps it float anyway or names the layer exactly."""
+    thr = recipe.weight_threshold if rule.weight_threshold is None else rule.weight_threshold
+    return thr if rule.method != "float" and size <= thr and rule.pattern != name else None
+
+
 def plan(params, recipe, component=None, select=None):
     """{component: {layer: Assignment}} for every conv/linear layer the recipe looks at, after
     checking every rule (patterns matching nothing, group sizes); nothing is quantized.
@@ -77,9 +85,8 @@ def plan(params, recipe, component=None, select=None):
                 continue
             rule = hits[0]  # first match wins
             size = int(np.prod(w.shape))
-            thr = recipe.weight_threshold if rule.weight_threshold is None else rule.weight_threshold
-            explicit = rule.pattern == name
-            if rule.method != "float" and size <= thr and not explicit:
+            thr = small_layer_threshold(recipe, rule, name, size)
+            if thr is not None:
                 assign[name] = Assignment("float", {}, rule, f"small ({size} <= {thr} weights)")
                 continue
             opts = dict(rule.options)

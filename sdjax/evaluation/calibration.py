@@ -117,6 +117,22 @@ def generation_run(pipe, settings: Calibration):
     return run
 
 
+def noised_latents(pipe, settings: Calibration, x0):
+    """The self-generated latents ``x0`` of ``settings.prompts`` noised at ``settings.n_timesteps``
+    timesteps per prompt (``calibration_samples``, from ``settings.seed``) with the scheduler's alphas,
+    and the prompts' conditioning as their generation had it (SDXL: pooled embeds and time ids too):
+    ``(idx, t, xt, neg, pos)``, ``idx`` the prompt of each noised latent, ``neg`` / ``pos`` the negative
+    and the prompts' conditions (``conditioning.prompt_conditions``)."""
+    abar, _ = noise_schedule(pipe.scheduler_config)
+    idx, t, noise = calibration_samples(len(settings.prompts), settings.n_timesteps, x0.shape[1:], settings.seed,
+                                        len(abar))
+    a = abar[t][:, None, None, None]
+    xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)
+    h, w = x0.shape[1] * pipe.vae_scale_factor, x0.shape[2] * pipe.vae_scale_factor
+    neg, pos = conditioning.prompt_conditions(pipe, settings.prompts, settings.negative_prompt, h, w)
+    return idx, t, xt, neg, pos
+
+
 def hessian_run(pipe, settings: Calibration, progress=None):
     """``run(params)`` for ``quant.gptq.collect`` (or ``apply_recipe(hessian=run)``) that shows the
     UNet the inputs it serves: (1) the guided generation of the prompts, then (2) the generated
@@ -135,7 +151,6 @@ def hessian_run(pipe, settings: Calibration, progress=None):
     UNet's probes see inputs from (2), the text encoder's and VAE's from (1)."""
     prompts, n_t, batch = settings.prompts, settings.n_timesteps, settings.batch
     ucfg = pipe.configs["unet"]
-    abar, _ = noise_schedule(pipe.scheduler_config)
 
     def run(params):
         probed = _with_params(pipe, params)
@@ -146,12 +161,7 @@ def hessian_run(pipe, settings: Calibration, progress=None):
         x0 = self_generated_latents(probed, settings)
         bar.update(len(prompts))
         out = []
-        idx, t, noise = calibration_samples(len(prompts), n_t, x0.shape[1:], settings.seed, len(abar))
-        a = abar[t][:, None, None, None]
-        xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)
-        # the prompts' conditioning as the generation above had it (SDXL: pooled embeds and time ids too)
-        h, w = x0.shape[1] * probed.vae_scale_factor, x0.shape[2] * probed.vae_scale_factor
-        neg, pos = conditioning.prompt_conditions(probed, prompts, settings.negative_prompt, h, w)
+        idx, t, xt, neg, pos = noised_latents(probed, settings, x0)
         for start in range(0, len(t), batch):
             sel = slice(start, start + batch)
             n = len(t[sel])
@@ -166,4 +176,4 @@ def hessian_run(pipe, settings: Calibration, progress=None):
 
 
 __all__ = ["Calibration", "DEFAULT_TIMESTEPS", "calibration_samples", "generation_run", "hessian_run",
-           "noise_schedule", "self_generated_latents"]
+           "noise_schedule", "noised_latents", "self_generated_latents"]

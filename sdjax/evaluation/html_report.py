@@ -45,6 +45,7 @@ from importlib import resources
 import numpy as np
 
 import quant
+from quant.apply import small_layer_threshold
 from sdjax.files import StoreError, atomic_write_text, staged_path
 from sdjax.version import __version__
 
@@ -225,9 +226,8 @@ def layer_bits(results):
         for layer in layers:
             rule = next((x for x in rules if x.matches(layer, None)), None)
             n = numel[layer]
-            thr = None if rule is None else (recipe.weight_threshold if rule.weight_threshold is None
-                                             else rule.weight_threshold)
-            if rule is None or (rule.method != "float" and n is not None and n <= thr and rule.pattern != layer):
+            thr = None if rule is None or n is None else small_layer_threshold(recipe, rule, layer, n)
+            if rule is None or thr is not None:
                 bits.append(16), methods.append("float" if rule is None else f"float (<= {thr} weights)")
             else:
                 bits.append(_rule_bits(rule)), methods.append(rule.method)

@@ -40,7 +40,7 @@ from sdjax.files import atomic_write, atomic_write_json
 from sdjax.generate import check_int, unet_output
 from sdjax.nn import flatten
 
-from .calibration import Calibration, calibration_samples, noise_schedule, self_generated_latents
+from .calibration import Calibration, noised_latents, self_generated_latents
 
 SETTINGS_FILE = "settings.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
@@ -86,12 +86,7 @@ def training_samples(pipe, prompts, *, seed=0, n_timesteps=8, generation_steps=2
                       sampler=sampler, negative_prompt=negative_prompt, seed=seed, batch=batch,
                       n_timesteps=n_timesteps)
     x0 = self_generated_latents(pipe, cal, progress=progress)
-    abar, _ = noise_schedule(pipe.scheduler_config)
-    idx, t, noise = calibration_samples(len(cal.prompts), n_timesteps, x0.shape[1:], seed, len(abar))
-    a = abar[t][:, None, None, None]
-    xt = (np.sqrt(a) * x0[idx] + np.sqrt(1 - a) * noise).astype(np.float32)
-    h, w = x0.shape[1] * pipe.vae_scale_factor, x0.shape[2] * pipe.vae_scale_factor
-    neg, pos = conditioning.prompt_conditions(pipe, cal.prompts, negative_prompt, h, w)
+    idx, t, xt, neg, pos = noised_latents(pipe, cal, x0)   # as GPTQ's calibration run noises them
     n = len(t)
     cond = {k: np.concatenate([np.repeat(neg[k], n, 0), pos[k][idx]]) for k in neg}
     samples = Samples(x=np.concatenate([xt, xt]), t=np.concatenate([t, t]).astype(np.float32), cond=cond,
