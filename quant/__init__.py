@@ -6,6 +6,7 @@
     quant.size_bytes(qparams["unet"])
     qparams = quant.apply_recipe(pipe.params, recipe, importance=imp)        # imp: sdjax.evaluation.fisher
     qparams = quant.apply_recipe(pipe.params, "palette-4bit-gptq", hessian=run)  # run(params) drives calibration
+    qparams = quant.apply_recipe(pipe.params, "qat-4bit", finetune=tune)  # tune: sdjax.evaluation.qat_recipe
     quant.io.save(pipe, "out")                                     # quantized folder; sdjax.load reads it
 
 The workflows that drive a pipeline (calibration runs, Fisher sensitivities, the evaluator, sweeps,

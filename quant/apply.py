@@ -1,7 +1,7 @@
 """Applying a recipe: which weight each layer becomes (``plan``), and the quantized params
 (``apply_recipe``), with the statistics some methods need (activation scales, importances, GPTQ's
-``X^T X``) and a cache of quantized weights shared between recipes. The recipe format is
-``quant.recipes``'s.
+``X^T X``), the fine-tuning step of recipes with ``"finetune"``, and a cache of quantized weights
+shared between recipes. The recipe format is ``quant.recipes``'s.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sdjax import nn
 from sdjax.nn import is_quantized
 
 from . import calibrate, gptq, int8, llm_int8, palettize
+from .palettize import PalettizedWeight
 from .recipes import COMPONENTS, METHODS, RecipeError, Rule, layers, parse
 
 # --- planning -------------------------------------------------------------------------------
@@ -291,8 +292,47 @@ def _cacheable(method, options):
     return method in ("palettize", "int8", "llm-int8") and not options.get("sensitive")
 
 
-def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=None, component=None, select=None,
-                 progress=False, cache=None):
+def _check_finetune(recipe, finetune, assignments, targets):
+    """Before any work: a recipe with ``finetune`` gets a callable and palettizes some UNet layer."""
+    if recipe.finetune is None:
+        return
+    if finetune is None:
+        raise RecipeError(f"recipe {recipe.name!r} fine-tunes its palettized UNet weights (its \"finetune\" "
+                          "settings): pass finetune= (a function (unet params, settings) -> fine-tuned unet params, "
+                          "e.g. sdjax.evaluation.qat_recipe.finetune_callable(pipe, calibration prompts)); "
+                          "`sdjax quantize` builds it from its calibration prompts")
+    if not callable(finetune):
+        raise RecipeError(f"finetune must be a function (unet params, settings) -> unet params; got "
+                          f"{type(finetune).__name__}")
+    if "unet" not in [c for c, _ in targets]:
+        raise RecipeError(f"recipe {recipe.name!r}: finetune trains the UNet, and these params are the "
+                          f"{targets[0][0]}'s")
+    if not any(a.method == "palettize" for a in assignments.get("unet", {}).values()):
+        raise RecipeError(f"finetune trains palettized weights; recipe {recipe.name!r} has none on this UNet (its "
+                          "palettize rules leave every layer float here: small layers?)")
+
+
+def _finetuned(recipe, finetune, unet):
+    """``finetune(unet, settings)``, checked: the same palettized layers, each the same layout and bytes."""
+    try:
+        tuned = finetune(unet, dict(recipe.finetune))
+    except ValueError as e:
+        raise RecipeError(f"recipe {recipe.name!r}: fine-tuning: {e}") from None
+    before, after = nn.flatten(unet), nn.flatten(tuned) if isinstance(tuned, dict) else None
+    if after is None or set(before) != set(after):
+        raise RecipeError(f"recipe {recipe.name!r}: finetune= returned params of another structure than the UNet's")
+    for path, w in before.items():
+        if isinstance(w, PalettizedWeight):
+            t = after[path]
+            if not isinstance(t, PalettizedWeight) or (t.shape, t.nbits, t.group_size, t.nbytes) != \
+                    (w.shape, w.nbits, w.group_size, w.nbytes):
+                raise RecipeError(f"recipe {recipe.name!r}: finetune= changed the layout of {path} (a fine-tuned "
+                                  "weight keeps its PalettizedWeight shape, nbits, groups and bytes)")
+    return tuned
+
+
+def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=None, finetune=None, component=None,
+                 select=None, progress=False, cache=None):
     """Quantize ``params`` by ``recipe`` (see the module docstring) -> new params, same structure.
 
     ``params``: a pipeline's ``{"text_encoder", "unet", "vae"}`` params (the recipe's components are
@@ -319,6 +359,13 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
     ``hessian`` (only for ``"gptq": true`` palettize rules): ``{layer: (d, d) array}``, the mean
     ``x x^T`` of the layer's input rows (``quant.gptq.collect``), nested by component like
     ``calibration``; or a function ``run(params)`` that is observed on the GPTQ layers.
+
+    ``finetune`` (only for recipes with ``"finetune"`` settings, ignored by the others): a function
+    ``finetune(unet_params, settings) -> unet_params`` called once the rules are applied, with the
+    UNet's params (palettized weights as ``PalettizedWeight``) and the recipe's settings dict; it returns
+    them fine-tuned, every ``PalettizedWeight`` of the same layout and bytes (checked), other leaves as
+    they were. ``sdjax.evaluation.qat_recipe.finetune_callable`` builds one (``quant`` drives no model).
+    A ValueError it raises becomes a RecipeError naming the recipe.
     """
     recipe = parse(recipe, select)
     assignments = plan(params, recipe, component)
@@ -331,6 +378,7 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
     gq = {(c, n): a for c, table in assignments.items() for n, a in table.items()
           if a.method == "palettize" and a.options.get("gptq")}
     hess = _Hessians(hessian, gq, pipeline, params)
+    _check_finetune(recipe, finetune, assignments, targets)
     out = dict(params) if pipeline else params
     for comp, p in targets:
         flat = nn.flatten(p)
@@ -356,6 +404,11 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
             out[comp] = nn.unflatten(flat)
         else:
             out = nn.unflatten(flat)
+    if recipe.finetune is not None:
+        if pipeline:
+            out["unet"] = _finetuned(recipe, finetune, out["unet"])
+        else:
+            out = _finetuned(recipe, finetune, out)
     return out
 
 

@@ -74,7 +74,20 @@ Presets by name (``PRESETS`` lists them; all for the UNet):
   per tensor;
 - ``palette-{n}bit-g{G}``: one LUT per G output channels (coremltools' ``per_grouped_channel``);
   a layer whose output channels G does not divide gets one LUT.
-- ``palette-{n}bit[-g{G}]-gptq``: the same LUTs with GPTQ indices (needs ``hessian=``).
+- ``palette-{n}bit[-g{G}]-gptq``: the same LUTs with GPTQ indices (needs ``hessian=``);
+- ``qat-{n}bit[-g{G}][-gptq]``: the palette preset of the same name plus ``"finetune": qat_defaults(n)``.
+
+Fine-tuning (quantization-aware, of the palettized UNet weights): a recipe-level key
+
+    {"name": "p4-tuned", "rules": [...], "finetune": {"method": "lut", "steps": 300, "lr": 1e-3}}
+
+whose keys are ``FINETUNE_KEYS`` (``check_finetune`` says what each must be; ``method``, ``steps``,
+``lr`` and ``loss`` default to ``QAT_DEFAULTS``, the others to ``sdjax.evaluation.qat.finetune``'s).
+After the rules are applied, ``apply_recipe`` hands the palettized UNet params to its ``finetune=``
+callable (``sdjax.evaluation.qat_recipe.finetune_callable``: distillation of the float UNet on
+calibration prompts), which returns the fine-tuned ones: the same ``PalettizedWeight`` layout and
+bytes. Only palettized UNet weights train; int8, W8A8 and LLM.int8 weights, float layers and other
+components are carried unchanged. A recipe with ``finetune`` needs a palettize rule on the UNet.
 """
 from __future__ import annotations
 
@@ -91,6 +104,7 @@ import numpy as np
 from sdjax import nn
 
 from . import calibrate, int8, llm_int8, palettize
+from .finetune import METHODS as FINETUNE_METHODS
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")   # text_encoder_2: SDXL's second
 DEFAULT_COMPONENTS = ("unet",)
@@ -110,7 +124,28 @@ METHODS = {
     "llm-int8": {"threshold": llm_int8.DEFAULT_THRESHOLD, "path": "integer", "max_outlier_cols": 64},
 }
 _RULE_KEYS = {"pattern", "regex", "method", "kind", "component", "components", "weight_threshold", "comment"}
-_RECIPE_KEYS = {"name", "components", "weight_threshold", "rules", "description", "comment", "format", "source"}
+_RECIPE_KEYS = {"name", "components", "weight_threshold", "rules", "description", "comment", "format", "source",
+                "finetune"}
+
+# fine-tuning settings (the recipe-level "finetune" key; see the module docstring). QAT_DEFAULTS fill in what a
+# recipe leaves out, and are the qat-* presets' and sdjax eval's fine-tuned families' settings.
+# Measured on the embedded model (experiments/qat_reference.py): at 4 bits, GPTQ's indices as the start, the float
+# weights trained straight-through from them at 1e-4 with a cosine decay beat LUT-only training; at 2 bits,
+# LUT-only training at 1e-3 did best (QAT_LOW_BITS, used by qat_defaults for nbits <= 2).
+QAT_DEFAULTS = {"method": "ste", "steps": 1000, "lr": 1e-4, "w_lr": 1e-4, "loss": "guided", "schedule": "cosine",
+                "w_init": "quantized", "train_bias": True}
+QAT_LOW_BITS = {"method": "lut", "lr": 1e-3}
+FINETUNE_KEYS = ("method", "steps", "lr", "w_lr", "temperature", "loss", "batch", "n_timesteps", "seed", "schedule",
+                 "refine", "w_init", "train_bias")
+FINETUNE_W_INITS = ("float", "quantized")     # its w_init= (where "dkm"/"ste" start the float weights)
+FINETUNE_LOSSES = ("guided", "eps")           # sdjax.evaluation.qat.finetune's loss=
+FINETUNE_SCHEDULES = ("constant", "cosine")   # its schedule= (qat.SCHEDULES)
+
+
+def qat_defaults(nbits=None):
+    """The fine-tuning settings of the qat-Nbit presets: ``QAT_DEFAULTS``, with ``QAT_LOW_BITS`` over them
+    at ``nbits <= 2``."""
+    return dict(QAT_DEFAULTS, **(QAT_LOW_BITS if nbits is not None and nbits <= 2 else {}))
 
 
 class RecipeError(ValueError):
@@ -161,12 +196,21 @@ class Recipe:
     rules: tuple
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
     source: str = "sdjax"       # "sdjax", "preset", "apple-mixed-bit"
+    finetune: dict | None = None  # fine-tuning settings (check_finetune's), or None
 
     def to_json(self):
         """A plain dict that ``parse`` reads back into this recipe."""
-        return {"name": self.name, "components": list(self.components),
-                "weight_threshold": self.weight_threshold, "source": self.source,
-                "rules": [r.to_json() for r in self.rules]}
+        d = {"name": self.name, "components": list(self.components),
+             "weight_threshold": self.weight_threshold, "source": self.source,
+             "rules": [r.to_json() for r in self.rules]}
+        if self.finetune is not None:
+            d["finetune"] = dict(self.finetune)
+        return d
+
+    @property
+    def needs_finetune(self):
+        """Whether the recipe fine-tunes its palettized UNet weights (``apply_recipe`` then needs ``finetune``)."""
+        return self.finetune is not None
 
     @property
     def needs_calibration(self):
@@ -245,6 +289,85 @@ def _check_options(where, method, given):
     return opts
 
 
+def _number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def check_finetune(settings, where="finetune"):
+    """The fine-tuning settings ``settings`` (a dict of ``FINETUNE_KEYS``) checked, with ``QAT_DEFAULTS``
+    filled in and numbers normalised, or a RecipeError naming ``where``, the key and what it must be."""
+    if not isinstance(settings, dict):
+        raise RecipeError(f"{where}: 'finetune' must be an object of fine-tuning settings "
+                          f"({', '.join(FINETUNE_KEYS)}); got {settings!r}")
+    unknown = sorted(k for k in settings if k not in FINETUNE_KEYS)
+    if unknown:
+        raise RecipeError(f"{where}: unknown finetune key(s) {unknown} (its keys: {', '.join(FINETUNE_KEYS)})")
+    s = dict(QAT_DEFAULTS, **{k: v for k, v in settings.items() if v is not None})
+
+    def bad(key, what):
+        return RecipeError(f"{where}: finetune {key} must be {what}; got {s[key]!r}")
+    if not isinstance(s["method"], str) or s["method"] not in FINETUNE_METHODS:
+        raise bad("method", f"one of {', '.join(FINETUNE_METHODS)}")
+    for key, lo in (("steps", 1), ("batch", 1), ("n_timesteps", 1), ("seed", 0)):
+        if key in s:
+            if not _is_int(s[key]) or s[key] < lo:
+                raise bad(key, f"an integer >= {lo}")
+            s[key] = int(s[key])
+    for key in ("lr", "w_lr"):
+        if key in s:
+            if not _number(s[key]) or not 0 < s[key] <= 1:
+                raise bad(key, "a learning rate, a number in (0, 1]")
+            s[key] = float(s[key])
+    if s["method"] == "dkm":
+        if "temperature" not in s:
+            raise RecipeError(f"{where}: finetune method 'dkm' needs a temperature (a number > 0, in units of the "
+                              "weights squared)")
+    elif "temperature" in s:
+        raise RecipeError(f"{where}: finetune temperature applies to method 'dkm' only (its soft assignment); "
+                          f"method {s['method']!r} takes none")
+    if "temperature" in s:
+        if not _number(s["temperature"]) or not s["temperature"] > 0:
+            raise bad("temperature", "a number > 0")
+        s["temperature"] = float(s["temperature"])
+    if s["loss"] not in FINETUNE_LOSSES:
+        raise bad("loss", f"one of {', '.join(FINETUNE_LOSSES)}")
+    if "schedule" in s and s["schedule"] not in FINETUNE_SCHEDULES:
+        raise bad("schedule", f"one of {', '.join(FINETUNE_SCHEDULES)}")
+    if "w_init" in s and s["w_init"] not in FINETUNE_W_INITS:
+        raise bad("w_init", f"one of {', '.join(FINETUNE_W_INITS)}")
+    if "train_bias" in s and not isinstance(s["train_bias"], bool):
+        raise bad("train_bias", "true or false")
+    if "refine" in s:
+        if not isinstance(s["refine"], bool):
+            raise bad("refine", "true or false")
+        if s["refine"] and s["method"] == "lut":
+            raise RecipeError(f"{where}: finetune refine re-clusters the trained float weights, and method 'lut' "
+                              "trains none (use 'ste' or 'dkm')")
+    return s
+
+
+def _check_finetune_target(recipe):
+    """A recipe with ``finetune`` must palettize something of the UNet."""
+    if recipe.finetune is None:
+        return
+    if "unet" not in recipe.components:
+        raise RecipeError(f"recipe {recipe.name!r}: finetune trains the UNet's palettized weights, and the recipe "
+                          f"quantizes {list(recipe.components)} only")
+    if not any(r.method == "palettize" and (r.components is None or "unet" in r.components) for r in recipe.rules):
+        raise RecipeError(f"finetune trains palettized weights; recipe {recipe.name!r} has none (no palettize rule "
+                          "on the unet; int8, W8A8 and LLM.int8 weights are carried unchanged, not trained)")
+
+
+def with_finetune(recipe, settings, where=None):
+    """``recipe`` (anything ``parse`` takes) with fine-tuning ``settings`` (``check_finetune``'s; None
+    removes it)."""
+    r = parse(recipe)
+    ft = None if settings is None else check_finetune(settings, where or f"recipe {r.name!r}")
+    out = dataclasses.replace(r, finetune=ft)
+    _check_finetune_target(out)
+    return out
+
+
 def _components(where, value):
     if isinstance(value, str):
         value = [value]
@@ -308,8 +431,10 @@ def _from_sdjax(d, name):
         raise RecipeError(f"recipe {name!r}: 'rules' must be a non-empty list")
     comps = _components(f"recipe {name!r}", d.get("components", list(DEFAULT_COMPONENTS)))
     thr = _threshold(f"recipe {name!r}", d.get("weight_threshold", DEFAULT_WEIGHT_THRESHOLD))
+    ft = d.get("finetune")
+    ft = None if ft is None else check_finetune(ft, f"recipe {name!r}")
     out = Recipe(str(d.get("name", name)), comps, tuple(_rule(i + 1, r) for i, r in enumerate(rules)),
-                 thr, d.get("source", "sdjax"))
+                 thr, d.get("source", "sdjax"), ft)
     _check_rule_components(out)
     return out
 
@@ -352,27 +477,34 @@ def preset(name):
         "w8-int8": [{"pattern": "*", "method": "int8"}],
         "llm-int8": [{"pattern": "*", "kind": "linear", "method": "llm-int8", "threshold": 6.0}],
     }
+    finetune = None
     if name in table:
         rules = table[name]
     else:
-        m = re.fullmatch(r"palette-(\d+)bit(?:-g(\d+))?(-gptq)?", name)
-        if not m or int(m.group(1)) not in palettize.SUPPORTED_NBITS or (m.group(2) and int(m.group(2)) < 1):
+        m = re.fullmatch(r"(palette|qat)-(\d+)bit(?:-g(\d+))?(-gptq)?", name)
+        if not m or int(m.group(2)) not in palettize.SUPPORTED_NBITS or (m.group(3) and int(m.group(3)) < 1):
             raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} "
                               f"(palette-Nbit for N in {palettize.SUPPORTED_NBITS}, -gG for any group size G, "
-                              "then -gptq for GPTQ indices)")
-        rule = {"pattern": "*", "method": "palettize", "nbits": int(m.group(1))}
-        if m.group(2):
-            rule.update(group_size=int(m.group(2)), indivisible="per_tensor")
+                              "then -gptq for GPTQ indices; qat-... for the same fine-tuned)")
+        rule = {"pattern": "*", "method": "palettize", "nbits": int(m.group(2))}
         if m.group(3):
+            rule.update(group_size=int(m.group(3)), indivisible="per_tensor")
+        if m.group(4):
             rule["gptq"] = True
         rules = [rule]
-    return {"name": name, "components": ["unet"], "rules": copy.deepcopy(rules), "source": "preset"}
+        if m.group(1) == "qat":
+            finetune = qat_defaults(int(m.group(2)))
+    d = {"name": name, "components": ["unet"], "rules": copy.deepcopy(rules), "source": "preset"}
+    if finetune is not None:
+        d["finetune"] = finetune
+    return d
 
 
 PRESETS = ("w8-int8conv", "w8a8-int8conv", "w8-int8", "llm-int8",
            "palette-8bit", "palette-6bit", "palette-4bit", "palette-2bit",
            "palette-8bit-g16", "palette-6bit-g16", "palette-4bit-g16", "palette-2bit-g16",
-           "palette-4bit-g32", "palette-8bit-gptq", "palette-6bit-gptq", "palette-4bit-gptq", "palette-2bit-gptq")
+           "palette-4bit-g32", "palette-8bit-gptq", "palette-6bit-gptq", "palette-4bit-gptq", "palette-2bit-gptq",
+           "qat-4bit", "qat-2bit")
 
 
 def parse(recipe, select=None, components=None) -> Recipe:
@@ -426,6 +558,7 @@ def parse(recipe, select=None, components=None) -> Recipe:
     if components is not None:
         out = dataclasses.replace(out, components=_components(f"recipe {out.name!r}", components))
         _check_rule_components(out)
+    _check_finetune_target(out)
     return out
 
 

@@ -110,16 +110,17 @@ class Pipeline:
         return self.configs["vae"].scale_factor
 
     def quantize(self, recipe, calibration=None, select=None, components=None, progress=False,
-                 importance=None, hessian=None) -> "Pipeline":
+                 importance=None, hessian=None, finetune=None) -> "Pipeline":
         """A new pipeline whose params are quantized by ``recipe`` (a preset name, a JSON file, a
         dict; see ``quant.recipes``). ``components`` replaces the recipe's components;
         ``calibration``, ``importance`` (for "sensitive" palettize rules, e.g. from
-        ``sdjax.evaluation.fisher.fisher``) and ``hessian`` (for "gptq" palettize rules) as
-        ``quant.apply_recipe``."""
+        ``sdjax.evaluation.fisher.fisher``), ``hessian`` (for "gptq" palettize rules) and ``finetune``
+        (for recipes with "finetune" settings, e.g.
+        ``sdjax.evaluation.qat_recipe.finetune_callable(pipe, prompts)``) as ``quant.apply_recipe``."""
         import quant
         r = quant.parse_recipe(recipe, select=select, components=components)
         params = quant.apply_recipe(self.params, r, calibration, importance=importance, hessian=hessian,
-                                    progress=progress)
+                                    finetune=finetune, progress=progress)
         return dataclasses.replace(self, params=params, quantization={"recipe": r.to_json()})
 
     @property

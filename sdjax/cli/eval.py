@@ -33,15 +33,24 @@ def register(sub):
                        "thresholds on sdjax's sweep), mixed-sdjax and mixed-gptq (sdjax's allocator at the sizes of Apple's "
                        "recipes and at uniform 6-bit's quality, over k-means or GPTQ layers) run per-layer sensitivity "
                        "sweeps and build mixed-bit recipes, choosing them on the calibration prompts with other x_T, "
-                       "never on the evaluation pairs they are reported on. Resumable: rerun the same command "
+                       "never on the evaluation pairs they are reported on. qat-4bit-gptq, qat-2bit-gptq and qat-mixed-gptq fine-tune the "
+                       "palettized UNet weights of palette-4bit-gptq, palette-2bit-gptq and mixed-gptq's recipe at uniform 6-bit's "
+                       "one-step PSNR on the calibration prompts (quantization-aware fine-tuning, same bytes), drawn "
+                       "beside the post-training recipes as their own families. Resumable: rerun the same command "
                        "after an interruption and only what is missing is computed. Runs the prompt x seed batches "
                        "on every JAX device (data parallel); on one machine, "
                        "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
     model_arg(p)
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
-                   help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq "
-                   "(default: palette-8/6/4/3/2bit, w8-int8, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq; add "
-                   "w8-int8conv or llm-int8 for those)")
+                   help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq, "
+                   "qat-mixed-gptq (default: palette-8/6/4/3/2bit, w8-int8, apple-mbp, apple-rule, mixed-sdjax, "
+                   "mixed-gptq, and the fine-tuned qat-4bit-gptq, qat-2bit-gptq, qat-mixed-gptq; add w8-int8conv or llm-int8 "
+                   "for those)")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="leave out the fine-tuned recipes (qat-4bit-gptq, qat-2bit-gptq: palette-4/2bit-gptq with their palettized "
+                   "UNet weights fine-tuned on the calibration prompts; qat-mixed-gptq: mixed-gptq's recipe at "
+                   "uniform 6-bit's one-step PSNR, fine-tuned; recipe files with \"finetune\" settings), which "
+                   "otherwise train (resumably, in OUT/state/finetune/) and are drawn as their own families")
     p.add_argument("-o", "--out", default="eval-out", help="report folder (default eval-out); an existing one "
                    "of the same model and settings is resumed, another is refused")
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -50,8 +59,8 @@ def register(sub):
     p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--calibration-prompts", default=None, metavar="FILE",
                    help="prompts, one per line, whose guided generation gives GPTQ recipes (mixed-gptq, palette-*-gptq) "
-                   "their layers' input statistics, and on which (with x_T seeds of their own) mixed-bit recipes are "
-                   "chosen; none may be an evaluation prompt (default: 32 other captions of the embedded model's "
+                   "their layers' input statistics and fine-tuned recipes (qat-*) their training samples, and on "
+                   "which (with x_T seeds of their own) mixed-bit recipes are chosen; none may be an evaluation prompt (default: 32 other captions of the embedded model's "
                    "dataset; 4 generic prompts for other models)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
@@ -96,7 +105,11 @@ def run(args):
     from sdjax.evaluation.evaluator import Settings
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(sweep.DEFAULT_RECIPES)
     try:
-        sweep.resolve(names)
+        resolved = sweep.resolve(names)
+        if args.no_finetune:
+            names = [n for n, (m, r) in zip(names, resolved) if not sweep.is_finetuned(m, r)]
+            if not names:
+                raise UsageError("--no-finetune leaves no recipe of --recipes to evaluate")
         prompts, seeds = _eval_prompts(args), int_list("--seeds", args.seeds)
         # sdjax's one-step metric on every pair (Apple's reading takes 8 prompts; one step is cheap,
         # and recipes that differ by tenths of a dB need more than 8 samples to be told apart)

@@ -81,6 +81,8 @@ def run(args):
         comps = list((pipe.quantization.get("components") or {}).keys()) or recipe.get("components", [])
         print(f"  quantized     recipe {recipe.get('name', '?')!r} ({', '.join(comps)}; "
               f"sdjax quantized format v{qio.FORMAT_VERSION})")
+        if isinstance(recipe.get("finetune"), dict):
+            print("  fine-tuned    palettized UNet weights, " + ", ".join(f"{k} {v}" for k, v in recipe["finetune"].items()))
     total = total_params = 0
     for comp in _components(pipe):
         flat = flatten(pipe.params[comp])

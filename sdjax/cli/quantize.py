@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from .common import UsageError, model_arg, read_prompts
 
@@ -34,9 +35,32 @@ def register(sub):
     p.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
                    help="prompt of the calibration run that serves W8A8 (activation scales) and GPTQ (each "
                    "layer's input statistics X^T X): the model generates it and the chosen layers' inputs are "
-                   "recorded (repeatable; default: four built-in prompts; unused by other recipes)")
+                   "recorded; and of fine-tuning, which trains on the float model's own generations of these "
+                   "prompts (repeatable; default: four built-in prompts, and for fine-tuning the embedded "
+                   "reference model the 32 dataset captions `sdjax eval` calibrates on, none of them an evaluation "
+                   "prompt; unused by other recipes)")
     p.add_argument("--calibration-steps", type=int, default=4,
-                   help="sampler steps per calibration prompt (default 4)")
+                   help="sampler steps per calibration prompt of W8A8 and GPTQ (default 4; fine-tuning generates "
+                   "its training images with 25)")
+    p.add_argument("--finetune", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="fine-tune the recipe's palettized UNet weights after quantizing (quantization-aware: the "
+                   "float UNet distilled into the palettized one on the calibration prompts, "
+                   "sdjax.evaluation.qat; the same bytes and layout, so the folder exports as any palettized one). "
+                   "A comma-separated key=value list over the recipe's own \"finetune\" settings, else sdjax's "
+                   "defaults (quant.recipes.QAT_DEFAULTS; the command prints the settings "
+                   "it runs); keys: method (lut: LUTs only, indices kept; ste; dkm, which "
+                   "needs temperature), steps, lr and w_lr (in (0, 1]), loss (guided, eps), batch, n_timesteps, "
+                   "seed, schedule (constant, cosine), refine (true/false; ste, dkm), w_init (float, quantized: "
+                   "where ste/dkm start the float weights), train_bias (true/false: also train the palettized "
+                   "layers' float biases). Bare --finetune: the defaults. "
+                   "Recipes with \"finetune\" settings (the qat-Nbit presets, sdjax eval's qat-* recipes) "
+                   "fine-tune without it. Only palettized weights train; int8 and LLM.int8 ones are carried as "
+                   "they are. A progress bar shows the loss")
+    p.add_argument("--finetune-dir", default=None, metavar="DIR",
+                   help="the fine-tuning's resumable checkpoint folder (default: OUT.finetune beside --out, removed "
+                   "once --out is written; a folder named here is kept). A run killed while fine-tuning, rerun with "
+                   "the same command, continues from its last checkpoint (every 25 steps) and ends with the weights "
+                   "of an uninterrupted run; a folder holding a run of other settings is refused")
     p.add_argument("--sensitivity-prompts", default=None, metavar="FILE",
                    help="for recipes with \"sensitive\": true palettize rules (sensitivity-weighted k-means): "
                    "a text file of calibration prompts, one per line; the model generates an image for each and "
@@ -60,6 +84,7 @@ def run(args):
                                     components=args.components.split(",") if args.components else None)
     except quant.RecipeError as e:
         raise UsageError(str(e)) from None
+    recipe = _with_finetune(args, recipe)
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
     prompts = _sensitivity_prompts(args, recipe)
@@ -80,13 +105,19 @@ def run(args):
             cal = Calibration(tuple(args.calibration_prompt or CALIBRATION_PROMPTS), steps=args.calibration_steps)
             hessian = hessian_run(pipe, cal, progress=not args.quiet)
             print(f"  (GPTQ also sees each image noised at {cal.n_timesteps} timesteps)", flush=True)
+    tune, tune_dir = _finetune_callable(pipe, recipe, args)
     try:
         importance = None if prompts is None else _sensitivities(pipe, recipe, prompts, args)
         qpipe = pipe.quantize(recipe, calibration=calibration, importance=importance, hessian=hessian,
-                              progress=not args.quiet)
+                              finetune=tune, progress=not args.quiet)
     except quant.RecipeError as e:
-        raise UsageError(str(e)) from None
+        hint = f" (--finetune-dir {tune_dir}: delete it to start over)" if tune_dir and tune_dir in str(e) else ""
+        raise UsageError(str(e) + hint) from None
     out = qio.save(qpipe, args.out, recipe=recipe, overwrite=args.overwrite, progress=not args.quiet)
+    if tune is not None:
+        print(f"fine-tuned in {tune.seconds:.1f} s", flush=True)
+        if args.finetune_dir is None:   # the default folder goes once the result is written
+            shutil.rmtree(tune_dir, ignore_errors=True)
     for comp in recipe.components:
         table = quant.recipes.layers(qpipe.params[comp])
         counts = {}
@@ -96,6 +127,75 @@ def run(args):
         print(f"{comp}: {', '.join(f'{n} {m}' for m, n in counts.items())}; "
               f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
     print(f"wrote {out} (recipe {recipe.name!r}; sdjax format: load it with sdjax, diffusers cannot)")
+
+
+def _setting(text):
+    """A --finetune value: true/false, an integer, a number, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def finetune_settings(text):
+    """``--finetune``'s ``key=value,...`` as a dict (values typed by ``_setting``), or a UsageError."""
+    out = {}
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not key or not value:
+            raise UsageError(f"--finetune {text!r}: expected key=value pairs separated by commas "
+                             f"(e.g. method=lut,steps=300,lr=1e-3); got {part!r}")
+        if key in out:
+            raise UsageError(f"--finetune {text!r}: {key} is given twice")
+        out[key] = _setting(value)
+    return out
+
+
+def _with_finetune(args, recipe):
+    """The recipe with --finetune's settings over its own (a UsageError naming the key at fault)."""
+    import quant
+    if args.finetune is None:
+        if args.finetune_dir is not None and not recipe.needs_finetune:
+            raise UsageError(f"--finetune-dir: recipe {recipe.name!r} does not fine-tune (add --finetune)")
+        return recipe
+    given = finetune_settings(args.finetune)
+    try:
+        return quant.recipes.with_finetune(recipe, dict(recipe.finetune or {}, **given), where="--finetune")
+    except quant.RecipeError as e:
+        raise UsageError(str(e)) from None
+
+
+def finetune_prompts(args):
+    """Fine-tuning's calibration prompts: --calibration-prompt, else for the embedded model the captions
+    `sdjax eval` calibrates on (never its evaluation captions), else the built-in calibration prompts."""
+    if args.calibration_prompt:
+        return list(args.calibration_prompt)
+    if args.model is None:
+        from sdjax import shapes
+        from .eval import EVAL_CALIBRATION_PROMPTS, EVAL_REFERENCE_PROMPTS
+        evals = shapes.captions(EVAL_REFERENCE_PROMPTS, seed=6)
+        return shapes.shuffled_captions(EVAL_CALIBRATION_PROMPTS, seed=99, exclude=set(evals))
+    return list(CALIBRATION_PROMPTS)
+
+
+def _finetune_callable(pipe, recipe, args):
+    """(finetune= callable, its checkpoint folder) for a recipe that fine-tunes, else (None, None)."""
+    if not recipe.needs_finetune:
+        return None, None
+    from sdjax.evaluation.qat_recipe import finetune_callable
+    prompts = finetune_prompts(args)
+    folder = args.finetune_dir or os.path.normpath(args.out) + ".finetune"
+    settings = ", ".join(f"{k} {v}" for k, v in recipe.finetune.items())
+    print(f"fine-tuning the palettized UNet weights ({settings}) on {len(prompts)} calibration "
+          f"prompt{'s' * (len(prompts) != 1)}; checkpoints in {folder} (rerun the same command to continue "
+          "after an interruption)", flush=True)
+    return finetune_callable(pipe, prompts, out_dir=folder, progress=not args.quiet), folder
 
 
 def _sensitivity_prompts(args, recipe):

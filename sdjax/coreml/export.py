@@ -134,18 +134,20 @@ def check_exportable(params, target_name):
 
 def check_recipe(recipe, label=None):
     """Raise ExportError when a parsed recipe makes weights Core ML cannot hold (W8A8) or needs
-    statistics this exporter does not collect (sensitive or GPTQ palettization: quantize first)."""
+    statistics or training this exporter does not do (sensitive or GPTQ palettization, fine-tuning:
+    quantize first)."""
     label = label or recipe.name
     if recipe.needs_calibration:  # check_exportable refuses such weights too, after `sdjax quantize`
         raise ExportError(f"{label}: has int8-w8a8 rules (quantized activations, calibrated), "
                           "which Core ML's weight-only compression cannot express: use an int8 (W8A16) or "
                           "palettize recipe")
     needs = [what for what, needed in (("sensitivities (sensitive palettize rules)", recipe.needs_importance),
-                                       ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian))
+                                       ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian),
+                                       ("fine-tuning (its \"finetune\" settings)", recipe.needs_finetune))
              if needed]
     if needs:
         raise ExportError(f"{label}: needs {' and '.join(needs)}, which export-coreml does not "
-                          f"collect; quantize first, then export the folder: `sdjax quantize --recipe "
+                          f"compute; quantize first, then export the folder: `sdjax quantize --recipe "
                           f"{label} -o Q ...` then `sdjax export-coreml --quantized Q`")
 
 

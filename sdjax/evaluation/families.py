@@ -1,16 +1,22 @@
 """The generated recipe families, their names and roles: Apple's mixed-bit palettization as Apple runs it
-(``apple-mbp``), Apple's threshold rule on sdjax's readings (``apple-rule``), and our allocator over k-means
-and GPTQ layers (``mixed-sdjax``, ``mixed-gptq``) at the sizes of Apple's recipes and at uniform 6-bit's quality."""
+(``apple-mbp``), Apple's threshold rule on sdjax's readings (``apple-rule``), our allocator over k-means
+and GPTQ layers (``mixed-sdjax``, ``mixed-gptq``) at the sizes of Apple's recipes and at uniform 6-bit's quality,
+and ``qat-mixed-gptq``: mixed-gptq's recipe at uniform 6-bit's one-step quality, fine-tuned. The fine-tuned
+uniform recipes are the ``qat-Nbit`` presets (``quant.recipes``)."""
 from __future__ import annotations
 
 
 import numpy as np
 
 from quant import allocation, mixed_bit
+from quant.recipes import QAT_DEFAULTS
 
 from .apple_sweep import recipe_rules
 
-GENERATED = ("apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq")
+GENERATED = ("apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq", "qat-mixed-gptq")
+FINETUNED = ("qat-4bit-gptq", "qat-2bit-gptq", "qat-mixed-gptq")   # sdjax eval's fine-tuned recipes (default set)
+FINETUNED_FAMILIES = {"uniform": "fine-tuned palettize", "mixed": "fine-tuned mixed (sdjax, GPTQ)",
+                      "custom": "fine-tuned (custom)"}
 RENAMED = {"mixed-apple": "apple-rule (Apple's threshold rule on sdjax's readings; apple-mbp is Apple's whole "
                           "pre-analysis as Apple runs it)"}
 
@@ -18,6 +24,13 @@ GPTQ_MAX_BITS = 10.0      # mixed-gptq at Apple's sizes up to this many bits (ab
 
 
 def family(name, recipe=None):
+    """The report's family of recipe ``name`` (its plot line and legend entry); ``recipe``: its dict."""
+    if name.startswith("qat-mixed"):
+        return FINETUNED_FAMILIES["mixed"]
+    if name.startswith("qat-"):
+        return FINETUNED_FAMILIES["uniform"]
+    if isinstance(recipe, dict) and "rules" in recipe and recipe.get("finetune") is not None:
+        return FINETUNED_FAMILIES["custom"]
     if name.startswith("apple-mbp"):
         return "mixed (Apple, as Apple runs it)"
     if name.startswith("apple-rule"):
@@ -58,7 +71,8 @@ def quality_margin(got, reference):
 # PSNR), mixed-gptq-u6img-4.61 (... its final images too)
 ROLES = {"apple": "Apple's threshold on Apple's reading", "apple-rule": "Apple's threshold on sdjax's one-step reading",
          "size": "the size of an Apple recipe", "one-step": "uniform 6-bit's one-step PSNR",
-         "final": "uniform 6-bit's final images"}
+         "final": "uniform 6-bit's final images",
+         "qat": "uniform 6-bit's one-step PSNR before fine-tuning (mixed-gptq-u6), then fine-tuned"}
 
 _TAGS = {"size": "", "one-step": "u6-", "final": "u6img-"}
 
@@ -68,6 +82,19 @@ def _stored_total(assignment, sweep_, numel_all):
     of the sweep costs what the sweep stores, every other layer 16 bits a weight."""
     return sum(sweep_.cost_bits(n, int(assignment[n])) if int(assignment.get(n, 16)) < 16 and n in sweep_.numel
                else 16 * k for n, k in numel_all.items())
+
+
+def finetuned_mixed(mixed, want):
+    """``mixed`` (``mixed_recipes``' list) as ``want`` asks: with ``qat-mixed-gptq-u6-B``, mixed-gptq's
+    recipe at uniform 6-bit's one-step PSNR with ``"finetune": QAT_DEFAULTS``, when "qat-mixed-gptq" is
+    wanted, and without the mixed-gptq recipes when "mixed-gptq" itself is not."""
+    out = [x for x in mixed if "mixed-gptq" in want or not x[0].startswith("mixed-gptq-")]
+    if "qat-mixed-gptq" in want:
+        base = next(x for x in mixed if x[0].startswith("mixed-gptq-") and x[2] == "one-step")
+        name = "qat-" + base[0]
+        out.append((name, dict(base[1], name=name, source="sdjax eval (qat-mixed-gptq)", finetune=dict(QAT_DEFAULTS)),
+                    "qat"))
+    return out
 
 
 def mixed_recipes(S, want, G=None, A=None, numel_all=None):
@@ -84,7 +111,8 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
         for name, a, _bits in A.recipes():
             out.append((name, recipe_rules(name, a), "apple"))
             sizes.append((name[len("apple-mbp-"):], _stored_total(a, A, numel_all)))
-    if "apple-rule" in want or A is None:   # without apple-mbp, ours take apple-rule's sizes (as before it)
+    sized = {"mixed-sdjax", "mixed-gptq"} & set(want)   # families with size-matched recipes (qat-mixed-gptq: none)
+    if "apple-rule" in want or (A is None and sized):   # without apple-mbp, ours take apple-rule's sizes
         base = S.baselines()
         for a in mixed_bit.apple_recipes(S.cumulative(S.single()), base["original"], base["linear8"], num=7):
             a = {k: int(v) for k, v in a.items()}
@@ -102,7 +130,7 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
         if bits >= mixed_bit.FLOAT_BITS:   # an Apple recipe keeping every layer float: nothing to allocate
             continue
         for prefix, sweep_, sens, make, max_bits in ours:
-            if float(tag) <= max_bits:   # the Apple recipe's own bits
+            if prefix in sized and float(tag) <= max_bits:   # the Apple recipe's own bits
                 pick = allocation.allocate(sens, sweep_.numel, bits, cost_bits=sweep_.cost_bits, nbits=sweep_.nbits)
                 out.append((f"{prefix}-{tag}", make(f"{prefix}-{tag}", {k: int(v) for k, v in pick.items()}), "size"))
     # the smallest of each family's recipes that keeps uniform 6-bit palettization's quality on the
@@ -114,7 +142,8 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
         key = "latent_psnr_1step_db"
     for prefix, sweep_, sens, make, _ in ours:
         searches = [("one-step", lambda a, sw=sweep_: sw.quality(a)[key])]
-        if sweep_.hessians is not None:  # on the one-step scale: u6's one-step PSNR + the smallest margin
+        # (qat-mixed-gptq alone needs only the one-step recipe)
+        if sweep_.hessians is not None and "mixed-gptq" in want:  # on the one-step scale: u6's one-step PSNR + the smallest margin
             searches.append(("final", lambda a, sw=sweep_: u6[key] + quality_margin(sw.quality(a, final=True), u6)))
         for role, measure in searches:
             pick, measured, bits, _ = allocation.allocate_for_quality(measure, sens, sweep_.numel, u6[key],

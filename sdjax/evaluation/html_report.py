@@ -327,6 +327,10 @@ def _timings(results, out_dir):
     each = [_num(r.get("seconds")) for r in results["recipes"]]     # each recipe's: the table's time column
     t = [{"what": f"all {len(each)} recipes (quantizing, generating, measuring; each in the table)",
           "seconds": sum(s for s in each if s is not None and math.isfinite(s))}]
+    tuned = [_num(r.get("finetune_seconds")) for r in results["recipes"] if r.get("finetune_seconds") is not None]
+    if tuned:
+        t.append({"what": f"fine-tuning of the {len(tuned)} fine-tuned recipe{'s' * (len(tuned) != 1)} (included above)",
+                  "seconds": sum(x for x in tuned if x is not None and math.isfinite(x))})
     for key, what in (("sensitivity", "sdjax's per-layer sweep (k-means)"), ("sensitivity_gptq", "GPTQ per-layer sweep"),
                       ("sensitivity_apple", "Apple's per-layer sweep")):
         secs = (results.get(key) or {}).get("seconds") or {}
@@ -379,6 +383,7 @@ def page_data(results, image_shape, k, out_dir):
                 "total_bytes": _total_bytes(r.get("bytes")), "metrics": {k: _num(m.get(k)) for k in metrics},
                 "adherence": adherence, "finite": r.get("finite", True) is not False and not r.get("nonfinite"),
                 "nonfinite": r.get("nonfinite"), "seconds": _num(r.get("seconds")), "path": r.get("path"),
+                "finetune_seconds": _num(r.get("finetune_seconds")),
                 "sprite": f"{FILES_DIR}/{'float' if i is None else f'r{i:02d}'}.png",
                 "diff": None if i is None else f"{FILES_DIR}/r{i:02d}-diff.png",
                 "layers": per_layer.get(r.get("name")) if i is not None else None}

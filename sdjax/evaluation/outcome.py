@@ -22,6 +22,7 @@ class RecipeResult:
     path: str                    # "simulated" (dequantized weights) or "quantized" (integer compute)
     recipe: dict                 # the rules applied (sdjax's format, or Apple's {layer: nbits})
     chosen_for: str | None = None  # why a generated mixed-bit recipe was chosen
+    finetune_seconds: float | None = None  # a fine-tuned recipe's training time (every session's)
 
     @classmethod
     def from_json(cls, d: dict) -> "RecipeResult":
@@ -29,7 +30,7 @@ class RecipeResult:
                    avg_bits_candidates=d.get("avg_bits_candidates", d["avg_bits"]), bytes=dict(d.get("bytes") or {}),
                    metrics=dict(d.get("metrics") or {}), finite=bool(d.get("finite", True)),
                    nonfinite=d.get("nonfinite"), path=d.get("path", ""), recipe=d.get("recipe"),
-                   chosen_for=d.get("chosen_for"))
+                   chosen_for=d.get("chosen_for"), finetune_seconds=d.get("finetune_seconds"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,26 +157,59 @@ def _check_resume(out_dir, settings):
 # --- the training loop ---------------------------------------------------------------------------
 
 def _labels(train):
-    return {p: {k: "w" if k == "w" else "palette" for k in v} for p, v in train.items()}
+    return {"pal": {p: {k: "w" if k == "w" else "palette" for k in v} for p, v in train["pal"].items()},
+            "bias": {p: "palette" for p in train["bias"]}}
 
 
-def _optimizer(method, lr, w_lr):
+def _with_leaves(tree, flat, prefix=""):
+    """``tree`` with the leaves at the dotted paths of ``flat`` replaced by its values."""
+    return {k: _with_leaves(v, flat, f"{prefix}{k}.") if isinstance(v, dict) else flat.get(f"{prefix}{k}", v)
+            for k, v in tree.items()}
+
+
+def _params(tr, fz, method, temperature):
+    """The UNet params a training step runs: the palettized layers' dense weights, the trained biases."""
+    return _with_leaves(ft.weights_tree(tr["pal"], fz, method, temperature), tr["bias"])
+
+
+SCHEDULES = ("constant", "cosine")
+W_INITS = ("float", "quantized")
+
+
+def _rate(lr, schedule, steps):
+    """The learning rate of each step: ``lr`` throughout, or a cosine decay from ``lr`` to 0 over
+    ``steps``."""
+    return lr if schedule == "constant" else optax.cosine_decay_schedule(lr, steps)
+
+
+def _optimizer(method, lr, w_lr, schedule="constant", steps=1):
     if method == "lut":
-        return optax.adam(lr)
-    return optax.multi_transform({"w": optax.adam(w_lr), "palette": optax.adam(lr)}, _labels)
+        return optax.multi_transform({"palette": optax.adam(_rate(lr, schedule, steps))}, _labels)
+    return optax.multi_transform({"w": optax.adam(_rate(w_lr, schedule, steps)),
+                                  "palette": optax.adam(_rate(lr, schedule, steps))}, _labels)
+
+
+def _loss(pred, target, guidance):
+    """Per-prediction MSE (``guidance`` None), or the MSE of the guided predictions
+    ``u + guidance * (c - u)`` of a batch laid out as [negative rows; the same latents' prompt rows]."""
+    if guidance is None:
+        return jnp.mean(jnp.square(pred - target))
+    d = pred - target
+    du, dc = jnp.split(d, 2)
+    return jnp.mean(jnp.square(du + guidance * (dc - du)))
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(ucfg, method, temperature, lr, w_lr):
+def _step_fn(ucfg, method, temperature, lr, w_lr, guidance=None, schedule="constant", steps=1):
     """``(optimizer, jitted training step)`` of these settings (cached: a rerun with the same
     settings, or a resume in the same process, reuses the compilation)."""
-    opt = _optimizer(method, lr, w_lr)
+    opt = _optimizer(method, lr, w_lr, schedule, steps)
 
     def loss_fn(tr, fz, x, t, cond, target):
         context, added = conditioning.unet_inputs(cond)
-        pred = unet_model.apply(ft.weights_tree(tr, fz, method, temperature), ucfg, x, t, context,
+        pred = unet_model.apply(_params(tr, fz, method, temperature), ucfg, x, t, context,
                                 added_cond=added).astype(jnp.float32)
-        return jnp.mean(jnp.square(pred - target))
+        return _loss(pred, target, guidance)
 
     @jax.jit
     def step(tr, opt_state, fz, x, t, cond, target):
@@ -189,7 +222,8 @@ def _step_fn(ucfg, method, temperature, lr, w_lr):
 def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3, w_lr=None, seed=0,
              out_dir=None, temperature=None, eval_prompts=(), progress=True, batch=8, n_timesteps=8,
              generation_steps=25, guidance_scale=7.5, sampler="dpmpp_2m", negative_prompt="",
-             save_every=DEFAULT_SAVE_EVERY, refine=False, interrupt_after=None, samples=None):
+             save_every=DEFAULT_SAVE_EVERY, refine=False, interrupt_after=None, samples=None, loss="guided", schedule="constant",
+             w_init="float", train_bias=False):
     """Fine-tune the palettized UNet params ``quantized_unet`` against the float ``pipe.params["unet"]``
     on the data-free samples of the calibration ``prompts`` (see the module docstring). Returns the
     UNet params with ordinary ``PalettizedWeight`` leaves (``quant.finetune.finalize_tree``): the
@@ -205,19 +239,26 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
     w_lr = lr / 100 if w_lr is None else w_lr
     ucfg = pipe.configs["unet"]
     init = None
-    if method != "lut":
+    if w_init not in W_INITS:
+        raise ValueError(f'w_init={w_init!r}: "float" (the checkpoint\'s weights) or "quantized" (the start\'s)')
+    if method != "lut" and w_init == "float":
         floats = flatten(pipe.params["unet"])
         pal = [p for p, v in flatten(quantized_unet).items() if isinstance(v, PalettizedWeight)]
         init = {p: floats[p] for p in pal if p in floats}
-    train, frozen = ft.trainable_tree(quantized_unet, method, init=init)
-    if not train:
+    pal, frozen = ft.trainable_tree(quantized_unet, method, init=init)
+    flat = flatten(frozen)
+    bias = {p[:-len("weight")] + "bias": None for p in pal if p.endswith(".weight")} if train_bias else {}
+    train = {"pal": pal, "bias": {p: jnp.asarray(flat[p], jnp.float32) for p in bias if p in flat}}
+    if not pal:
         raise ValueError("quantized_unet holds no palettized weight (PalettizedWeight) to fine-tune")
     settings = dict(method=method, steps=int(steps), lr=float(lr), w_lr=float(w_lr), seed=int(seed),
                     temperature=None if temperature is None else float(temperature), prompts=list(prompts),
                     batch=int(batch), n_timesteps=int(n_timesteps), generation_steps=int(generation_steps),
                     guidance_scale=float(guidance_scale), sampler=sampler, negative_prompt=negative_prompt,
-                    refine=bool(refine), start=_fingerprint(quantized_unet))
-    opt, step_fn = _step_fn(ucfg, method, settings["temperature"], settings["lr"], settings["w_lr"])
+                    refine=bool(refine), loss=loss, schedule=schedule, w_init=w_init, train_bias=bool(train_bias), start=_fingerprint(quantized_unet))
+    guidance = float(guidance_scale) if loss == "guided" else None
+    opt, step_fn = _step_fn(ucfg, method, settings["temperature"], settings["lr"], settings["w_lr"], guidance,
+                            schedule, int(steps))
     state = {"train": train, "opt": opt.init(train), "step": 0}
     ckpt = None
     if out_dir is not None:
@@ -245,7 +286,12 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
     bar = tqdm(total=steps, initial=start, desc=f"fine-tuning ({method})", unit="step", disable=not progress)
     for step in range(start, steps):
         rng = np.random.default_rng([int(seed), 0x9A7, step])
-        sel = rng.choice(len(samples), size=min(batch, len(samples)), replace=False)
+        if guidance is None:
+            sel = rng.choice(len(samples), size=min(batch, len(samples)), replace=False)
+        else:  # pairs: each latent's negative row and its prompt row (training_samples' layout)
+            half = len(samples) // 2
+            pick = rng.choice(half, size=min(max(batch // 2, 1), half), replace=False)
+            sel = np.concatenate([pick, pick + half])
         x, t, cond = samples.rows(sel)
         train, opt_state, loss = step_fn(train, opt_state, frozen, x, t, cond, samples.target[sel])
         bar.update(1)
@@ -257,7 +303,9 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
             bar.close()
             raise Interrupted(f"interrupted after step {done} of {steps}")
     bar.close()
-    return ft.finalize_tree(train, frozen, refine)
+    dtypes = {p: np.asarray(flat[p]).dtype for p in train["bias"]}
+    return _with_leaves(ft.finalize_tree(train["pal"], frozen, refine),
+                        {p: np.asarray(v).astype(dtypes[p]) for p, v in train["bias"].items()})
 
 
 __all__ = ["Interrupted", "Samples", "distillation_loss", "finetune", "training_samples"]

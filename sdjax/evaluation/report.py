@@ -52,6 +52,13 @@ def _fmt_seconds(s):
     return f"{s / 3600:.2f} h"
 
 
+def _time_cell(r):
+    """A recipe's time, with its fine-tuning's in parentheses when it was fine-tuned."""
+    text = _fmt_seconds(r.get("seconds"))
+    ft = _num(r.get("finetune_seconds"))
+    return text if ft is None else f"{text} (fine-tuning {_fmt_seconds(ft)})"
+
+
 def _fmt_metric(key, v):
     v = _num(v)
     if v is None or not math.isfinite(v):
@@ -201,6 +208,14 @@ def render_markdown(results, files=None) -> str:
                      "recipe tagged B; mixed-...-u6-B: the smallest recipe of its family that keeps uniform 6-bit's "
                      "one-step PSNR there; mixed-...-u6img-B: the smallest that also keeps its final latents', images' "
                      "PSNR and SSIM.")
+        tuned = [r for r in recipes if _num(r.get("finetune_seconds")) is not None]
+        if tuned:
+            L += ["", "Fine-tuned recipes (" + ", ".join(r.get("name", "?") for r in tuned) + "): the recipe's "
+                  "palettized UNet weights trained after quantizing (sdjax.evaluation.qat: the float UNet distilled "
+                  "into the palettized one on the calibration prompts' own generations, never on evaluation prompts), "
+                  "the same bytes as the recipe without fine-tuning; qat-Nbit is palette-Nbit fine-tuned, "
+                  "qat-mixed-gptq-u6-B is mixed-gptq-u6-B fine-tuned. Their time includes the fine-tuning, given "
+                  "in parentheses."]
         ab = (results.get("sensitivity_apple") or {}).get("baselines")
         if ab:
             L += ["", f"Apple's baselines on Apple's reading (selection prompts): original (float16 weights) "
@@ -225,7 +240,7 @@ def render_markdown(results, files=None) -> str:
                          _fmt(_num(r.get("avg_bits_candidates")), 2)]
                         + ([_fmt(_num(r.get("apple_bits")), 2)] if apple_col else [])
                         + [_fmt_mb(_mb(b.get("unet"))), _fmt_mb(_mb(_total_bytes(b))), ratio] + cells
-                        + [_fmt_seconds(r.get("seconds"))])
+                        + [_time_cell(r)])
         L += _table(header, rows) + [""]
         bad = [r for r in recipes if not _is_finite_recipe(r)]
         if bad:

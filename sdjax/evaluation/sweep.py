@@ -19,7 +19,15 @@ Recipes are preset names, recipe JSON files (sdjax's or Apple's), or four genera
 - ``mixed-gptq``: the same allocator over GPTQ-palettized layers (``quant.gptq``: the same LUTs and
   bytes, indices chosen for the layer's output on calibration inputs), with its own per-layer sweep,
   at the same sizes up to ``GPTQ_MAX_BITS``, ``mixed-gptq-u6-B`` as above, and ``mixed-gptq-u6img-B``,
-  the smallest keeping uniform 6-bit's (plain k-means) final latents', images' PSNR and SSIM too.
+  the smallest keeping uniform 6-bit's (plain k-means) final latents', images' PSNR and SSIM too;
+- ``qat-mixed-gptq``: ``mixed-gptq-u6-B`` fine-tuned (``qat-mixed-gptq-u6-B``), beside the ``qat-Nbit``
+  presets (uniform palettization fine-tuned).
+
+Fine-tuned recipes (``"finetune"`` settings: the qat-* ones, or a recipe file's) train their palettized
+UNet weights after the rules are applied (``qat.finetune`` through ``qat_recipe.finetune_callable``) on the
+calibration prompts, with the evaluation's sampler, steps and guidance, never on an evaluation prompt; a
+killed run resumes the fine-tuning from OUT/state/finetune/ (removed once the recipe is done), and each
+result records its ``finetune_seconds``.
 
 All need the per-layer sensitivity sweep, which is run once and also reported (the heatmap, and how
 well the cheap Fisher estimate ranks layers).
@@ -49,8 +57,10 @@ left float count 16 bits (the float16 model is the baseline, as in Apple's analy
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -63,12 +73,13 @@ from sdjax import nn
 from sdjax.files import atomic_write_json
 from sdjax.version import __version__
 
-from . import report
+from . import qat_recipe, report
 from .calibration import Calibration, hessian_run
 from .evaluator import Evaluator, Settings
 from .apple import apple_min_size, module_order  # noqa: F401
 from .apple_sweep import AppleSweep
-from .families import GENERATED, GPTQ_MAX_BITS, RENAMED, ROLES, family, gptq_recipe, mixed_recipes, quality_margin  # noqa: F401
+from .families import (FINETUNED, GENERATED, GPTQ_MAX_BITS, RENAMED, ROLES, family, finetuned_mixed,  # noqa: F401
+                       gptq_recipe, mixed_recipes, quality_margin)
 from .layer_sweep import CANDIDATE_MIN, FISHER_TIMESTEPS, SWEEP_PAIRS, LayerSweep  # noqa: F401
 from .outcome import EvalResult, RecipeResult, TargetResult  # noqa: F401
 from .state import EvalError, State, _check_manifest, _safe, fingerprint  # noqa: F401
@@ -77,7 +88,7 @@ from .targets import targets
 # llm-int8 and w8-int8conv are left out of the default set (add them with recipe_names / -r): the
 # default run must stay under 10 minutes on 2 cores, and llm-int8's integer path alone takes 36 s
 DEFAULT_RECIPES = ("palette-8bit", "palette-6bit", "palette-4bit", "palette-3bit", "palette-2bit",
-                   "w8-int8", "apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq")
+                   "w8-int8", "apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq") + FINETUNED
 
 CALIBRATION_SEED = 1000   # x_T seeds of the calibration generation (the evaluation's are the user's)
 
@@ -188,6 +199,37 @@ def hessians(pipe, prompts, settings: Settings, state: State, progress=True):
     state.write({"seconds": time.perf_counter() - t0}, "hessians-time.json")
     return H
 
+def is_finetuned(name, recipe):
+    """Whether ``resolve``'s ``(name, recipe)`` is a fine-tuned recipe (or the generated qat-mixed-gptq)."""
+    return name == "qat-mixed-gptq" if recipe is None else recipe.needs_finetune
+
+
+def _check_finetuning(names, calibration, settings, state):
+    """Fine-tuned recipes' prompts: calibration prompts that are not evaluation prompts, the same as the
+    saved runs' (OUT/state/finetune.json)."""
+    if not names:
+        return
+    if not calibration:
+        raise EvalError(f"{', '.join(names)}: fine-tuned recipes train on calibration prompts, never on evaluation "
+                        "prompts: pass calibration prompts (calibration=, `sdjax eval --calibration-prompts`)")
+    prompts = _not_evaluation(calibration, settings, "fine-tuning (calibration) prompts")
+    state.check_settings("finetune.json", {"prompts": prompts},
+                         "the saved fine-tuning runs come from other calibration prompts")
+
+
+def _finetune_dir(state, name, recipe):
+    """OUT/state/finetune/NAME-DIGEST: the resumable fine-tuning of this recipe (its settings changed: another
+    folder; those of its earlier settings are removed)."""
+    digest = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=6).hexdigest()
+    base = state.path("finetune")
+    folder = os.path.join(base, f"{_safe(name)}-{digest}")
+    if os.path.isdir(base):
+        for old in os.listdir(base):
+            if old.rsplit("-", 1)[0] == _safe(name) and os.path.join(base, old) != folder:
+                shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+    return folder
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """What a run measures besides the generation settings, and how it builds mixed-bit recipes.
@@ -244,6 +286,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                 "mixed": {"candidate_min": candidate_min, "nbits": list(mixed_nbits), "selection_seed": SELECTION_SEED,
                           "sweep_pairs": SWEEP_PAIRS, "apple_min_size": apple_min}}
     _check_manifest(state, manifest, out_dir)
+    _check_finetuning([n for n, r in recipes if is_finetuned(n, r)], calibration, settings, state)
 
     ref = state.load_arrays("float.npz")
     ev = Evaluator(pipe, settings, devices=devices, progress=progress, reference=ref)
@@ -256,12 +299,14 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         state.write(float_entry, "float.json")
 
     cache = {}  # quantized weights shared by the sensitivity sweep and every recipe
+    samples_cache = {}  # fine-tuning's training samples, shared by the fine-tuned recipes
     apple_numel = {n: k for n, k in calibrate.layer_numel(pipe.params["unet"]).items() if k > apple_min}
     roles = {}
     todo = [(n, r.to_json() if hasattr(r, "to_json") else r) for n, r in recipes if r is not None]
     want = {n for n, r in recipes if r is None}
     H = None
-    if "mixed-gptq" in want or any(r is not None and r.needs_hessian for _, r in recipes):
+    gptq_families = want & {"mixed-gptq", "qat-mixed-gptq"}
+    if gptq_families or any(r is not None and r.needs_hessian for _, r in recipes):
         if not calibration:
             raise EvalError("GPTQ recipes need calibration prompts (calibration=, `sdjax eval --calibration-prompts`) "
                             "for their input statistics")
@@ -274,15 +319,16 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         sel = selection(pipe, calibration, settings, state, devices, progress)
         S = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache)
         G = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache, hessians=H) \
-            if "mixed-gptq" in want else None
+            if gptq_families else None
         A = AppleSweep(sel, state, progress, apple_min, mixed_nbits, cache=cache) if "apple-mbp" in want else None
         key = sorted(want)
         saved = state.read("mixed.json")
         if saved is not None and saved.get("families") == key:
             mixed = [tuple(x) for x in saved["recipes"]]
         else:
-            mixed = mixed_recipes(S, want, G, A, calibrate.layer_numel(pipe.params["unet"]))
+            mixed = finetuned_mixed(mixed_recipes(S, want, G, A, calibrate.layer_numel(pipe.params["unet"])), want)
             state.write({"families": key, "recipes": [list(x) for x in mixed]}, "mixed.json")
+        S.single()   # the report's sensitivity section, whichever families used it
         if o.fisher:
             S.fisher(S.single(), sel.s.prompts)
         todo += [(n, r) for n, r, _ in mixed]
@@ -303,20 +349,38 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         imgs = None
         if res is None or res.get("recipe") != json.loads(json.dumps(r)):
             t0 = time.perf_counter()
-            qparams = quant.apply_recipe(pipe.params, r, cache=cache, hessian=None if H is None else {"unet": H})
+            tune = None
+            if quant.parse_recipe(r).needs_finetune:  # on the calibration prompts, resumable in OUT/state/finetune/
+                tune_dir = _finetune_dir(state, name, r) if writer else None
+                tune = qat_recipe.finetune_callable(
+                    pipe, calibration, out_dir=tune_dir, eval_prompts=settings.prompts, progress=progress,
+                    samples_cache=samples_cache, generation_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                    sampler=settings.sampler, negative_prompt=settings.negative_prompt)
+            try:
+                qparams = quant.apply_recipe(pipe.params, r, cache=cache, hessian=None if H is None else {"unet": H},
+                                             finetune=tune)
+            except quant.RecipeError as e:
+                if tune is None:
+                    raise
+                raise EvalError(f"recipe {name!r}: {e}") from None
             path = "simulated" if weight_only(qparams) else "quantized"
             # weight-only types compute exactly their dequantized weights' function, and float weights
             # reuse the float model's compiled programs: no compilation per recipe
             out = ev.outputs(dequantized(qparams) if path == "simulated" else qparams, desc=name)
             m, bad = ev.metrics(out, adherence=adherence, plugins=plugins)
-            res = {"name": name, "family": family(name), "avg_bits": avg_bits(qparams["unet"]),
+            res = {"name": name, "family": family(name, r), "avg_bits": avg_bits(qparams["unet"]),
                    "avg_bits_candidates": avg_bits(qparams["unet"], candidate_min),
                    "apple_bits": apple_bits(qparams["unet"], apple_numel),
                    "bytes": component_bytes(qparams), "metrics": m, "finite": bad is None, "nonfinite": bad,
                    "seconds": time.perf_counter() - t0, "recipe": r, "path": path}
+            if tune is not None:   # every session's, when the fine-tuning was resumed
+                res["finetune_seconds"] = tune.seconds
+                res["seconds"] += tune.seconds - tune.session_seconds
             imgs = report.to_uint8(out["images"])
             state.save_arrays({"images": imgs}, "recipes", key + ".npz")
             state.write(res, "recipes", key + ".json")  # last: its presence marks the recipe done
+            if tune is not None and writer:
+                shutil.rmtree(tune_dir, ignore_errors=True)
         if name in roles:
             res = dict(res, chosen_for=ROLES[roles[name]])
         results["recipes"].append(res)
