@@ -43,7 +43,7 @@ def register(sub):
     model_arg(p)
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
                    help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq, "
-                   "qat-mixed-gptq (default: palette-8/6/4/3/2bit, w8-int8, apple-mbp, apple-rule, mixed-sdjax, "
+                   "qat-mixed-gptq (default: palette-8/6/4/3/2bit, palette-4/2bit-gptq, w8-int8, apple-mbp, apple-rule, mixed-sdjax, "
                    "mixed-gptq, and the fine-tuned qat-4bit-gptq, qat-2bit-gptq, qat-mixed-gptq; add w8-int8conv or llm-int8 "
                    "for those)")
     p.add_argument("--no-finetune", action="store_true",

@@ -4,7 +4,7 @@ pipeline and its calibration prompts. ``quant`` drives no model, so the callable
 GPTQ's ``hessian=`` run comes from ``calibration.hessian_run``.
 
     tune = finetune_callable(pipe, calibration_prompts, out_dir="q4.finetune")
-    q = pipe.quantize("qat-4bit", finetune=tune)     # palette-4bit, then its LUTs fine-tuned
+    q = pipe.quantize("qat-4bit", finetune=tune)     # palette-4bit, then fine-tuned (quant.recipes.qat_defaults(4))
     tune.seconds                                     # time spent fine-tuning (every session of out_dir)
 """
 from __future__ import annotations

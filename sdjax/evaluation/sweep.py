@@ -88,6 +88,7 @@ from .targets import targets
 # llm-int8 and w8-int8conv are left out of the default set (add them with recipe_names / -r): the
 # default run must stay under 10 minutes on 2 cores, and llm-int8's integer path alone takes 36 s
 DEFAULT_RECIPES = ("palette-8bit", "palette-6bit", "palette-4bit", "palette-3bit", "palette-2bit",
+                   "palette-4bit-gptq", "palette-2bit-gptq",   # the fine-tuned qat-*-gptq recipes' starts
                    "w8-int8", "apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq") + FINETUNED
 
 CALIBRATION_SEED = 1000   # x_T seeds of the calibration generation (the evaluation's are the user's)

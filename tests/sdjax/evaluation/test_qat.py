@@ -104,10 +104,69 @@ def test_evaluation_prompts_are_refused(pipe, q2):
                                        (dict(lr=0), "lr=0"), (dict(lr=1.5), "lr=1.5"),
                                        (dict(lr=float("nan")), "lr=nan"), (dict(w_lr=-1.0), "w_lr=-1.0"),
                                        (dict(method="kmeans"), "unknown fine-tuning method"),
-                                       (dict(method="dkm"), "temperature")])
+                                       (dict(method="dkm"), "temperature"),
+                                       (dict(loss="l1"), "loss='l1'"), (dict(schedule="step"), "schedule='step'"),
+                                       (dict(w_init="zeros"), "w_init='zeros'"), (dict(train_bias=1), "train_bias=1")])
 def test_bad_settings_are_refused(pipe, q2, kw, match):
     with pytest.raises(ValueError, match=match):
         qat.finetune(pipe, q2, PROMPTS, **dict(dict(steps=1, **FAST), **kw))
+
+
+def test_the_guided_loss_is_the_mse_of_the_guided_predictions():
+    rng = np.random.default_rng(0)
+    pred, target = rng.standard_normal((2, 6, 4, 4, 3))
+    d = pred.astype(np.float64) - target
+    u, c = d[:3], d[3:]   # [negative rows; the same latents' prompt rows]
+    want = np.mean((u + 7.5 * (c - u)) ** 2)
+    np.testing.assert_allclose(float(qat._loss(pred.astype(np.float32), target.astype(np.float32), 7.5)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(qat._loss(pred.astype(np.float32), target.astype(np.float32), None)),
+                               np.mean(d ** 2), rtol=1e-5)
+
+
+def test_the_cosine_schedule_decays_to_zero():
+    rate = qat._rate(1e-3, "cosine", 10)
+    assert float(rate(0)) == pytest.approx(1e-3) and float(rate(5)) == pytest.approx(5e-4) and float(rate(10)) == 0
+    assert qat._rate(1e-3, "constant", 10) == 1e-3
+
+
+def _shuffled_indices(q):
+    """``q`` with every palettized weight's indices rolled by one place: indices a nearest-entry
+    assignment of its float weights would not give."""
+    from quant.palettize import pack_bits, unpack_bits
+    out = {}
+    for p, w in flatten(q).items():
+        if isinstance(w, PalettizedWeight):
+            idx = np.roll(np.asarray(unpack_bits(w.packed, w.nbits, int(np.prod(w.shape)))), 1)
+            w = dataclasses.replace(w, packed=pack_bits(idx, w.nbits))
+        out[p] = w
+    from sdjax.nn import unflatten
+    return unflatten(out)
+
+
+def test_w_init_quantized_starts_from_the_starts_indices(pipe, q2, samples):
+    start = _shuffled_indices(q2)
+    kw = dict(FAST, method="ste", steps=1, lr=1e-9, w_lr=1e-9, samples=samples)
+    kept = _palettized(qat.finetune(pipe, start, PROMPTS, w_init="quantized", **kw))
+    snapped = _palettized(qat.finetune(pipe, start, PROMPTS, w_init="float", **kw))
+    a = _palettized(start)
+    assert all(np.array_equal(np.asarray(kept[p].packed), np.asarray(a[p].packed)) for p in a)
+    assert sum(not np.array_equal(np.asarray(snapped[p].packed), np.asarray(a[p].packed)) for p in a) > len(a) // 2
+
+
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_train_bias_trains_the_palettized_layers_biases_only(pipe, q2, samples, train_bias):
+    out = flatten(qat.finetune(pipe, q2, PROMPTS, method="lut", steps=2, lr=1e-2, samples=samples,
+                               train_bias=train_bias, **FAST))
+    before = flatten(q2)
+    tuned = {p[:-len("weight")] + "bias" for p, v in before.items() if isinstance(v, PalettizedWeight)}
+    changed = set()
+    for p, v in before.items():
+        if isinstance(v, PalettizedWeight):
+            continue
+        assert np.asarray(out[p]).dtype == np.asarray(v).dtype and np.asarray(out[p]).shape == np.asarray(v).shape
+        if not np.array_equal(np.asarray(out[p]), np.asarray(v)):
+            changed.add(p)
+    assert changed <= tuned and (bool(changed) == train_bias), sorted(changed)[:5]
 
 
 def test_weights_that_cannot_be_trained_are_refused(pipe):
