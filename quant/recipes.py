@@ -136,7 +136,7 @@ QAT_DEFAULTS = {"method": "ste", "steps": 1000, "lr": 1e-4, "w_lr": 1e-4, "loss"
                 "w_init": "quantized", "train_bias": True}
 QAT_LOW_BITS = {"method": "lut", "lr": 1e-3}
 FINETUNE_KEYS = ("method", "steps", "lr", "w_lr", "temperature", "loss", "batch", "n_timesteps", "seed", "schedule",
-                 "refine", "w_init", "train_bias")
+                 "refine", "w_init", "train_bias", "remat")
 FINETUNE_W_INITS = ("float", "quantized")     # its w_init= (where "dkm"/"ste" start the float weights)
 FINETUNE_LOSSES = ("guided", "eps")           # sdjax.evaluation.qat.finetune's loss=
 FINETUNE_SCHEDULES = ("constant", "cosine")   # its schedule= (qat.SCHEDULES)
@@ -337,6 +337,8 @@ def check_finetune(settings, where="finetune"):
         raise bad("w_init", f"one of {', '.join(FINETUNE_W_INITS)}")
     if "train_bias" in s and not isinstance(s["train_bias"], bool):
         raise bad("train_bias", "true or false")
+    if "remat" in s and not (isinstance(s["remat"], bool) or s["remat"] == "auto"):
+        raise bad("remat", "true, false or auto")
     if "refine" in s:
         if not isinstance(s["refine"], bool):
             raise bad("refine", "true or false")

@@ -64,6 +64,30 @@ def after(a, x):
     return a + _zero_of(x).astype(a.dtype)
 
 
+def remat(fun):
+    """``fun`` (positional array or pytree arguments) with a rematerialising gradient: the forward pass
+    keeps only the arguments, the backward pass recomputes ``fun`` from them. For training a full-size
+    UNet, whose blocks' activations do not fit otherwise. ``jax.checkpoint`` does not do this on
+    XLA:CPU: its optimization barrier is removed and the recomputation merged back into the forward
+    pass (a full-size step's temporaries were the same with and without it;
+    experiments/qat_full_size.py). Here the backward recomputes from the arguments plus a zero taken
+    from the incoming cotangent, a data dependence XLA cannot merge away. Values and gradients are
+    ``fun``'s."""
+    @jax.custom_vjp
+    def f(*args):
+        return fun(*args)
+
+    def fwd(*args):
+        return fun(*args), args
+
+    def bwd(args, g):
+        dep = _zero_of(jax.tree.leaves(g)[0])
+        tied = jax.tree.map(lambda a: a + dep.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
+        return jax.vjp(fun, *tied)[1](g)
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def _after_input(w, x):
     """Tie the expansion of a compressed weight to this layer's input.
 
@@ -255,9 +279,14 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
         if g == 1:
             qb, kb, vb = qb[:, 0], kb[:, 0], vb[:, 0]
 
+        # differentiated (fine-tuning), each chunk's scores are recomputed in the backward pass instead of
+        # every chunk's float32 scores and exponentials being stacked for it (2 x 1 GiB per 64x64
+        # self-attention of a full-size UNet at batch 2); the forward pass is unchanged
+        chunk = jax.checkpoint(block)
+
         def step(i, out):
             h = i // n
-            return jax.lax.dynamic_update_index_in_dim(out, block(qb[i], kb[h], vb[h]), i, 0)
+            return jax.lax.dynamic_update_index_in_dim(out, chunk(qb[i], kb[h], vb[h]), i, 0)
         # the output buffer is made from the queries (``after``), not as a constant: XLA's CPU
         # scheduler otherwise creates every attention's buffer at the program start and keeps them
         # all (with lax.map: 0.4 GB in a full-size SDXL UNet's forward pass)

@@ -112,7 +112,20 @@ def _added_embedding(params, cfg: UNetConfig, added_cond, dtype):
     return nn.linear(nn.silu(nn.linear(x, ae["linear_1"])), ae["linear_2"])
 
 
-def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *, added_cond=None):
+def _remat_blocks(remat):
+    """The (resnet, transformer_2d) an ``apply`` runs: as they are, or each under ``nn.remat``."""
+    if not remat:
+        return resnet, transformer_2d
+
+    def res(x, p, temb, *static):
+        return nn.remat(lambda x, p, temb: resnet(x, p, temb, *static))(x, p, temb)
+
+    def tr(x, ctx, p, *static):
+        return nn.remat(lambda x, ctx, p: transformer_2d(x, ctx, p, *static))(x, ctx, p)
+    return res, tr
+
+
+def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *, added_cond=None, remat=False):
     """Noise (or v) prediction.
 
     sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
@@ -120,8 +133,11 @@ def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, 
     ``{"text_embeds": (B, P), "time_ids": (B, n)}``: text_encoder_2's pooled, projected output and
     n = ``config.time_ids_length(P)`` micro-conditioning values (6 for base, 5 for the refiner:
     ``configs.SDXL_TIME_IDS``); other UNets take none. Inputs that do not fit the config raise
-    ValueError. Returns (B, H, W, out_channels) in the params' dtype.
+    ValueError. Returns (B, H, W, out_channels) in the params' dtype. ``remat``: under ``jax.grad``,
+    recompute each ResnetBlock2D's and Transformer2DModel's activations in the backward pass instead
+    of keeping them (training a full-size UNet; the values are the same).
     """
+    resnet, transformer_2d = _remat_blocks(remat)
     cfg = config
     dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
     groups, eps = cfg.norm_num_groups, cfg.norm_eps

@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -22,3 +23,14 @@ def pipeline_dirs(tmp_path_factory):
             cache[style] = (folder, build(folder, style))
         return cache[style]
     return get
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, drop JAX's compiled programs and traces: a worker otherwise keeps
+    every program of every module it ran (7-8 GiB RSS per worker by the end of the suite, on a
+    24 GiB CI machine that runs two workers beside the CLI tests' subprocesses)."""
+    yield
+    import jax
+    jax.clear_caches()
+    gc.collect()

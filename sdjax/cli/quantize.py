@@ -52,7 +52,9 @@ def register(sub):
                    "needs temperature), steps, lr and w_lr (in (0, 1]), loss (guided, eps), batch, n_timesteps, "
                    "seed, schedule (constant, cosine), refine (true/false; ste, dkm), w_init (float, quantized: "
                    "where ste/dkm start the float weights), train_bias (true/false: also train the palettized "
-                   "layers' float biases). Bare --finetune: the defaults. "
+                   "layers' float biases), remat (true/false/auto: recompute each block's activations in the "
+                   "backward pass, which a full-size UNet needs to train in 24 GiB; auto, the default, turns it on "
+                   "for UNets over 200M parameters). Bare --finetune: the defaults. "
                    "Recipes with \"finetune\" settings (the qat-Nbit presets, sdjax eval's qat-* recipes) "
                    "fine-tune without it. Only palettized weights train; int8 and LLM.int8 ones are carried as "
                    "they are. A progress bar shows the loss")

@@ -18,6 +18,15 @@ once. ``train_bias`` also trains the palettized layers' float biases; ``w_init="
 "dkm"/"ste"'s float weights at the start's dequantized weights (a GPTQ start keeps GPTQ's indices until
 training moves them), ``"float"`` at the checkpoint's; ``schedule="cosine"`` decays both rates to 0.
 
+Memory: a step donates the train params and optimizer state to the next step (they are copies:
+the caller's arrays, the teacher's among them, are never taken). With ``remat`` (default "auto": on
+for UNets over ``REMAT_AUTO_PARAMS`` parameters) it recomputes each block's activations in the
+backward pass (``unet.apply(..., remat=True)``) and expands each trainable weight where its layer
+runs (``quant.finetune.TrainingWeight``) instead of the whole UNet's before the forward pass. A
+full-size SD 1.5 UNet then trains at batch 2 in 18.0 GiB ("ste"; "lut" 7.2 GiB) on CPU, about a
+minute a step on 2 cores (experiments/qat_full_size.py); without remat "ste" needs ~28 GiB. On the
+embedded model remat is off: it would only cost time.
+
 Each step draws ``batch`` of the samples from ``(seed, step)`` alone, so a run resumed from its
 checkpoint (``out_dir``: train params, optimizer state and step, written atomically every
 ``save_every`` steps, beside the run's settings in ``settings.json``) ends with the weights of an
@@ -51,6 +60,7 @@ from .calibration import Calibration, noised_latents, self_generated_latents
 SETTINGS_FILE = "settings.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
 DEFAULT_SAVE_EVERY = 25
+REMAT_AUTO_PARAMS = 200_000_000   # remat="auto": UNets with more parameters rematerialise (SD 1.5: 860M)
 
 
 class Interrupted(RuntimeError):
@@ -173,9 +183,20 @@ def _with_leaves(tree, flat, prefix=""):
             for k, v in tree.items()}
 
 
-def _params(tr, fz, method, temperature):
-    """The UNet params a training step runs: the palettized layers' dense weights, the trained biases."""
-    return _with_leaves(ft.weights_tree(tr["pal"], fz, method, temperature), tr["bias"])
+def _params(tr, fz, method, temperature, lazy=False):
+    """The UNet params a training step runs: the palettized layers' weights (with ``lazy``, each
+    expanded where its layer runs), the trained biases."""
+    return _with_leaves(ft.weights_tree(tr["pal"], fz, method, temperature, lazy=lazy), tr["bias"])
+
+
+def _remat(remat, ucfg):
+    """``finetune``'s ``remat`` resolved to a bool ("auto": the UNet's size decides)."""
+    if remat == "auto":
+        n = sum(int(np.prod(s)) for s in flatten(unet_model.param_shapes(ucfg)).values())
+        return n > REMAT_AUTO_PARAMS
+    if not isinstance(remat, bool):
+        raise ValueError(f"remat={remat!r}: one of True, False, 'auto'")
+    return remat
 
 
 SCHEDULES = ("constant", "cosine")
@@ -207,18 +228,19 @@ def _loss(pred, target, guidance):
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(ucfg, method, temperature, lr, w_lr, guidance=None, schedule="constant", steps=1):
+def _step_fn(ucfg, method, temperature, lr, w_lr, guidance=None, schedule="constant", steps=1, remat=False):
     """``(optimizer, jitted training step)`` of these settings (cached: a rerun with the same
-    settings, or a resume in the same process, reuses the compilation)."""
+    settings, or a resume in the same process, reuses the compilation). The step donates its train
+    params and optimizer state."""
     opt = _optimizer(method, lr, w_lr, schedule, steps)
 
     def loss_fn(tr, fz, x, t, cond, target):
         context, added = conditioning.unet_inputs(cond)
-        pred = unet_model.apply(_params(tr, fz, method, temperature), ucfg, x, t, context,
-                                added_cond=added).astype(jnp.float32)
+        pred = unet_model.apply(_params(tr, fz, method, temperature, lazy=remat), ucfg, x, t, context,
+                                added_cond=added, remat=remat).astype(jnp.float32)
         return _loss(pred, target, guidance)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(tr, opt_state, fz, x, t, cond, target):
         loss, grads = jax.value_and_grad(loss_fn)(tr, fz, x, t, cond, target)
         updates, opt_state = opt.update(grads, opt_state, tr)
@@ -230,7 +252,7 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
              out_dir=None, temperature=None, eval_prompts=(), progress=True, batch=8, n_timesteps=8,
              generation_steps=25, guidance_scale=7.5, sampler="dpmpp_2m", negative_prompt="",
              save_every=DEFAULT_SAVE_EVERY, refine=False, interrupt_after=None, samples=None, loss="guided", schedule="constant",
-             w_init="float", train_bias=False):
+             w_init="float", train_bias=False, remat="auto"):
     """Fine-tune the palettized UNet params ``quantized_unet`` against the float ``pipe.params["unet"]``
     on the data-free samples of the calibration ``prompts`` (see the module docstring). Returns the
     UNet params with ordinary ``PalettizedWeight`` leaves (``quant.finetune.finalize_tree``): the
@@ -242,7 +264,8 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
     see the module docstring. ``batch``: samples per step (and per generation batch). ``out_dir``: a
     folder for the resumable checkpoint. ``eval_prompts``: prompts that must not be trained on.
     ``samples``: precomputed ``training_samples`` of the same settings (saves regenerating them).
-    ``interrupt_after``: raise ``Interrupted`` after that step (tests)."""
+    ``interrupt_after``: raise ``Interrupted`` after that step (tests). ``remat``: True, False or "auto"
+    (see the module docstring; it changes memory and time, not the result)."""
     prompts = _check(steps, lr, w_lr, method, temperature, prompts, eval_prompts, save_every)
     for name, value, valid in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES), ("w_init", w_init, W_INITS),
                                ("train_bias", train_bias, (False, True))):
@@ -250,6 +273,7 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
             raise ValueError(f"{name}={value!r}: one of {', '.join(map(repr, valid))}")
     w_lr = lr / 100 if w_lr is None else w_lr
     ucfg = pipe.configs["unet"]
+    remat = _remat(remat, ucfg)
     init = None
     if method != "lut" and w_init == "float":
         floats = flatten(pipe.params["unet"])
@@ -259,6 +283,8 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
     flat = flatten(frozen)
     bias = {p[:-len("weight")] + "bias": None for p in pal if p.endswith(".weight")} if train_bias else {}
     train = {"pal": pal, "bias": {p: jnp.asarray(flat[p], jnp.float32) for p in bias if p in flat}}
+    # the step donates its train params: copies, never the caller's (or the teacher's) own arrays
+    train = jax.tree.map(lambda a: jnp.array(a, copy=True), train)
     if not pal:
         raise ValueError("quantized_unet holds no palettized weight (PalettizedWeight) to fine-tune")
     settings = dict(method=method, steps=int(steps), lr=float(lr), w_lr=float(w_lr), seed=int(seed),
@@ -268,7 +294,7 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
                     refine=bool(refine), loss=loss, schedule=schedule, w_init=w_init, train_bias=bool(train_bias), start=_fingerprint(quantized_unet))
     guidance = float(guidance_scale) if loss == "guided" else None
     opt, step_fn = _step_fn(ucfg, method, settings["temperature"], settings["lr"], settings["w_lr"], guidance,
-                            schedule, int(steps))
+                            schedule, int(steps), remat)
     state = {"train": train, "opt": opt.init(train), "step": 0}
     ckpt = None
     if out_dir is not None:

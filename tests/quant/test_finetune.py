@@ -430,3 +430,40 @@ def test_bad_input_is_named():
         finetune.weights_tree({}, {"a": frozen}, "lut")
     with pytest.raises(ValueError, match="not palettized"):
         finetune.trainable_tree({"a": pw, "b": jnp.ones(3)}, "ste", init={"b": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 6])
+def test_nearest_is_the_argmin_at_every_lut_size(nbits):
+    """``_nearest`` (a count of midpoints up to 16 entries, a binary search above) against NumPy's
+    argmin, with equal entries (ties to the lowest index) and shuffled LUTs."""
+    rng = np.random.default_rng(nbits)
+    k = 1 << nbits
+    lut = np.sort(rng.standard_normal((2, k))).astype(np.float32)
+    lut[0, 1] = lut[0, 0]                                    # equal entries
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    x[0, :4] = lut[0, 0]                                      # on the equal entries: the lowest index
+    lut = lut[:, rng.permutation(k)]
+    col = np.arange(8) // 4
+    got = np.asarray(finetune._nearest(jnp.asarray(x), jnp.asarray(lut), 4))
+    np.testing.assert_array_equal(got, np_nearest(x, lut, col))
+
+
+@pytest.mark.parametrize("method", ["lut", "ste"])
+def test_lazy_weights_tree_expands_the_same_weights(method):
+    """``weights_tree(..., lazy=True)``: ``TrainingWeight`` leaves that dequantize to the dense
+    ``weights_tree``'s values and give the same gradients through a layer."""
+    from sdjax import nn
+    tree, _ = tree_of_weights()
+    train, frozen = finetune.trainable_tree(tree, method)
+    dense = finetune.weights_tree(train, frozen, method)
+    lazy = finetune.weights_tree(train, frozen, method, lazy=True)
+    w = lazy["a"]["weight"]
+    assert isinstance(w, finetune.TrainingWeight) and nn.is_quantized(w) and w.shape == dense["a"]["weight"].shape
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), np.asarray(dense["a"]["weight"]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, w.shape[0]), dtype=np.float32))
+
+    def loss(t, lazy):
+        return jnp.sum(jnp.square(nn.linear(x, finetune.weights_tree(t, frozen, method, lazy=lazy)["a"])))
+    a, b = jax.grad(loss)(train, False), jax.jit(jax.grad(loss), static_argnums=1)(train, True)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=1e-6, atol=1e-7)

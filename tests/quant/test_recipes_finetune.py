@@ -78,6 +78,7 @@ def test_qat_presets_are_palette_presets_with_the_defaults():
     ({"method": "lut", "refine": True}, "finetune refine re-clusters .* method 'lut' trains none"),
     ({"w_init": "zeros"}, "finetune w_init must be one of float, quantized; got 'zeros'"),
     ({"train_bias": 1}, "finetune train_bias must be true or false; got 1"),
+    ({"remat": "yes"}, "finetune remat must be true, false or auto; got 'yes'"),
     ({"batch": 0}, "finetune batch must be an integer >= 1"),
     ({"n_timesteps": -1}, "finetune n_timesteps must be an integer >= 1"),
     ({"seed": -1}, "finetune seed must be an integer >= 0"),

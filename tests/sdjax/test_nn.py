@@ -135,3 +135,31 @@ def test_quantized_weight_protocol():
     # a weight with its own linear path replaces the float matmul
     own = _Scaled(q, jnp.float32(0.5), own_linear=True)
     np.testing.assert_array_equal(np.asarray(nn.linear(x, {"weight": own})), np.full((2, 3), 42.0))
+
+
+def test_chunked_attention_gradient_equals_unchunked():
+    """Chunks are recomputed in the backward pass (``jax.checkpoint``); the gradient is the same."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    q, k, v = jax.random.normal(k1, (2, 300, 32)), jax.random.normal(k2, (2, 77, 32)), jax.random.normal(k3, (2, 77, 32))
+
+    def loss(q, k, v, ce):
+        return jnp.sum(jnp.sin(nn.attention(q, k, v, heads=4, chunk_elements=ce)))
+    full = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 1 << 30)
+    chunked = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 64 * 77)
+    for a, b in zip(full, chunked):
+        assert rel_err(b, a) < 1e-5
+
+
+def test_remat_recomputes_with_the_same_values_and_gradients():
+    """``nn.remat(f)``: f's values and gradients (pytree and integer arguments included)."""
+    def f(x, p, idx):
+        return jnp.tanh(x @ p["w"] + p["b"][idx])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8), dtype=np.float32))
+    p = {"w": jnp.asarray(rng.standard_normal((8, 8), dtype=np.float32)), "b": jnp.ones((3, 8))}
+    idx = jnp.array([0, 2, 1, 1])
+    loss = lambda g: lambda x, p: jnp.sum(jnp.square(g(x, p, idx)))  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(nn.remat(f)(x, p, idx)), np.asarray(f(x, p, idx)))
+    want, got = jax.grad(loss(f), argnums=(0, 1))(x, p), jax.grad(loss(nn.remat(f)), argnums=(0, 1))(x, p)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)

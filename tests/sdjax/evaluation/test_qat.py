@@ -199,3 +199,23 @@ def test_dkm_trains_and_re_snaps_to_the_same_layout(pipe, q2, samples):
         assert b[p].packed.shape == a[p].packed.shape and b[p].lut.shape == a[p].lut.shape
         assert np.all(np.isfinite(np.asarray(b[p].lut, np.float32)))
     assert np.isfinite(qat.distillation_loss(out, pipe.configs["unet"], samples))
+
+
+def test_remat_and_donation_leave_the_result_and_the_callers_arrays(pipe, q2, samples):
+    """``remat`` changes memory, not the result; the donated steps never take the caller's arrays
+    (the teacher's float weights "ste" starts from, the start's biases): all still readable."""
+    kw = dict(FAST, method="ste", steps=3, lr=1e-3, w_lr=1e-3, samples=samples, train_bias=True)
+    plain = qat.finetune(pipe, q2, PROMPTS, remat=False, **kw)
+    remat = qat.finetune(pipe, q2, PROMPTS, remat=True, **kw)
+    a, b = _palettized(plain), _palettized(remat)
+    for p in a:
+        np.testing.assert_allclose(np.asarray(b[p].lut, np.float32), np.asarray(a[p].lut, np.float32),
+                                   rtol=2e-3, atol=1e-4)
+    for tree in (pipe.params["unet"], q2):
+        for leaf in flatten(tree).values():
+            np.asarray(leaf.dequantize() if hasattr(leaf, "dequantize") else leaf)   # raises if deleted
+    assert qat._remat("auto", pipe.configs["unet"]) is False
+    from sdjax import configs
+    assert qat._remat("auto", configs.unet_config(configs.PRESETS["sd15"]["unet"])) is True
+    with pytest.raises(ValueError, match="remat='yes'"):
+        qat.finetune(pipe, q2, PROMPTS, remat="yes", **kw)
