@@ -34,6 +34,18 @@ rows, batch 8 = 4 latents x both guidance contexts):
                        lut 1e-4 cosine + biases, 300 steps              21.39  22.92  27.58  0.911    64 s
                        lut 1e-3 cosine + biases, 300 steps              20.27  24.67  29.78  0.936    89 s
 
+More calibration captions (``--prompts``; GPTQ's statistics and the training samples both come from them),
+palette-4bit-gptq, ste from GPTQ's indices, 1e-4/1e-4 cosine + biases; measured 2026-12-07, the 384-caption
+run partly beside a 2-minute test run:
+
+    captions  variant                                            1-step  final  image  SSIM   time
+    128       post-training                                       36.25  35.63  40.03  0.990
+    128       1000 steps                                          37.74  39.59  44.29  0.995   156 s
+    128       2500 steps                                          37.82  40.04  43.53  0.995   368 s
+    384       post-training                                       36.09  35.64  39.80  0.989
+    384       1000 steps                                          36.61  39.87  44.03  0.997   158 s
+    384       lut 1e-3 + biases, 1000 steps                       36.66  37.03  41.29  0.992   133 s
+
 (uniform palette-6bit, the 4-bit target: 38.95 / 41.88 / 45.90 / 0.996 in sdjax eval's report.) What mattered:
 the loss on the *guided* prediction (the sampler amplifies the difference of the two contexts' errors 7.5
 times; the plain per-prediction loss fell 3x while the one-step reading barely moved), GPTQ's indices as the

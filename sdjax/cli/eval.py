@@ -18,7 +18,8 @@ EVAL_GENERIC_PROMPTS = (    # other models, without --prompts
     "a plate of pasta with basil, food photography",
 )
 
-EVAL_CALIBRATION_PROMPTS = 32  # dataset captions calibrating GPTQ on the embedded model by default
+EVAL_CALIBRATION_PROMPTS = 128  # dataset captions calibrating GPTQ and fine-tuning on the embedded model by default
+# (the first sweep.SELECTION_PROMPTS of them are the selection pairs' prompts)
 
 
 
@@ -60,8 +61,8 @@ def register(sub):
     p.add_argument("--calibration-prompts", default=None, metavar="FILE",
                    help="prompts, one per line, whose guided generation gives GPTQ recipes (mixed-gptq, palette-*-gptq) "
                    "their layers' input statistics and fine-tuned recipes (qat-*) their training samples, and on "
-                   "which (with x_T seeds of their own) mixed-bit recipes are chosen; none may be an evaluation prompt (default: 32 other captions of the embedded model's "
-                   "dataset; 4 generic prompts for other models)")
+                   "which (with x_T seeds of their own; the first 32 of them) mixed-bit recipes are chosen; none may be an evaluation "
+                   "prompt (default: 128 other captions of the embedded model's dataset; 4 generic prompts for other models)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt runs with every seed (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps of the final images (default 25)")
     p.add_argument("--sampler", default="dpmpp_2m", help="as sdjax generate's (default dpmpp_2m)")

@@ -37,7 +37,7 @@ def register(sub):
                    "layer's input statistics X^T X): the model generates it and the chosen layers' inputs are "
                    "recorded; and of fine-tuning, which trains on the float model's own generations of these "
                    "prompts (repeatable; default: four built-in prompts, and for fine-tuning the embedded "
-                   "reference model the 32 dataset captions `sdjax eval` calibrates on, none of them an evaluation "
+                   "reference model the 128 dataset captions `sdjax eval` calibrates on, none of them an evaluation "
                    "prompt; unused by other recipes)")
     p.add_argument("--calibration-steps", type=int, default=4,
                    help="sampler steps per calibration prompt of W8A8 and GPTQ (default 4; fine-tuning generates "

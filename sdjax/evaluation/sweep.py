@@ -33,7 +33,8 @@ All need the per-layer sensitivity sweep, which is run once and also reported (t
 well the cheap Fisher estimate ranks layers).
 
 Selection and evaluation use different pairs. The sweeps, Apple's thresholds and our searches run on
-the *selection pairs*: the calibration prompts (never evaluation prompts) with x_T from
+the *selection pairs*: the first ``SELECTION_PROMPTS`` calibration prompts (never evaluation prompts;
+GPTQ and fine-tuning use all of them, where more prompts keep helping) with x_T from
 ``SELECTION_SEED`` (never a calibration generation's x_T, which GPTQ has fitted); each sweep
 measurement takes the first ``SWEEP_PAIRS`` of them (as many as Apple's 8 prompts), the quality
 searches all of them; Apple's sweep takes 8 of the calibration prompts through Apple's reading. Every recipe is then measured on the evaluation pairs: a recipe searched on
@@ -94,6 +95,7 @@ DEFAULT_RECIPES = ("palette-8bit", "palette-6bit", "palette-4bit", "palette-3bit
 CALIBRATION_SEED = 1000   # x_T seeds of the calibration generation (the evaluation's are the user's)
 
 SELECTION_SEED = 2000     # x_T seed of the selection pairs (the calibration generation's are 1000 + batch)
+SELECTION_PROMPTS = 32    # the selection pairs' prompts: the first of the calibration prompts
 
 def resolve(names):
     """Check recipe names -> [(name, recipe or None for generated)]; unknown names list the known."""
@@ -235,8 +237,9 @@ def _finetune_dir(state, name, recipe):
 class Options:
     """What a run measures besides the generation settings, and how it builds mixed-bit recipes.
 
-    ``calibration``: prompts for GPTQ's input statistics and the prompts of the selection pairs
-    (needed by GPTQ recipes and the generated mixed-bit families; none may be an evaluation prompt).
+    ``calibration``: prompts for GPTQ's input statistics and fine-tuning's training samples, whose
+    first ``SELECTION_PROMPTS`` are the prompts of the selection pairs (needed by GPTQ, fine-tuned
+    and generated mixed-bit recipes; none may be an evaluation prompt).
     ``adherence``: (images, prompts) -> scores (the embedded model's ``shapes.score``); ``plugins``:
     ``quant.metrics`` plug-ins; ``fisher``: also rank layers by the Fisher estimate;
     ``model_label``: the model's name in the report; ``candidate_min``, ``mixed_nbits``: the
@@ -317,7 +320,7 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
         if not calibration:
             raise EvalError(f"{', '.join(sorted(want))}: mixed-bit recipes are chosen on selection pairs that are not "
                             "evaluation pairs: pass calibration prompts (calibration=, `sdjax eval --calibration-prompts`)")
-        sel = selection(pipe, calibration, settings, state, devices, progress)
+        sel = selection(pipe, calibration[:SELECTION_PROMPTS], settings, state, devices, progress)
         S = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache)
         G = LayerSweep(sel, state, progress, candidate_min, mixed_nbits, cache=cache, hessians=H) \
             if gptq_families else None

@@ -324,10 +324,11 @@ def test_mixed_bit_families_end_to_end(pipe, tmp_path, monkeypatch):
     out = tmp_path / "ev"
     fams = ["apple-mbp", "apple-rule", "mixed-sdjax"]
     kw = dict(candidate_min=40000, apple_min_size=40000, mixed_nbits=(2, 4, 6), calibration=CALIBRATION)
+    monkeypatch.setattr(sweep, "SELECTION_PROMPTS", 1)   # the selection pairs take the first calibration prompt
     res = _run(pipe, out, fams, **kw)
     s, a_s = res["sensitivity"], res["sensitivity_apple"]
-    # two calibration prompts: four selection seeds make the sweeps' 8 pairs
-    assert s["selection"] == {"prompts": 2, "seeds": [sweep.SELECTION_SEED + i for i in range(4)], "pairs": 8}
+    # one selection prompt: eight selection seeds make the sweeps' 8 pairs
+    assert s["selection"] == {"prompts": 1, "seeds": [sweep.SELECTION_SEED + i for i in range(8)], "pairs": 8}
     assert s["nbits"] == [2, 4, 6] and len(s["layers"]) == len(s["psnr_db"]) > 3
     assert all(np.all(np.diff(row) > 0) for row in s["psnr_db"])  # more bits, closer to float, per layer
     assert set(s["spearman"]) == {"2", "4", "6"} and all(-1 <= v <= 1 for v in s["spearman"].values())
