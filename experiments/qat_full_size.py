@@ -154,7 +154,6 @@ class CompileOnly(Exception):
 class Timings:
     def __init__(self):
         self.compile_s = None
-        self.memory = None
         self.calls = []
 
 
@@ -176,7 +175,6 @@ def patch_step(timings, compile_only=False):
                 compiled = lowered.compile()
                 timings.compile_s = time.perf_counter() - t0
                 m = compiled.memory_analysis()
-                timings.memory = m
                 release_freed_memory()
                 report("compiled", compile_s=timings.compile_s, peak_rss_gib=peak_rss_gib(), rss_gib=rss_gib(),
                        **({} if m is None else dict(

@@ -81,8 +81,8 @@ def remat(fun):
         return fun(*args), args
 
     def bwd(args, g):
-        dep = _zero_of(jax.tree.leaves(g)[0])
-        tied = jax.tree.map(lambda a: a + dep.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
+        g0 = jax.tree.leaves(g)[0]
+        tied = jax.tree.map(lambda a: after(a, g0) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
         return jax.vjp(fun, *tied)[1](g)
     f.defvjp(fwd, bwd)
     return f

@@ -190,12 +190,10 @@ def _params(tr, fz, method, temperature, lazy=False):
 
 
 def _remat(remat, ucfg):
-    """``finetune``'s ``remat`` resolved to a bool ("auto": the UNet's size decides)."""
+    """``finetune``'s (checked) ``remat`` resolved to a bool ("auto": the UNet's size decides)."""
     if remat == "auto":
         n = sum(int(np.prod(s)) for s in flatten(unet_model.param_shapes(ucfg)).values())
         return n > REMAT_AUTO_PARAMS
-    if not isinstance(remat, bool):
-        raise ValueError(f"remat={remat!r}: one of True, False, 'auto'")
     return remat
 
 
@@ -268,7 +266,7 @@ def finetune(pipe, quantized_unet, prompts, *, method="lut", steps=200, lr=1e-3,
     (see the module docstring; it changes memory and time, not the result)."""
     prompts = _check(steps, lr, w_lr, method, temperature, prompts, eval_prompts, save_every)
     for name, value, valid in (("loss", loss, LOSSES), ("schedule", schedule, SCHEDULES), ("w_init", w_init, W_INITS),
-                               ("train_bias", train_bias, (False, True))):
+                               ("train_bias", train_bias, (False, True)), ("remat", remat, (False, True, "auto"))):
         if not any(value is v or (isinstance(value, str) and value == v) for v in valid):
             raise ValueError(f"{name}={value!r}: one of {', '.join(map(repr, valid))}")
     w_lr = lr / 100 if w_lr is None else w_lr
