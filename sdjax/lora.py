@@ -298,7 +298,7 @@ def plan(path, reader, layers, configs):
     (or / sqrt(rank) with use_rslora). LoraError naming every problem at once."""
     entries, problems = read_entries(reader, path)
     meta = _metadata(reader, path)
-    out, missing_comp, no_layer, cross = [], {}, [], []
+    out, missing_comp, no_layer, cross, seen = [], {}, [], [], {}
     for (comp, module, kind), keys in sorted(entries.items()):
         any_key = next(iter(keys.values()))
         if comp not in layers:
@@ -331,6 +331,10 @@ def plan(path, reader, layers, configs):
             if comp == "unet" and re.search(r"attn2\.to_[kv]$", name[:-7]) and down[1] != weight[1]:
                 cross.append(down[1])
             continue
+        if (comp, name) in seen:
+            problems.append(f"{keys['down']}: updates {comp} {name}, as {seen[comp, name]} does already")
+            continue
+        seen[comp, name] = keys["down"]
         if is_quantized(layers[comp].flat[name]):
             problems.append(f"{keys['down']}: {comp} {name} is quantized; LoRAs merge into float weights "
                             "(merge first, then quantize)")
@@ -352,6 +356,9 @@ def plan(path, reader, layers, configs):
                 continue
             alpha = _pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank))
             rslora = bool(conf.get("use_rslora"))
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                problems.append(f"{keys['down']}: {METADATA_KEY} gives {module} the alpha {alpha!r}, not a number")
+                continue
         if alpha is None:
             factor = 1.0
         else:
@@ -371,6 +378,8 @@ def _family(width):
 def _report(path, problems, no_layer, missing_comp, cross, layers, configs, n_updates):
     """One message: what the LoRA seems made for, then every problem (the first MAX_LISTED)."""
     head = []
+    if not n_updates:
+        head.append("none of its tensors is a LoRA factor (a model checkpoint, or a LoRA kind sdjax does not read?)")
     ucfg = (configs or {}).get("unet")
     if cross and ucfg is not None:
         head.append(f"made for a UNet whose cross-attention takes {cross[0]} features{_family(cross[0])}; "

@@ -383,7 +383,15 @@ Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     (lambda t: {**t, "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 4), np.float32),
                 "text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 2), np.float32)},
      r"it updates text_encoder_2 \(an SDXL text encoder\), which this model does not have"),
-], ids=["no-layer", "rank", "shape", "half-pair", "dora", "loha", "not-lora", "alpha", "no-component"])
+    (lambda t: {**t, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
+                t[f"{Q}.lora_A.weight"],
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight":
+                t[f"{Q}.lora_B.weight"]},
+     r"updates unet down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q\.weight, as .* does already"),
+    (lambda t: {"model.diffusion_model.out.2.weight": np.ones((4, 32, 3, 3), np.float32)},
+     "cannot merge this LoRA: none of its tensors is a LoRA factor"),
+], ids=["no-layer", "rank", "shape", "half-pair", "dora", "loha", "not-lora", "alpha", "no-component", "twice",
+        "checkpoint"])
 def test_bad_updates_name_the_file_and_key(sd1_lora, tmp_path, monkeypatch, edit, expected):
     folder, _, tensors = sd1_lora
     message = _merge_error(folder, _variant(tmp_path, edit(tensors)), monkeypatch)
