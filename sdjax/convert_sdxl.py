@@ -122,10 +122,15 @@ def _unet_config(pooled, projection_key):
     return infer
 
 
+def sgm_unet_table(c):
+    """The UNet's modules in the SGM layout, (ldm module, diffusers module, leaves) as
+    ``convert_ldm.unet_table``: that table plus the size-conditioning MLP (``label_emb``)."""
+    return unet_table(c) + [("label_emb.0.0", "add_embedding.linear_1", PLAIN),
+                            ("label_emb.0.2", "add_embedding.linear_2", PLAIN)]
+
+
 def _table(configs, kind):
-    mods = unet_table(configs["unet"]) + [("label_emb.0.0", "add_embedding.linear_1", PLAIN),
-                                          ("label_emb.0.2", "add_embedding.linear_2", PLAIN)]
-    table = rows("unet", UNET, mods) + rows("vae", VAE, vae_table(configs["vae"]))
+    table = rows("unet", UNET, sgm_unet_table(configs["unet"])) + rows("vae", VAE, vae_table(configs["vae"]))
     for i, (comp, tower) in LAYOUTS[kind].items():
         open_clip = tower == "open_clip"
         table += rows(comp, _prefix(i, tower), clip_table(configs[comp], open_clip, projection=open_clip))

@@ -6,7 +6,7 @@ import os
 
 import jax.numpy as jnp
 
-from . import checkpoint, clip, nn
+from . import checkpoint, clip, lora, nn
 from .params import CheckpointError, canonical_dtype
 from .tokenizer import Tokenizer
 
@@ -33,6 +33,7 @@ class Pipeline:
     quantization: dict | None = None  # {"recipe": recipe dict or None, ...} for a quantized pipeline
     tokenizer_2: Tokenizer | None = None  # SDXL's, for text_encoder_2 (the refiner has only this one)
     model_index: dict | None = None  # the checkpoint's model_index.json (a single file's: as diffusers writes)
+    loras: tuple = ()  # ((path, scale), ...) merged into the float weights at load
 
     @property
     def architecture(self) -> str:
@@ -158,26 +159,34 @@ def random(name="sd15", seed=0, dtype="float32") -> Pipeline:
     return Pipeline(params, conf, None, {}, canonical_dtype(dtype), f"random {name} (seed {seed})")
 
 
-def load(path=None, dtype="float32", variant=None, configs=None, progress=True) -> Pipeline:
+def load(path=None, dtype="float32", variant=None, configs=None, progress=True, loras=None) -> Pipeline:
     """Load a diffusers folder or single .safetensors/.ckpt; ``None`` is the embedded model.
 
     A folder written by ``sdjax quantize`` (``quant.io``) is recognised by its quantized
     components' metadata and loads with the same quantized weight objects.
     ``dtype`` ("float32", "bfloat16", "float16") is the params' and compute dtype (quantized
     weights keep their stored dtypes). ``configs`` overrides inferred single-file config fields
-    per component."""
+    per component. ``loras``: LoRA .safetensors files (diffusers/PEFT or kohya), each a path (scale
+    1.0) or a (path, scale) pair, merged into the float weights in float32 (``sdjax.lora.merge``);
+    LoraError names a file, key or shape that does not fit, before any weight is changed."""
     dt = canonical_dtype(dtype)
     path = reference_model_path() if path is None else os.fspath(path)
+    specs = lora.normalize(loras)
+    lora.check_files(specs)  # a missing or corrupt LoRA file fails before the model loads
     quantization = None
     from quant import io as qio
     if qio.is_quantized_folder(path):
+        if specs:
+            raise lora.LoraError(f"{path}: is quantized; LoRAs merge into float weights: load the float model "
+                                 "with loras=..., then quantize it")
         ckpt, quantization = qio.load(path, dt, progress=progress)
     else:
         if os.path.basename(path) == qio.WEIGHTS_NAME:
             raise CheckpointError(f"{path}: is one component of an sdjax quantized folder; load the folder "
                                   f"{os.path.dirname(os.path.dirname(os.path.abspath(path)))}")
         ckpt = checkpoint.load(path, dt, variant=variant, configs=configs, progress=progress)
+    params = lora.merge(ckpt.params, ckpt.configs, specs, progress=progress, source=path) if specs else ckpt.params
     tok = Tokenizer(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
     tok_2 = Tokenizer(ckpt.tokenizer_2_dir) if ckpt.tokenizer_2_dir else None
-    return Pipeline(ckpt.params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization, tok_2,
-                    ckpt.model_index)
+    return Pipeline(params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization, tok_2,
+                    ckpt.model_index, tuple(specs))

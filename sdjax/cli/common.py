@@ -1,4 +1,4 @@
-"""What every subcommand shares: the usage error, argument types, the model flags, prompt files."""
+"""What every subcommand shares: the usage error, argument types, the model and LoRA flags, prompt files."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,28 @@ def model_arg(p):
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter and compute dtype (default float32)")
+
+
+def lora_spec(text):
+    """argparse type: FILE or FILE:SCALE -> (path, scale); the scale after the last ':' must be a
+    finite number."""
+    from sdjax.lora import parse_spec  # only when --lora is given: it imports jax
+    try:
+        return parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def lora_arg(p, target="the model"):
+    p.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
+                   help=f"a LoRA .safetensors file (diffusers/PEFT or kohya format, LoCon included) merged into "
+                   f"the float weights of {target} at load, times SCALE (default 1.0); repeatable, e.g. "
+                   "--lora style.safetensors:0.8 --lora detail.safetensors:-0.3")
+
+
+def lora_label(loras):
+    """"file:scale, ..." of the merged LoRAs (for reports and PNG metadata)."""
+    return ", ".join(f"{path}:{scale:g}" for path, scale in loras or ())
 
 
 def read_prompts(flag, path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .common import UsageError, finite_float, int_list, model_arg, read_prompts
+from .common import UsageError, finite_float, int_list, lora_arg, lora_label, model_arg, read_prompts
 
 EVAL_REFERENCE_PROMPTS = 24  # dataset captions of the default evaluation set (embedded model)
 
@@ -42,6 +42,7 @@ def register(sub):
                        "on every JAX device (data parallel); on one machine, "
                        "XLA_FLAGS=--xla_force_host_platform_device_count=N splits the CPU into N devices.")
     model_arg(p)
+    lora_arg(p, "the model (the float reference every recipe is compared with)")
     p.add_argument("--recipes", "-r", default=None, metavar="LIST",
                    help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq, "
                    "qat-mixed-gptq (default: palette-8/6/4/3/2bit, palette-4/2bit-gptq, w8-int8, apple-mbp, apple-rule, mixed-sdjax, "
@@ -127,7 +128,7 @@ def run(args):
             plugins.append(qmetrics.clip_score(args.clip_score_model))
     except (ValueError, ImportError, OSError) as e:
         raise UsageError(str(e)) from None
-    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet, loras=args.lora)
     adherence = None
     if args.model is None:
         from sdjax import shapes
@@ -135,7 +136,8 @@ def run(args):
     try:
         options = sweep.Options(calibration=_eval_calibration_prompts(args, settings.prompts), adherence=adherence,
                                 plugins=plugins, fisher=not args.no_fisher,
-                                model_label=args.model or "embedded reference model")
+                                model_label=(args.model or "embedded reference model")
+                                + (f" + LoRA {lora_label(pipe.loras)}" if pipe.loras else ""))
         results = sweep.run(pipe, names, args.out, settings, options, progress=not args.quiet)
     except sweep.EvalError as e:
         raise UsageError(str(e)) from None

@@ -5,7 +5,7 @@ import dataclasses
 import os
 import time
 
-from .common import UsageError
+from .common import UsageError, lora_arg
 
 
 def register(sub):
@@ -16,6 +16,7 @@ def register(sub):
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model); "
                         "float weights load as float16 for a float16 export, else float32")
+    lora_arg(p, "--model (before --recipe quantizes it)")
     p.add_argument("--recipe", "-r", default=None,
                    help="quantize the model by this recipe first (a preset such as palette-6bit, or a JSON file)")
     p.add_argument("--quantized", default=None, metavar="DIR", help="a folder written by `sdjax quantize`")
@@ -48,6 +49,10 @@ def run(args):
     from quant import io as qio
     from sdjax.coreml import export as cx
     from sdjax.memory import peak_rss_bytes
+    if args.lora and (args.quantized or args.random):
+        other = "--quantized" if args.quantized else "--random"
+        raise UsageError(f"--lora: merges into the float weights of --model, not {other} (merge before quantizing: "
+                         "`sdjax quantize --lora ...`, or --model with --recipe)")
     cx.import_coremltools()
     if args.quantized and (args.model or args.recipe):
         raise UsageError("--quantized DIR is a model already quantized by `sdjax quantize`: give it alone, "
@@ -85,7 +90,7 @@ def run(args):
         from sdjax.pipeline import random
         pipe = random(args.random, dtype=dtype)
     else:
-        pipe = sdjax.load(args.quantized or args.model, dtype=dtype, progress=not args.quiet)
+        pipe = sdjax.load(args.quantized or args.model, dtype=dtype, progress=not args.quiet, loras=args.lora)
     refiner = None
     if args.refiner:
         if not cx.is_xl(pipe):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from .common import UsageError, finite_float, int_pair, model_arg
+from .common import UsageError, finite_float, int_pair, lora_arg, lora_label, model_arg
 
 # SDXL flags: (argparse dest, flag, which model takes it: "sdxl" both, "base", "refiner")
 DEFAULT_DENOISING_END = 0.8  # diffusers' documented high-noise fraction for the ensemble of experts
@@ -16,6 +16,7 @@ def register(sub):
     """Add the subcommand and its arguments to ``sub`` (argparse subparsers)."""
     p = sub.add_parser("generate", help="text-to-image, img2img (--init-image) and inpainting (--mask)")
     model_arg(p)
+    lora_arg(p, "--model (not --refiner)")
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (default none: the empty prompt, or zero embeddings for SDXL "
@@ -102,7 +103,7 @@ def run(args):
         raise UsageError("--denoising-end: only with --refiner (where the base hands its latents to the refiner)")
     if args.denoising_end is not None and not 0 < args.denoising_end < 1:
         raise UsageError(f"--denoising-end {args.denoising_end}: must be a fraction strictly between 0 and 1")
-    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet, loras=args.lora)
     refiner = sdjax.load(args.refiner, dtype=args.dtype, progress=not args.quiet) if args.refiner else None
     sdxl = _check_sdxl_flags(args, pipe, refiner)
     prompts = [args.prompt] * args.batch_size
@@ -135,6 +136,8 @@ def run(args):
             "model": pipe.source,
             "recipe": ((pipe.quantization or {}).get("recipe") or {}).get("name", "?") if pipe.quantization
             else "none (float)", "software": f"sdjax {sdjax.__version__}"}
+    if pipe.loras:
+        meta["loras"] = lora_label(pipe.loras)
     if args.negative_prompt is not None:  # absent: none given (SDXL: zero embeddings)
         meta["negative_prompt"] = args.negative_prompt
     for k in ("init_image", "strength", "mask", "clip_skip", "guidance_rescale"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .common import UsageError, model_arg, read_prompts
+from .common import UsageError, lora_arg, model_arg, read_prompts
 
 SENSITIVITY_REFERENCE_PROMPTS = 32  # dataset captions used for the embedded reference model by default
 
@@ -23,6 +23,7 @@ def register(sub):
                        "command read it; diffusers and transformers cannot (components left float are ordinary "
                        "diffusers files).")
     model_arg(p)
+    lora_arg(p, "the model (before quantizing)")
     p.add_argument("--recipe", "-r", required=True,
                    help="a preset (w8-int8conv, w8a8-int8conv, w8-int8, llm-int8, palette-Nbit for N in "
                    "1,2,3,4,6,8, palette-Nbit-gG with one LUT per G output channels, either with -gptq: GPTQ palettization, "
@@ -90,7 +91,7 @@ def run(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out}: already exists (pass --overwrite to replace it)")
     prompts = _sensitivity_prompts(args, recipe)
-    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet)
+    pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet, loras=args.lora)
     calibration = hessian = None
     if recipe.needs_calibration or recipe.needs_hessian:
         # one guided generation over the calibration prompts drives the model; apply_recipe observes it
