@@ -57,6 +57,7 @@ helpers' test runs, by a one-off script of the same steps before they were folde
     post-training             34.05  35.74  39.98  0.990
     none added                34.77  39.62  44.19  0.995   266 s
     2 per caption, t 501-889  35.85  37.49  41.30  0.991   242 s
+    1 per caption, t 501      36.40  37.42  41.15  0.991   228 s
 
 (uniform palette-6bit, the 4-bit target: 38.95 / 41.88 / 45.90 / 0.996 in sdjax eval's report.) What mattered:
 the loss on the *guided* prediction (the sampler amplifies the difference of the two contexts' errors 7.5
