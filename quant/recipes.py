@@ -3,7 +3,7 @@
 A recipe is a JSON object (or the same dict in Python)::
 
     {"name": "attn-4bit",
-     "components": ["unet"],                  # default ["unet"]; also "text_encoder", "vae"
+     "components": ["unet"],                  # default ["unet"]; also "text_encoder", "vae", "controlnet"
      "weight_threshold": 2048,                # default 2048 (see "Small layers")
      "rules": [
         {"pattern": "*attn*.to_[qkv]", "method": "palettize", "nbits": 4, "group_size": 16},
@@ -106,7 +106,9 @@ from sdjax import nn
 from . import calibrate, int8, llm_int8, palettize
 from .finetune import METHODS as FINETUNE_METHODS
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")   # text_encoder_2: SDXL's second
+# text_encoder_2: SDXL's second; controlnet: a ControlNet's params (sdjax.load_controlnet), quantized
+# with component="controlnet" or beside a pipeline's as {"unet": ..., "controlnet": ...}
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet")
 DEFAULT_COMPONENTS = ("unet",)
 DEFAULT_WEIGHT_THRESHOLD = 2048
 APPLE_FLOAT_NBITS = (16, 32)

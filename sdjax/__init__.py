@@ -9,8 +9,8 @@ importing a model-core module (``from sdjax import nn``) does not load the pipel
 """
 from .version import __version__  # noqa: F401
 
-_PIPELINE_NAMES = ("Pipeline", "load", "reference_model_path")
-_MODULES = ("clip", "unet", "vae")
+_PIPELINE_NAMES = ("Pipeline", "load", "load_controlnet", "reference_model_path")
+_MODULES = ("clip", "controlnet", "unet", "vae")
 
 
 def __getattr__(name):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import clip, configs as cfgs, tokenizer as clip_tokenizer, unet, vae
+from . import clip, configs as cfgs, controlnet, tokenizer as clip_tokenizer, unet, vae
 from .files import atomic_folder, atomic_write_json
 from .nn import flatten, unflatten
 from .params import CheckpointError, canonical_dtype, check_shapes, sdjax_to_torch, torch_shape, torch_to_sdjax
@@ -25,7 +25,8 @@ from .safetensors_io import Lazy, Reader, SafetensorsError, write
 MODELS = {"text_encoder": clip, "text_encoder_2": clip, "unet": unet, "vae": vae}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 WEIGHT_STEMS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
-                "vae": "diffusion_pytorch_model"}
+                "vae": "diffusion_pytorch_model", "controlnet": "diffusion_pytorch_model"}
+SHAPES = {**MODELS, "controlnet": controlnet}  # every model load_component reads (a ControlNet is no pipeline part)
 CLASS_NAMES = {"text_encoder": ["transformers", "CLIPTextModel"],
                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -243,7 +244,7 @@ def normalize_key(component, key):
 
 
 def _expected_torch_shapes(component, config):
-    return {n: torch_shape(n, s) for n, s in MODELS[component].param_shapes(config).items()}
+    return {n: torch_shape(n, s) for n, s in SHAPES[component].param_shapes(config).items()}
 
 
 def _squeeze_1x1(name, shape):
@@ -419,6 +420,41 @@ def load(path, dtype="float32", variant=None, configs=None, progress=True) -> Ch
         return load_single_file(path, dtype, configs, progress)
     raise CheckpointError(f"{path}: not a diffusers folder nor a single-file checkpoint "
                           f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+
+
+def load_controlnet(path, dtype="float32", variant=None, config=None, progress=True):
+    """(params, ControlNetConfig) of a diffusers ControlNet folder (``ControlNetModel.save_pretrained``)
+    or a single file in the original layout (``convert_controlnet``; ``config``: a dict of config
+    fields overriding those inferred from shapes, or a config.json path for a file in diffusers' names)."""
+    from . import convert_controlnet
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if config is not None:
+            raise CheckpointError(f"{path}: config= is for single files; a folder has its config.json")
+        return load_component(path, "controlnet", dtype, variant, progress)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such ControlNet file or folder")
+    if not path.endswith(SINGLE_FILE_SUFFIXES):
+        raise CheckpointError(f"{path}: not a ControlNet folder nor a single file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    src = open_source(path)
+    try:
+        shapes = {k: tuple(src.shape(k)) for k in src.keys()}
+        if isinstance(config, (str, os.PathLike)):
+            conf = cfgs.read("controlnet", os.fspath(config))
+            mapping = [(k, [("controlnet", k, None)]) for k in shapes]
+        else:
+            try:
+                inferred, mapping, _ = convert_controlnet.plan(shapes, config)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            conf = cfgs.controlnet_config(inferred, source=f"{path} (inferred)")
+        found = {t[1]: (k, t[2]) for k, targets in mapping for t in targets}
+        check_shapes({n: shapes[k] for n, (k, _) in found.items()}, _expected_torch_shapes("controlnet", conf), path)
+        flat = _stream([(n, (lambda k=k, fn=fn: fn(src.get(k)) if fn else src.get(k)))
+                        for n, (k, fn) in sorted(found.items())], canonical_dtype(dtype), path, progress)
+    finally:
+        src.close()
+    return unflatten(flat), conf
 
 
 # --- saving ---------------------------------------------------------------------------

@@ -260,6 +260,75 @@ SDXL_TIME_IDS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers' ControlNetModel: the UNet's conv_in, time embedding, down and mid blocks (``unet``
+    is them as a UNetConfig), a conditioning embedding of the control image and 1x1 zero convs."""
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: Any = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: Any = 1
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False  # sdjax always computes scores and softmax in float32
+    addition_embed_type: Any = None
+    addition_time_embed_dim: Any = None
+    projection_class_embeddings_input_dim: Any = None
+    addition_embed_type_num_heads: int = 64  # unused by text_time
+    controlnet_conditioning_channel_order: str = "rgb"  # "bgr": the control image's channels reversed
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The down and mid blocks as the UNetConfig whose ``unet.encode`` walk runs them (its up
+        blocks are stand-ins: a ControlNet has none)."""
+        n = len(self.block_out_channels)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(UNetConfig) if hasattr(self, f.name)}
+        return UNetConfig(**dict(shared, up_block_types=("UpBlock2D",) * n,
+                                 reverse_transformer_layers_per_block=(1,) * n))
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.addition_embed_type == "text_time"
+
+    @property
+    def downscale(self) -> int:
+        """Control image pixels per latent pixel: the conditioning embedding's stride-2 convs."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    def validate(self, source):
+        errs = []
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            errs.append(f"controlnet_conditioning_channel_order {self.controlnet_conditioning_channel_order!r} "
+                        "(rgb or bgr)")
+        if not self.conditioning_embedding_out_channels:
+            errs.append("conditioning_embedding_out_channels is empty")
+        if not isinstance(self.layers_per_block, int) or self.layers_per_block < 1:
+            errs.append(f"layers_per_block {self.layers_per_block!r}: a ControlNet takes one positive count")
+        if errs:
+            raise ConfigError(f"{source}: " + "; ".join(errs))
+        self.unet.validate(source)
+
+
+CONTROLNET_UNSUPPORTED = dict(
+    encoder_hid_dim=None, encoder_hid_dim_type=None, class_embed_type=None, num_class_embeds=None,
+    resnet_time_scale_shift="default", global_pool_conditions=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
@@ -355,6 +424,14 @@ def clip_config(d: dict, source: str = "text_encoder config") -> CLIPConfig:
     return _build(CLIPConfig, d, {}, source, ignore_unknown=True)
 
 
+def controlnet_config(d: dict, source: str = "controlnet config") -> ControlNetConfig:
+    _check_object(d, source)
+    cls = d.get("_class_name", "ControlNetModel")
+    if cls != "ControlNetModel":
+        raise ConfigError(f"{source}: the config of a {cls}, not of a ControlNetModel")
+    return _build(ControlNetConfig, d, CONTROLNET_UNSUPPORTED, source, ignore_unknown=False)
+
+
 # Full-size architectures, for speed and memory work with random weights (init_params).
 PRESETS = {
     "sd15": dict(unet=dict(cross_attention_dim=768, sample_size=64),
@@ -394,7 +471,8 @@ def preset(name: str) -> dict:
     return {c: READERS[c](d, source=f"preset {name}") for c, d in p.items()}
 
 
-READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config, "text_encoder_2": clip_config}
+READERS = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config, "text_encoder_2": clip_config,
+           "controlnet": controlnet_config}
 
 
 def read(component: str, path: str):
@@ -418,6 +496,8 @@ def to_dict(cfg) -> dict:
         d["_class_name"] = "UNet2DConditionModel"
     elif isinstance(cfg, VAEConfig):
         d["_class_name"] = "AutoencoderKL"
+    elif isinstance(cfg, ControlNetConfig):
+        d["_class_name"] = "ControlNetModel"
     else:
         arch = "CLIPTextModelWithProjection" if d.pop("with_projection") else "CLIPTextModel"
         d.update(architectures=[arch], model_type="clip_text_model")

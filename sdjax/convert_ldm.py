@@ -261,6 +261,18 @@ def _indices(keys, pattern):
 
 def unet_config(s, kind):
     """s: {key without 'model.diffusion_model.': shape}."""
+    c = encoder_config(s, kind)
+    n, lpb = len(c["block_out_channels"]), c["layers_per_block"]
+    up_attn = [f"output_blocks.{u * (lpb + 1)}.1.proj_in.weight" in s for u in range(n)]
+    c.update(_class_name="UNet2DConditionModel", sample_size=CONVENTIONS[kind]["image_size"] // 8,
+             out_channels=s["out.2.weight"][0],
+             up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn])
+    return c
+
+
+def encoder_config(s, kind):
+    """The config fields of conv_in, the input (down) blocks and the middle block, from their shapes
+    ``s`` (LDM names, no prefix): what a UNet and a ControlNet share."""
     levels = [[]]  # input block ids of each level; a downsampler closes a level
     for k in _indices(s, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{k}.0.op.weight" in s:
@@ -271,10 +283,8 @@ def unet_config(s, kind):
     if lpb == 0 or any(len(lv) != lpb for lv in levels):
         raise CheckpointError(f"UNet levels have {[len(lv) for lv in levels]} resnets each; "
                               "only the same number per level is supported")
-    n = len(levels)
     boc = [s[f"input_blocks.{lv[0]}.0.out_layers.3.weight"][0] for lv in levels]
     down_attn = [f"input_blocks.{lv[0]}.1.proj_in.weight" in s for lv in levels]
-    up_attn = [f"output_blocks.{u * (lpb + 1)}.1.proj_in.weight" in s for u in range(n)]
 
     def depth(mod):
         return len(_indices(s, re.escape(mod) + r"\.transformer_blocks\.(\d+)\."))
@@ -284,15 +294,10 @@ def unet_config(s, kind):
     # diffusers reads the mid block's depth from the last level's entry
     tlpb = mid if len(found) == 1 else [d or 1 for d in depths[:-1]] + [mid]
     conv_in = s["input_blocks.0.0.weight"]
-    conv = CONVENTIONS[kind]
     return {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": conv["image_size"] // 8,
         "in_channels": conv_in[1],
-        "out_channels": s["out.2.weight"][0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
         "block_out_channels": boc,
         "layers_per_block": lpb,
         "transformer_layers_per_block": tlpb,
@@ -300,7 +305,7 @@ def unet_config(s, kind):
         # heads: SD 1.x has 8 in every block, SD 2.x heads 64 wide
         "attention_head_dim": 8 if kind == "sd1" else [max(1, c // HEAD_DIM) for c in boc],
         "use_linear_projection": len(s["middle_block.1.proj_in.weight"]) == 2,
-        "upcast_attention": conv["upcast_attention"],
+        "upcast_attention": CONVENTIONS[kind]["upcast_attention"],
         "norm_num_groups": NORM_GROUPS,
         "norm_eps": 1e-5,
         "act_fn": "silu",

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import samplers
 
-from . import conditioning, nn, unet as unet_model, vae as vae_model
+from . import conditioning, control as control_nets, nn, unet as unet_model, vae as vae_model
 from .configs import SDXL_TIME_IDS
 from .images import load_mask, load_rgb, to_pil
 from .memory import release_freed_memory
@@ -172,21 +172,26 @@ def rescale_noise_cfg(guided, cond, guidance_rescale):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def _guided_step(unet_params, config, sampler, plan, state, context, guidance_scale, seed, extra):
-    """One model call: the UNet on (negative, positive) as one batch, guidance, sampler update.
+def _guided_step(unet_params, config, sampler, plan, state, context, guidance_scale, seed, extra, controlnets=()):
+    """One model call: the UNet (and ControlNets) on (negative, positive) as one batch, guidance, sampler update.
 
     extra: {} for txt2img/img2img; {"cond": (B, h, w, 5)} mask + masked-image latents for a
     9-channel UNet; {"image": latents, "mask": m, "noise": n} for mask blending with an ordinary
     UNet (diffusers' init_latents_proper: the known region re-noised to the next call's level);
     "added_cond": SDXL's {"text_embeds": (2B, P), "time_ids": (2B, n)}, negative rows first;
-    "guidance_rescale": () rescale_noise_cfg's factor (0: plain guidance).
+    "guidance_rescale": () rescale_noise_cfg's factor (0: plain guidance); "control": the ControlNets'
+    inputs (``control.inputs``) when ``controlnets`` (their configs) is not empty.
     """
     x_in, t = sampler.model_input(plan, state)
     x_in = x_in.astype(jnp.float32)
+    residuals = {}
+    if controlnets:
+        residuals = control_nets.residuals(controlnets, extra["control"], jnp.concatenate([x_in, x_in]), t, context,
+                                           extra.get("added_cond"), state.index)
     if "cond" in extra:
         x_in = jnp.concatenate([x_in, extra["cond"]], axis=-1)
     out = unet_model.apply(unet_params, config, jnp.concatenate([x_in, x_in]), t, context,
-                           added_cond=extra.get("added_cond"))
+                           added_cond=extra.get("added_cond"), **residuals)
     uncond, cond = jnp.split(out.astype(jnp.float32), 2)
     guided = uncond + guidance_scale * (cond - uncond)
     if "guidance_rescale" in extra:
@@ -203,34 +208,36 @@ def _guided_step(unet_params, config, sampler, plan, state, context, guidance_sc
     return new
 
 
-denoise_step = jax.jit(_guided_step, static_argnames=("config", "sampler"))
+denoise_step = jax.jit(_guided_step, static_argnames=("config", "sampler", "controlnets"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler"))
-def denoise_loop(unet_params, config, sampler, plan, state, context, guidance_scale, seed, extra):
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "controlnets"))
+def denoise_loop(unet_params, config, sampler, plan, state, context, guidance_scale, seed, extra, controlnets=()):
     """All model calls in one program (``lax.fori_loop``)."""
-    body = lambda i, st: _guided_step(unet_params, config, sampler, plan, st, context, guidance_scale, seed, extra)
+    def body(i, st):
+        return _guided_step(unet_params, config, sampler, plan, st, context, guidance_scale, seed, extra, controlnets)
     return jax.lax.fori_loop(0, plan.num_calls, body, state)
 
 
 def denoise(unet_params, config, sampler, plan, state, context, guidance_scale, seed=0, extra=None, *,
-            added_cond=None, guidance_rescale=0.0, loop="host", progress=False, desc=None):
+            added_cond=None, guidance_rescale=0.0, loop="host", progress=False, desc=None, controlnets=()):
     """Run every model call of ``plan`` from ``state`` (``sampler.init``); returns the final state.
 
     ``context``: ``[negative contexts; positive contexts]`` stacked on the batch axis (2B rows);
     for an SDXL UNet ``added_cond`` ``{"text_embeds": (2B, P), "time_ids": (2B, n)}`` likewise
     (``sdjax.conditioning``). ``guidance_rescale``: diffusers' rescale_noise_cfg factor.
     ``loop="host"`` runs one compiled step per call (with a progress bar when ``progress``);
-    ``"scan"`` compiles the whole loop as one program. ``seed`` draws a stochastic sampler's noise."""
+    ``"scan"`` compiles the whole loop as one program. ``seed`` draws a stochastic sampler's noise.
+    ``controlnets``: the ControlNets' configs, their inputs in ``extra["control"]`` (``control.inputs``)."""
     g = jnp.asarray(guidance_scale, jnp.float32)
     seed = jnp.asarray(seed, jnp.uint32)
     extra = dict(extra or {}, guidance_rescale=jnp.asarray(guidance_rescale, jnp.float32))
     if added_cond is not None:
         extra["added_cond"] = {k: jnp.asarray(v) for k, v in added_cond.items()}
     if loop == "scan":
-        return denoise_loop(unet_params, config, sampler, plan, state, context, g, seed, extra)
+        return denoise_loop(unet_params, config, sampler, plan, state, context, g, seed, extra, controlnets)
     for i in tqdm(range(plan.num_calls), desc=desc, unit="step", disable=not progress):
-        state = denoise_step(unet_params, config, sampler, plan, state, context, g, seed, extra)
+        state = denoise_step(unet_params, config, sampler, plan, state, context, g, seed, extra, controlnets)
         if i == 0:
             release_freed_memory()
     return state
@@ -321,6 +328,18 @@ def _time_ids_text(n):
     return SDXL_TIME_IDS[n].split(": ", 1)[1]
 
 
+def _check_control(pipe, control, mask, init_latents, settings):
+    """GenerationErrors for ControlNet uses diffusers' ControlNet pipelines sdjax follows do not cover,
+    ControlErrors for ControlNets that do not fit the UNet; then the control images, opened."""
+    for name, given in (("mask", mask is not None), ("init_latents", init_latents is not None),
+                        ("denoising_start", settings.denoising_start is not None)):
+        if given:
+            raise GenerationError(f"{name}: not implemented with a ControlNet (txt2img and img2img with an "
+                                  "init_image are: diffusers' StableDiffusion[XL]ControlNet[Img2Img]Pipeline)")
+    control_nets.check(control, pipe.configs["unet"], pipe.configs["vae"].latent_channels, pipe.source)
+    return control_nets.open_images(control)
+
+
 def _init_latents(init_latents, b, shape, f):
     """Scaled image latents given as NCHW (a base model's output_type="latent") -> NHWC (b, ...)."""
     a = np.asarray(init_latents, np.float32)
@@ -334,8 +353,8 @@ def _init_latents(init_latents, b, shape, f):
 
 
 def run(pipe, prompt, settings: GenerationSettings = GenerationSettings(), negative_prompt=None, latents=None,
-        init_image=None, mask=None, output_type="pil", progress=True, init_latents=None):
-    """See ``Pipeline.generate``."""
+        init_image=None, mask=None, output_type="pil", progress=True, init_latents=None, control=None):
+    """See ``Pipeline.generate``; ``control``: a ``sdjax.control.Control`` (ControlNets and their inputs)."""
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     if output_type not in OUTPUT_TYPES:
         raise GenerationError(f"output_type={output_type!r}: must be one of {', '.join(map(repr, OUTPUT_TYPES))}")
@@ -351,6 +370,10 @@ def run(pipe, prompt, settings: GenerationSettings = GenerationSettings(), negat
     else:
         size_h = size_w = size
     height, width = settings.height or size_h * f, settings.width or size_w * f
+    opened = _check_control(pipe, control, mask, init_latents, settings) if control is not None else None
+    if opened is not None:  # diffusers' ControlNet pipelines: the (init or control) image's size by default
+        ch, cw = control_nets.default_size(opened, init_image, max(8, f))
+        height, width = settings.height or ch, settings.width or cw
     for name, v in (("height", height), ("width", width)):
         if v % 8 or v % f or v <= 0:
             raise GenerationError(f"{name}={v}: must be a positive multiple of {max(8, f)}")
@@ -386,6 +409,12 @@ def run(pipe, prompt, settings: GenerationSettings = GenerationSettings(), negat
 
     b = len(prompts)
     shape = (b, height // f, width // f, vcfg.latent_channels)
+    control_inputs = None
+    if control is not None:
+        total = plan.num_calls  # diffusers' controlnet_keep counts the calls before a denoising_end cut
+        if settings.denoising_end is not None:
+            total = s.plan(settings.schedule(pipe.scheduler_config), settings.steps, strength=strength).num_calls
+        control_inputs = control_nets.inputs(control, opened, b, (height, width), shape[1:3], plan.num_calls, total)
     if latents is not None:
         latents = np.asarray(latents, np.float32)
         want = (b, shape[3], shape[1], shape[2])
@@ -407,7 +436,7 @@ def run(pipe, prompt, settings: GenerationSettings = GenerationSettings(), negat
         context, text_embeds = conditioning.encode(pipe, prompts, negatives, clip_skip)
         ids = conditioning.time_ids(ucfg.time_ids_length(text_embeds.shape[-1]), height, width, settings, from_image)
         added_cond = {"text_embeds": text_embeds, "time_ids": jnp.asarray(np.repeat(ids, b, axis=0))}
-    extra = {}
+    extra = {} if control_inputs is None else {"control": control_inputs}
     start_image = None  # the image latents to noise to the plan's start, or pure noise
     image_latents = None
     if init_latents is not None:
@@ -432,7 +461,8 @@ def run(pipe, prompt, settings: GenerationSettings = GenerationSettings(), negat
         state = state.replace(x=image_latents)
     state = denoise(pipe.params["unet"], ucfg, s, plan, state, context, settings.guidance_scale, settings.seed,
                     extra, added_cond=added_cond, guidance_rescale=settings.guidance_rescale, loop=settings.loop,
-                    progress=progress, desc=f"{settings.sampler} {settings.steps} steps")
+                    progress=progress, desc=f"{settings.sampler} {settings.steps} steps",
+                    controlnets=control.configs if control is not None else ())
     result = s.result(plan, state)
     if output_type == "latent":
         return np.asarray(result).transpose(0, 3, 1, 2)

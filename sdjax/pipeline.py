@@ -71,7 +71,8 @@ class Pipeline:
                  progress=True, settings=None, init_latents=None, guidance_rescale=0.0, denoising_start=None,
                  denoising_end=None, original_size=None, crops_coords_top_left=None, target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
-                 aesthetic_score=None, negative_aesthetic_score=None):
+                 aesthetic_score=None, negative_aesthetic_score=None, controlnet=None, control_image=None,
+                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0):
         """Generate images for a prompt or a list of prompts.
 
         negative_prompt: a string or one per prompt; None (no negative prompt) is the empty prompt,
@@ -90,8 +91,19 @@ class Pipeline:
         negative_* counterparts, aesthetic_score and negative_aesthetic_score (refiner); see
         ``sdjax.generate.GenerationSettings``.
         ``settings``: a ``sdjax.generate.GenerationSettings`` instead of the keywords it holds.
+        ControlNet (diffusers' StableDiffusion[XL]ControlNet[Img2Img]Pipeline): ``controlnet`` one
+        (params, config) pair from ``sdjax.load_controlnet`` or a list of them; ``control_image`` for one
+        ControlNet an image (path, PIL image, (H, W, C) array in [0, 1]) or one per prompt, for several
+        a list with an image per ControlNet or diffusers' nested lists (per prompt, an image per
+        ControlNet); ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` and ``control_guidance_end`` (the fraction of model calls where each
+        ControlNet acts) a number or one per ControlNet. Control images are resized to the output
+        size, which defaults to the init image's or the first control image's (``sdjax.control``).
         """
+        from . import control as control_nets
         from .generate import GenerationSettings, run
+        control = control_nets.make(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                    control_guidance_end)
         if settings is None:
             settings = GenerationSettings(
                 steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, height=height, width=width,
@@ -103,7 +115,7 @@ class Pipeline:
                 negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
                 negative_aesthetic_score=negative_aesthetic_score)
         return run(self, prompt, settings, negative_prompt, latents, init_image, mask, output_type, progress,
-                   init_latents)
+                   init_latents, control)
 
     @property
     def vae_scale_factor(self):
@@ -157,6 +169,13 @@ def random(name="sd15", seed=0, dtype="float32") -> Pipeline:
     conf = cfgs.preset(name)
     params = {c: m.init_params(conf[c], seed, dtype) for c, m in checkpoint.MODELS.items() if c in conf}
     return Pipeline(params, conf, None, {}, canonical_dtype(dtype), f"random {name} (seed {seed})")
+
+
+def load_controlnet(path, dtype="float32", variant=None, config=None, progress=True):
+    """(params, ControlNetConfig) of a diffusers ControlNet folder or an original-layout single file
+    (``config``: config fields overriding those a single file's shapes imply, e.g. attention heads;
+    or the config.json of a file in diffusers' names), for ``Pipeline.generate(controlnet=...)``."""
+    return checkpoint.load_controlnet(path, canonical_dtype(dtype), variant, config, progress)
 
 
 def load(path=None, dtype="float32", variant=None, configs=None, progress=True, loras=None) -> Pipeline:

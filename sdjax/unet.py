@@ -66,7 +66,7 @@ def transformer_2d(x, ctx, p, heads, layers, groups, linear_projection):
 
 # --- the model ------------------------------------------------------------------------
 
-def _check_inputs(cfg: UNetConfig, b, encoder_hidden_states, added_cond):
+def check_inputs(cfg: UNetConfig, b, encoder_hidden_states, added_cond):
     """ValueErrors naming what was expected, for inputs that would otherwise fail deep inside."""
     got = encoder_hidden_states.shape[-1]
     if got != cfg.cross_attention_dim:
@@ -125,44 +125,29 @@ def _remat_blocks(remat):
     return res, tr
 
 
-def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *, added_cond=None, remat=False):
-    """Noise (or v) prediction.
-
-    sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
-    (B, L, cross_attention_dim). SDXL UNets (``config.is_sdxl``) also take ``added_cond``
-    ``{"text_embeds": (B, P), "time_ids": (B, n)}``: text_encoder_2's pooled, projected output and
-    n = ``config.time_ids_length(P)`` micro-conditioning values (6 for base, 5 for the refiner:
-    ``configs.SDXL_TIME_IDS``); other UNets take none. Inputs that do not fit the config raise
-    ValueError. Returns (B, H, W, out_channels) in the params' dtype. ``remat``: under ``jax.grad``,
-    recompute each ResnetBlock2D's and Transformer2DModel's activations in the backward pass instead
-    of keeping them (training a full-size UNet; the values are the same).
-    """
-    resnet, transformer_2d = _remat_blocks(remat)
-    cfg = config
-    dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
-    groups, eps = cfg.norm_num_groups, cfg.norm_eps
-    heads, layers = cfg.heads, cfg.layers
-    down_depth, mid_depth, up_depth = cfg.transformer_depths
-    lin = cfg.use_linear_projection
-    b = sample.shape[0]
-    _check_inputs(cfg, b, encoder_hidden_states, added_cond)
-    x = sample.astype(dtype)
-    if cfg.center_input_sample:
-        x = 2 * x - 1.0
-    ctx = encoder_hidden_states.astype(dtype)
+def embed_time(params, cfg: UNetConfig, timesteps, b, dtype, added_cond=None):
+    """The time embedding (B, time_embed_dim) of ``timesteps`` (scalar or (B,)), plus SDXL's text_time
+    embedding of ``added_cond`` for a text_time config."""
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
-
     temb = nn.timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     te = params["time_embedding"]
     temb = nn.linear(nn.silu(nn.linear(temb.astype(dtype), te["linear_1"])), te["linear_2"])
     if cfg.is_sdxl:
         temb = temb + _added_embedding(params, cfg, added_cond, dtype)
+    return temb
 
-    x = nn.conv2d(x, params["conv_in"])
+
+def encode(params, cfg: UNetConfig, x, temb, ctx, blocks=(resnet, transformer_2d)):
+    """The down blocks and the mid block, from conv_in's output ``x`` (B, H, W, C0): ``(mid output,
+    skips)``, skips being ``x`` and every down resnet/attention and downsampler output, in order.
+    The walk a UNet and a ControlNet share; ``blocks`` is the (resnet, transformer_2d) pair to run."""
+    resnet, transformer_2d = blocks
+    groups, eps, heads, lin = cfg.norm_num_groups, cfg.norm_eps, cfg.heads, cfg.use_linear_projection
+    down_depth, mid_depth, _ = cfg.transformer_depths
     skips = [x]
     for i, kind in enumerate(cfg.down_block_types):
         p = params["down_blocks"][str(i)]
-        for j in range(layers[i]):
+        for j in range(cfg.layers[i]):
             x = resnet(x, p["resnets"][str(j)], temb, groups, eps, cfg.resnet_out_scale_factor)
             if kind == "CrossAttnDownBlock2D":
                 x = transformer_2d(x, ctx, p["attentions"][str(j)], heads[i], down_depth[i][j], groups, lin)
@@ -173,9 +158,62 @@ def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, 
             skips.append(x)
 
     p = params["mid_block"]
-    x = resnet(x, p["resnets"]["0"], temb, groups, eps, cfg.resnet_out_scale_factor)
+    x = resnet(x, p["resnets"]["0"], temb, groups, eps, cfg.mid_block_scale_factor)
     x = transformer_2d(x, ctx, p["attentions"]["0"], heads[-1], mid_depth, groups, lin)
-    x = resnet(x, p["resnets"]["1"], temb, groups, eps, cfg.resnet_out_scale_factor)
+    x = resnet(x, p["resnets"]["1"], temb, groups, eps, cfg.mid_block_scale_factor)
+    return x, skips
+
+
+def skip_channels(cfg: UNetConfig):
+    """[(channels, level)] of each skip ``encode`` returns (level: how many times it was halved),
+    then the mid output's: what a ControlNet's residuals must match."""
+    ch = cfg.block_out_channels
+    out = [(ch[0], 0)]
+    for i in range(len(ch)):
+        out += [(ch[i], i)] * cfg.layers[i] + ([(ch[i], i + 1)] if i < len(ch) - 1 else [])
+    return out + [(ch[-1], len(ch) - 1)]
+
+
+def apply(params, config: UNetConfig, sample, timesteps, encoder_hidden_states, *, added_cond=None, remat=False,
+          down_block_additional_residuals=None, mid_block_additional_residual=None):
+    """Noise (or v) prediction.
+
+    sample (B, H, W, in_channels) NHWC; timesteps scalar or (B,); encoder_hidden_states
+    (B, L, cross_attention_dim). SDXL UNets (``config.is_sdxl``) also take ``added_cond``
+    ``{"text_embeds": (B, P), "time_ids": (B, n)}``: text_encoder_2's pooled, projected output and
+    n = ``config.time_ids_length(P)`` micro-conditioning values (6 for base, 5 for the refiner:
+    ``configs.SDXL_TIME_IDS``); other UNets take none. Inputs that do not fit the config raise
+    ValueError. Returns (B, H, W, out_channels) in the params' dtype. ``remat``: under ``jax.grad``,
+    recompute each ResnetBlock2D's and Transformer2DModel's activations in the backward pass instead
+    of keeping them (training a full-size UNet; the values are the same).
+    ``down_block_additional_residuals`` (one NHWC array per skip, ``skip_channels``) and
+    ``mid_block_additional_residual``: a ControlNet's outputs, added to the skips and to the mid
+    block's output as diffusers does.
+    """
+    blocks = _remat_blocks(remat)
+    resnet, transformer_2d = blocks
+    cfg = config
+    dtype = params["conv_in"]["bias"].dtype  # biases are never quantized
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    heads, layers = cfg.heads, cfg.layers
+    _, _, up_depth = cfg.transformer_depths
+    lin = cfg.use_linear_projection
+    b = sample.shape[0]
+    check_inputs(cfg, b, encoder_hidden_states, added_cond)
+    x = sample.astype(dtype)
+    if cfg.center_input_sample:
+        x = 2 * x - 1.0
+    ctx = encoder_hidden_states.astype(dtype)
+    temb = embed_time(params, cfg, timesteps, b, dtype, added_cond)
+
+    x, skips = encode(params, cfg, nn.conv2d(x, params["conv_in"]), temb, ctx, blocks)
+    if down_block_additional_residuals is not None:
+        if len(down_block_additional_residuals) != len(skips):
+            raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} given, "
+                             f"this UNet has {len(skips)} skips")
+        skips = [s + r.astype(dtype) for s, r in zip(skips, down_block_additional_residuals)]
+    if mid_block_additional_residual is not None:
+        x = x + mid_block_additional_residual.astype(dtype)
 
     up_heads, up_layers = heads[::-1], layers[::-1]
     for i, kind in enumerate(cfg.up_block_types):
@@ -225,12 +263,12 @@ def _transformer_shapes(s, name, c, ctx_dim, layers, linear_projection):
     proj(s, f"{name}.proj_out", c, c)
 
 
-def param_shapes(config: UNetConfig) -> dict:
-    """{dotted diffusers name: shape} of every parameter, in sdjax layout."""
-    cfg, s = config, {}
+def encoder_shapes(s, cfg: UNetConfig):
+    """Add the shapes of conv_in, the time embeddings, the down and mid blocks to ``s``: the
+    parameters a ControlNet shares with its UNet."""
     ch, td, ctx = cfg.block_out_channels, cfg.time_embed_dim, cfg.cross_attention_dim
     layers, lin = cfg.layers, cfg.use_linear_projection
-    down_depth, mid_depth, up_depth = cfg.transformer_depths
+    down_depth, mid_depth, _ = cfg.transformer_depths
     _conv(s, "conv_in", cfg.in_channels, ch[0])
     _lin(s, "time_embedding.linear_1", ch[0], td)
     _lin(s, "time_embedding.linear_2", td, td)
@@ -249,6 +287,16 @@ def param_shapes(config: UNetConfig) -> dict:
     resnet_shapes(s, "mid_block.resnets.0", ch[-1], ch[-1], td)
     _transformer_shapes(s, "mid_block.attentions.0", ch[-1], ctx, mid_depth, lin)
     resnet_shapes(s, "mid_block.resnets.1", ch[-1], ch[-1], td)
+    return s
+
+
+def param_shapes(config: UNetConfig) -> dict:
+    """{dotted diffusers name: shape} of every parameter, in sdjax layout."""
+    cfg = config
+    s = encoder_shapes({}, cfg)
+    ch, td, ctx = cfg.block_out_channels, cfg.time_embed_dim, cfg.cross_attention_dim
+    layers, lin = cfg.layers, cfg.use_linear_projection
+    _, _, up_depth = cfg.transformer_depths
     rch, rlayers = ch[::-1], layers[::-1]
     prev = rch[0]
     for i, kind in enumerate(cfg.up_block_types):

@@ -66,6 +66,7 @@ def register(sub):
     x.add_argument("--denoising-end", type=finite_float, metavar="F", default=None,
                    help=f"with --refiner: the fraction of the schedule the base runs, in (0, 1) "
                    f"(default {DEFAULT_DENOISING_END})")
+    _controlnet_args(p)
     p.add_argument("--out", "-o", default="out.png", help="FILE.png (one per image: -0, -1, ... when batched) "
                    "or FILE.npy (float32 NHWC in [0, 1])")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -103,6 +104,7 @@ def run(args):
         raise UsageError("--denoising-end: only with --refiner (where the base hands its latents to the refiner)")
     if args.denoising_end is not None and not 0 < args.denoising_end < 1:
         raise UsageError(f"--denoising-end {args.denoising_end}: must be a fraction strictly between 0 and 1")
+    control = _load_controlnets(args)
     pipe = sdjax.load(args.model, dtype=args.dtype, progress=not args.quiet, loras=args.lora)
     refiner = sdjax.load(args.refiner, dtype=args.dtype, progress=not args.quiet) if args.refiner else None
     sdxl = _check_sdxl_flags(args, pipe, refiner)
@@ -115,12 +117,12 @@ def run(args):
         if refiner is None:
             images = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="np",
                                    init_image=args.init_image, strength=args.strength, mask=args.mask, **common,
-                                   **sdxl)
+                                   **sdxl, **control)
         else:
             end = DEFAULT_DENOISING_END if args.denoising_end is None else args.denoising_end
             lat = pipe.generate(prompts, height=args.height, width=args.width, latents=latents, output_type="latent",
                                 init_image=args.init_image, strength=args.strength, mask=args.mask,
-                                denoising_end=end, **common, **base_kw)
+                                denoising_end=end, **common, **base_kw, **control)
             refiner_kw = {k: v for k, v in sdxl.items() if k not in BASE_ONLY}
             images = refiner.generate(prompts, init_latents=lat, mask=args.mask, denoising_start=end,
                                       output_type="np", **common, **refiner_kw)
@@ -147,6 +149,9 @@ def run(args):
         meta[k] = ",".join(map(str, v)) if isinstance(v, tuple) else v
     if refiner is not None:
         meta.update(refiner=refiner.source, denoising_end=end)
+    if control:
+        meta.update(controlnet="; ".join(args.controlnet), control_image="; ".join(args.control_image),
+                    control_scale=",".join(map(str, args.control_scale or [1.0])))
     stem = out[:-4]
     for i, im in enumerate(to_pil(images)):
         path = out if len(images) == 1 else f"{stem}-{i}.png"
@@ -196,3 +201,36 @@ def _check_sdxl_flags(args, pipe, refiner):
                                                                                        refiner.architecture)
             raise UsageError(f"--refiner {refiner.source}: not an SDXL refiner (5 time ids); it is {kind}")
     return given
+
+
+def _controlnet_args(p):
+    c = p.add_argument_group("ControlNet", "condition the UNet on control images (diffusers' ControlNet pipelines)")
+    c.add_argument("--controlnet", action="append", metavar="DIR_OR_FILE",
+                   help="a diffusers ControlNet folder or an original-layout single file (.safetensors/.pth); "
+                   "repeat for several ControlNets, their residuals summed")
+    c.add_argument("--control-image", action="append", metavar="IMAGE",
+                   help="the control image of each --controlnet, in order (resized to the output size, which "
+                   "defaults to the first control image's)")
+    c.add_argument("--control-scale", action="append", type=finite_float, metavar="S",
+                   help="conditioning scale: once for every ControlNet or once per --controlnet (default 1.0)")
+
+
+def _load_controlnets(args):
+    """{generate's ControlNet keywords} from the flags (empty without --controlnet), or a UsageError."""
+    import sdjax
+    nets, images, scales = args.controlnet or [], args.control_image or [], args.control_scale or []
+    if not nets:
+        for flag, given in (("--control-image", images), ("--control-scale", scales)):
+            if given:
+                raise UsageError(f"{flag}: given without --controlnet")
+        return {}
+    if not images:
+        raise UsageError("--controlnet: needs --control-image (one per --controlnet)")
+    if len(images) != len(nets):
+        raise UsageError(f"{len(images)} --control-image for {len(nets)} --controlnet (one each, in order)")
+    if len(scales) not in (0, 1, len(nets)):
+        raise UsageError(f"{len(scales)} --control-scale values for {len(nets)} --controlnet (one, or one each)")
+    loaded = [sdjax.load_controlnet(n, dtype=args.dtype, progress=not args.quiet) for n in nets]
+    one = len(nets) == 1
+    return dict(controlnet=loaded[0] if one else loaded, control_image=images[0] if one else images,
+                controlnet_conditioning_scale=(scales[0] if len(scales) == 1 else scales) if scales else 1.0)
