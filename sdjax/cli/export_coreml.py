@@ -12,7 +12,8 @@ def register(sub):
     """Add the subcommand and its arguments to ``sub`` (argparse subparsers)."""
     p = sub.add_parser("export-coreml", help="the Core ML resource folder apple/ml-stable-diffusion's Swift package "
                        "loads (TextEncoder, Unet, VAEDecoder, VAEEncoder .mlpackage + vocab.json, merges.txt; SDXL: "
-                       "also TextEncoder2 and, with --refiner, UnetRefiner), quantized weights carried over as they are")
+                       "also TextEncoder2 and, with --refiner, UnetRefiner; with --controlnet, ControlledUnet and "
+                       "controlnet/NAME), quantized weights carried over as they are")
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or single .safetensors/.ckpt file (default: the embedded reference model); "
                         "float weights load as float16 for a float16 export, else float32")
@@ -23,6 +24,14 @@ def register(sub):
     p.add_argument("--refiner", default=None, metavar="MODEL",
                    help="SDXL: a refiner (diffusers folder, single file or `sdjax quantize` folder) exported beside "
                         "the base as UnetRefiner (quantized by --recipe too, when given)")
+    p.add_argument("--controlnet", action="append", metavar="DIR_OR_FILE",
+                   help="a ControlNet (diffusers folder or original .pth/.safetensors; repeatable), exported as "
+                        "controlnet/NAME.mlpackage (NAME: the folder's or file's name without suffix, what the Swift "
+                        "pipeline is given) with a ControlledUnet taking its residuals; a --recipe whose components "
+                        "include \"controlnet\" quantizes it")
+    p.add_argument("--controlled-unet-only", action="store_true",
+                   help="with --controlnet: write the ControlledUnet without the plain Unet (the Swift pipeline "
+                        "then needs ControlNets on every run)")
     p.add_argument("--random", metavar="ARCH", choices=["sd15", "sd21", "sdxl"],
                    help="full-size architecture with random weights (for size and memory work)")
     p.add_argument("-o", "--out", required=True, help="output folder")
@@ -74,7 +83,16 @@ def run(args):
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither")
     settings = cx.Settings(args.compute_precision, args.attention, args.min_deployment_target, args.chunk_unet,
-                           args.unet_batch)
+                           args.unet_batch, controlled_unet_only=args.controlled_unet_only)
+    if args.controlled_unet_only and not args.controlnet:
+        raise UsageError("--controlled-unet-only: needs --controlnet")
+    names = [cx.controlnet_name(c) for c in args.controlnet or []]
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:
+        raise UsageError(f"--controlnet: two ControlNets named {same[0]!r} (the folder's or file's name names the "
+                         f"package controlnet/{same[0]}.mlpackage); rename one")
+    if recipe is not None and "controlnet" in recipe.components and not args.controlnet:
+        raise UsageError(f"--recipe {args.recipe}: quantizes the controlnet component; give --controlnet")
     try:
         settings.check()
     except cx.ExportError as e:
@@ -96,6 +114,7 @@ def run(args):
         if not cx.is_xl(pipe):
             raise UsageError(f"--refiner: {pipe.source} is not an SDXL pipeline; only an SDXL base takes a refiner")
         refiner = sdjax.load(args.refiner, dtype=dtype, progress=not args.quiet)
+    nets = {n: sdjax.load_controlnet(c, dtype=dtype, progress=not args.quiet) for n, c in zip(names, args.controlnet or [])}
     if args.height is not None:
         try:
             latent = cx.latent_from_image(args.height, args.width, pipe.vae_scale_factor,
@@ -105,15 +124,19 @@ def run(args):
         settings = dataclasses.replace(settings, latent_shape=latent)
     if recipe is not None:
         try:
-            pipe = pipe.quantize(recipe, progress=not args.quiet)
-            if refiner is not None:
-                refiner = refiner.quantize(recipe, progress=not args.quiet)
+            pipe, nets = _quantize(pipe, nets, recipe, not args.quiet)
+            comps = [c for c in recipe.components if c != "controlnet"]
+            if refiner is not None and comps:
+                refiner = refiner.quantize(recipe, components=comps, progress=not args.quiet)
         except quant.RecipeError as e:
             raise UsageError(str(e)) from None
+    quantized = recipe is not None and "controlnet" in recipe.components
+    controlnets = {n: (p, c, {"model": path, "recipe": recipe.to_json() if quantized else None})
+                   for (n, (p, c)), path in zip(nets.items(), args.controlnet or [])}
     t0 = time.perf_counter()
     try:
         manifest = cx.export_pipeline(pipe, args.out, settings, overwrite=args.overwrite, progress=not args.quiet,
-                                      refiner=refiner)
+                                      refiner=refiner, controlnets=controlnets)
     except cx.ExportError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:
@@ -122,5 +145,26 @@ def run(args):
         from sdjax.configs import ConfigError
         raise ConfigError(f"cannot export {pipe.source}: {e}") from None
     print(cx.summary(manifest))
+    if controlnets:
+        print(f"ControlNets: {', '.join(controlnets)} (StableDiffusionPipeline(resourcesAt:controlNet: "
+              f"[{', '.join(repr(n) for n in controlnets)}]) loads controlnet/NAME.mlmodelc and ControlledUnet)")
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s (peak RSS {peak_rss_bytes() / 2**30:.2f} GiB); "
           f"on a Mac: for p in {args.out}/*.mlpackage; do xcrun coremlcompiler compile \"$p\" {args.out}; done")
+
+
+def _quantize(pipe, nets, recipe, progress):
+    """``pipe`` and the ControlNets ``{name: (params, config)}`` quantized by ``recipe``: each ControlNet
+    beside the pipeline's params as the "controlnet" component (``quant.apply_recipe``), so rules
+    match across the components as they do for a pipeline; the pipeline's weights are quantized once
+    (the cache) and ControlNets only when the recipe's components name "controlnet"."""
+    import quant
+    if "controlnet" not in recipe.components:
+        return pipe.quantize(recipe, progress=progress), nets
+    cache, params, out = {}, None, {}
+    for name, (p, c) in nets.items():
+        q = quant.apply_recipe({**pipe.params, "controlnet": p}, recipe, cache=cache, progress=progress)
+        for k in [k for k in cache if k[0] == "controlnet"]:  # keyed by layer name: not for the next ControlNet
+            del cache[k]
+        out[name] = (q.pop("controlnet"), c)
+        params = q if params is None else params
+    return dataclasses.replace(pipe, params=params, quantization={"recipe": recipe.to_json()}), out

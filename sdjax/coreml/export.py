@@ -31,6 +31,19 @@ as Apple's converter does (its manifest entry records the precision each package
 the same files, padding with "!"): the two must hold the same vocabulary and merges, else
 ExportError. Apple's XL pipeline always runs the UNet at batch 2.
 
+ControlNets (``controlnets=``, ``sdjax export-coreml --controlnet``) get the layout of
+``StableDiffusionPipeline(resourcesAt:controlNet:)`` (``StableDiffusionPipeline+Resources.swift``):
+``controlnet/<name>.mlpackage`` per ControlNet (``sdjax.coreml.controlnet``; the Swift pipeline
+is given the names and loads ``controlnet/<name>.mlmodelc``) and ``ControlledUnet.mlpackage`` (or
+``ControlledUnetChunk1/2``), the UNet with the residual inputs (``unet.build``'s ``residuals``),
+which Swift loads instead of ``Unet`` whenever ControlNets are named; ``Unet.mlpackage`` is
+written too (for runs without ControlNets) unless ``Settings.controlled_unet_only``. Swift runs
+ControlNets at batch 2 (``SWIFT_CONTROLNET_BATCH``) and conditioning scale 1. Refused before any
+work: a ControlNet that does not fit the UNet (``sdjax.controlnet.check_fits``), one whose control
+image is not image-sized (its downscale differs from the VAE's), names that collide, a UNet batch
+other than 2, ControlNets beside a refiner-only pipeline. An SDXL base gets SDXL ControlNets with
+the XL inputs (``time_ids``, ``text_embeds``) on both packages; Apple's SDXL pipeline runs none.
+
 Crash safety and resume: everything is written into ``OUT.partial`` next to ``OUT``, each package
 saved atomically inside it, and ``OUT.partial`` is renamed to ``OUT`` at the end. A rerun with the
 same settings after an interruption keeps the packages already finished; with other settings it is
@@ -68,6 +81,7 @@ class Settings:
     chunk_unet: bool = False
     unet_batch: int = 2
     latent_shape: tuple | None = None   # (h, w); None: the model's own size
+    controlled_unet_only: bool = False  # with ControlNets: no plain Unet beside the ControlledUnet
 
     def check(self):
         from . import mil
@@ -220,7 +234,22 @@ def _unet_jobs(pipe, settings, common, ukw, names, chunk_names, label):
     return [(label, [names], lambda paths: unet.export(p, c, paths[0], **common, **ukw), common["compute_precision"])]
 
 
-def _jobs(pipe, settings, target, refiner=None):
+def _controlnet_jobs(pipe, settings, common, ukw, controlnets):
+    """The ControlledUnet (or its chunks) and ``controlnet/NAME.mlpackage`` per ControlNet."""
+    from . import controlnet, unet
+    jobs = _unet_jobs(pipe, settings, common, dict(ukw, residuals=True), unet.CONTROLLED_NAME,
+                      unet.CONTROLLED_CHUNK_NAMES, "ControlledUnet")
+    if is_xl(pipe):
+        ukw = dict(ukw, text_embeds_dim=_text_embeds_dim(pipe))
+    for name, (params, config, _) in controlnets.items():
+        jobs.append((f"ControlNet {name}", [f"{controlnet.DIR}/{name}.mlpackage"],
+                     lambda paths, params=params, config=config: controlnet.export(params, config, paths[0], **common,
+                                                                                 **ukw),
+                     common["compute_precision"]))
+    return jobs
+
+
+def _jobs(pipe, settings, target, refiner=None, controlnets=None):
     """[(label, package file names, fn(paths), compute precision)] in export order."""
     from . import text_encoder, unet, vae
     p, c = pipe.params, pipe.configs
@@ -236,7 +265,10 @@ def _jobs(pipe, settings, target, refiner=None):
             jobs.append((comp.replace("_", " "), [name],
                          lambda paths, comp=comp: text_encoder.export(p[comp], c[comp], paths[0], xl=xl,
                                                                       attention=settings.attention, **common), prec))
-    jobs += _unet_jobs(pipe, settings, common, ukw, unet.NAME, unet.CHUNK_NAMES, "UNet")
+    if not (controlnets and settings.controlled_unet_only):
+        jobs += _unet_jobs(pipe, settings, common, ukw, unet.NAME, unet.CHUNK_NAMES, "UNet")
+    if controlnets:
+        jobs += _controlnet_jobs(pipe, settings, common, ukw, controlnets)
     if refiner is not None:
         jobs += _unet_jobs(refiner, settings, common, ukw, unet.REFINER_NAME, unet.REFINER_CHUNK_NAMES, "refiner UNet")
     vcommon = dict(common)
@@ -268,24 +300,96 @@ def _check_refiner(pipe, refiner):
                           "pipeline conditions both UNets with the base's TextEncoder2")
 
 
-def _manifest_settings(pipe, settings, refiner=None):
+SWIFT_CONTROLNET_BATCH = 2  # ControlNet.swift's timestep is [t, t] and its control image is stacked twice
+
+
+def controlnet_name(path) -> str:
+    """The name a ControlNet from ``path`` is exported (and looked up by the Swift pipeline) under:
+    its folder's or file's name without the suffix (``controlnet/<name>.mlpackage``)."""
+    base = os.path.basename(os.path.normpath(os.fspath(path)))
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in (".safetensors", ".ckpt", ".pth", ".pt", ".bin") else base
+
+
+def _controlnets(controlnets):
+    """``{name: (params, config, info)}`` from ``export_pipeline``'s ``controlnets`` (values
+    ``(params, config)`` or ``(params, config, info)``)."""
+    out = {}
+    for name, v in (controlnets or {}).items():
+        if not isinstance(v, (tuple, list)) or len(v) not in (2, 3):
+            raise ExportError(f"controlnet {name!r}: expected (params, ControlNetConfig[, info]), got "
+                              f"{type(v).__name__}")
+        out[name] = (v[0], v[1], dict(v[2]) if len(v) == 3 and v[2] is not None else {})
+    return out
+
+
+def _check_controlnets(pipe, settings, controlnets, log):
+    """ExportError naming what keeps these ControlNets from running beside ``pipe``'s UNet in the
+    Swift pipeline's layout, before any work."""
+    from ..checkpoint import architecture
+    from ..configs import ControlNetConfig
+    from ..controlnet import check_fits
+    if not controlnets:
+        if settings.controlled_unet_only:
+            raise ExportError("controlled_unet_only (--controlled-unet-only): needs ControlNets (--controlnet)")
+        return
+    arch = architecture(pipe.configs)
+    if arch not in ("sd", "sdxl"):
+        raise ExportError(f"controlnet: {pipe.source} is an {arch} pipeline; ControlNets are exported beside an SD "
+                          "1.x/2.x or SDXL base UNet (diffusers' ControlNet pipelines; a refiner takes none)")
+    if settings.unet_batch != SWIFT_CONTROLNET_BATCH:
+        raise ExportError(f"unet batch {settings.unet_batch} with ControlNets: the Swift pipeline runs each ControlNet "
+                          f"on a batch of {SWIFT_CONTROLNET_BATCH} (ControlNet.swift: timestep [t, t], the control "
+                          "image stacked twice) and feeds its residuals to the ControlledUnet as they are: use "
+                          f"--unet-batch {SWIFT_CONTROLNET_BATCH}")
+    f = pipe.configs["vae"].scale_factor
+    for name, (_, cfg, _) in controlnets.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ExportError(f"controlnet name {name!r}: expected a file name (controlnet/<name>.mlpackage)")
+        if not isinstance(cfg, ControlNetConfig):
+            raise ExportError(f"controlnet {name}: expected a ControlNetConfig, got {type(cfg).__name__}")
+        try:
+            check_fits(cfg, pipe.configs["unet"], pipe.configs["unet"].in_channels, f"controlnet {name}")
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        if cfg.downscale != f:
+            raise ExportError(f"controlnet {name}: its conditioning embedding downscales control images {cfg.downscale}x"
+                              f", the VAE {f}x: its controlnet_cond would not be image-sized")
+        if cfg.conditioning_channels != 3:
+            log(f"warning: controlnet {name} reads {cfg.conditioning_channels}-channel control images; the Swift "
+                "pipeline feeds 3 (planar RGB of a CGImage, ControlNet.swift)")
+    lower = sorted(n.lower() for n in controlnets)
+    dup = [a for a, b in zip(lower, lower[1:]) if a == b]
+    if dup:  # macOS and iOS file systems are case-insensitive by default
+        raise ExportError(f"controlnet names {dup[0]!r}: two ControlNets would be written to the same "
+                          f"controlnet/{dup[0]}.mlpackage (case-insensitively); rename one's folder or file")
+
+
+def _manifest_settings(pipe, settings, refiner=None, controlnets=None):
     recipe = (pipe.quantization or {}).get("recipe")
     out = {"model": pipe.source, "recipe": recipe, **dataclasses.asdict(settings),
            "latent_shape": list(settings.latent_shape) if settings.latent_shape else None}
     if refiner is not None:
         out["refiner"] = {"model": refiner.source, "recipe": (refiner.quantization or {}).get("recipe")}
+    if controlnets:
+        out["controlnets"] = {name: info for name, (_, _, info) in controlnets.items()}
     return out
 
 
 def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False, progress=True, log=print,
-                    refiner=None):
+                    refiner=None, controlnets=None):
     """Export ``pipe`` (an ``sdjax.Pipeline``, quantized or not) into the folder ``out``; returns
     the manifest dict (settings and, per package, bytes on disk, seconds and compute precision).
     ``refiner``: an SDXL refiner pipeline exported beside an SDXL base ``pipe`` as
-    ``UnetRefiner.mlpackage``. See the module docstring for the folder, resume and overwrite rules."""
+    ``UnetRefiner.mlpackage``. ``controlnets``: ``{name: (params, ControlNetConfig)}``
+    (``sdjax.load_controlnet``'s pairs, quantized or not; a third element, a JSON-able dict, is
+    recorded in the manifest's settings), exported as ``controlnet/<name>.mlpackage`` with a
+    ``ControlledUnet.mlpackage`` (module docstring). See the module docstring for the folder,
+    resume and overwrite rules."""
     from tqdm.auto import tqdm
 
     settings.check()
+    controlnets = _controlnets(controlnets)
     out = os.path.abspath(os.fspath(out))
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
@@ -293,11 +397,14 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
     if refiner is not None:
         _check_refiner(pipe, refiner)
         check_exportable({"refiner.unet": refiner.params["unet"]}, settings.minimum_deployment_target)
+    _check_controlnets(pipe, settings, controlnets, log)
+    for name, (params, _, _) in controlnets.items():
+        check_exportable({f"controlnet {name}": params}, settings.minimum_deployment_target)
     if is_xl(pipe):
         _check_xl_tokenizers(pipe, log)
     target = settings.target()
     partial = out + ".partial"
-    wanted = _manifest_settings(pipe, settings, refiner)
+    wanted = _manifest_settings(pipe, settings, refiner, controlnets)
     if os.path.isdir(partial):
         try:
             before = (Store(partial, writer=False).read(MANIFEST) or {}).get("settings")
@@ -316,7 +423,7 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
         store.write(manifest, MANIFEST)
 
     save_manifest()
-    jobs = _jobs(pipe, settings, target, refiner)
+    jobs = _jobs(pipe, settings, target, refiner, controlnets)
     bar = tqdm(total=len(jobs), desc="export-coreml", unit="package", disable=not progress)
     for label, names, fn, precision in jobs:
         paths = [os.path.join(partial, n) for n in names]
@@ -366,4 +473,5 @@ def latent_from_image(height, width, scale_factor, unet_factor=1):
     return height // scale_factor, width // scale_factor
 
 
-__all__ = ["export_pipeline", "Settings", "ExportError", "check_exportable", "summary", "latent_from_image", "is_xl"]
+__all__ = ["export_pipeline", "Settings", "ExportError", "check_exportable", "summary", "latent_from_image", "is_xl",
+           "controlnet_name"]

@@ -37,13 +37,25 @@ time embedding before its silu, as ``sdjax.unet._added_embedding``. Transformer 
 attention (``UNetConfig.transformer_depths``: SDXL's first block has no attention, the others
 2 and 10 blocks deep).
 
+ControlledUnet (``build(residuals=True)``, written as ``ControlledUnet.mlpackage`` or
+``ControlledUnetChunk1/2``): the same program with apple/ml-stable-diffusion's extra inputs for
+ControlNet residuals, ``additional_residual_0 .. _N`` after the others (``torch2coreml.convert_unet``
+with ``unet_support_controlnet``: one per skip, ``(batch, channels, h, w)`` at the skip's size,
+in the order the down walk pushes them, then the mid block's); the Swift pipeline feeds it the
+summed outputs of its ControlNets under the same names (``ControlNet.swift``,
+``Unet.swift``'s ``additionalResiduals``). The down and mid walk (``encoder_stages``) is the
+ControlNet builder's too (``sdjax.coreml.controlnet``), as ``sdjax.unet.encode`` is.
+
 Config features outside the SD 1.x/2.x/XL architectures raise NotImplementedError.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 from . import mil
+from .. import unet as sdjax_unet
 from ..configs import ConfigError
 from .text_encoder import export_program, opset
 
@@ -56,7 +68,7 @@ def _mb():
     return mb
 
 
-def _check_config(cfg):
+def check_config(cfg):
     """The exporter builds every block sdjax.unet.apply does: the config's own validation is its
     check (a config made with dataclasses.replace has not been through it)."""
     try:
@@ -185,22 +197,30 @@ def _added_embedding(text_embeds, time_ids, params, cfg, name, dtype):
     return _mlp(x, params["add_embedding"], name, dtype)
 
 
-def _stages(params, cfg, attention, dtype):
-    """The UNet as a list of ``(name, params subtree, fn)`` run in order; ``fn(state, ctx)`` updates
-    ``state = {"x", "skips", "temb"}`` in place (MIL values). ``--chunk-unet`` cuts between two of them."""
-    mb = _mb()
-    groups, eps = cfg.norm_num_groups, cfg.norm_eps
-    heads, layers = cfg.heads, cfg.layers
-    down_depth, mid_depth, up_depth = cfg.transformer_depths  # per attention (SDXL: 0, 2, 10 deep)
-    lin, out_scale = cfg.use_linear_projection, cfg.resnet_out_scale_factor
-    pad = cfg.downsample_padding
-    down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4
-    stages = []
+class Stage(NamedTuple):
+    """One step of a builder's walk: ``fn(state, ctx)`` updates ``state`` (MIL values) in place;
+    ``params`` are the weights it reads (``stage_bytes``); ``residuals`` the indices ``i`` of the
+    ``additional_residual_i`` inputs it reads (a ControlledUnet's)."""
+    name: str
+    params: dict
+    fn: Callable
+    residuals: tuple = ()
 
-    def add(name, p, fn):
-        stages.append((name, p, fn))
 
-    def res(p, name):
+def embed_time(s, params, cfg, dtype):
+    """``s["temb"]`` (the timestep input) -> silu of the time embedding, plus SDXL's text_time
+    embedding of ``s["text_embeds"]``/``s["time_ids"]`` (``sdjax.unet.embed_time``)."""
+    added = None
+    if cfg.is_sdxl:
+        added = _added_embedding(s["text_embeds"], s["time_ids"], params, cfg, "add_emb", dtype)
+    s["temb"] = _time_embedding(s["temb"], params, cfg, "time", dtype, added)
+
+
+def _block_fns(cfg, attention, dtype):
+    """(res, attn, seq): stage-function factories for resnets, transformers and sequences of them."""
+    groups, eps, lin = cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection
+
+    def res(p, name, out_scale=cfg.resnet_out_scale_factor):
         def fn(s, ctx):
             s["x"] = _resnet(s["x"], p, s["temb"], groups, eps, out_scale, name, dtype)
         return fn
@@ -215,22 +235,24 @@ def _stages(params, cfg, attention, dtype):
             for f in fns:
                 f(s, ctx)
         return fn
+    return res, attn, seq
+
+
+def encoder_stages(params, cfg, attention, dtype, stem):
+    """``stem`` (a Stage: the time embedding and conv_in's output pushed as the first skip), then
+    the down blocks (each resnet/attention pair and downsampler pushing its output onto
+    ``state["skips"]``) and the mid block: ``sdjax.unet.encode``'s walk, which a UNet and a
+    ControlNet share."""
+    heads, layers = cfg.heads, cfg.layers
+    down_depth, mid_depth, _ = cfg.transformer_depths  # per attention (SDXL: 0, 2, 10 deep)
+    pad = cfg.downsample_padding
+    down_pad = [0, 1, 0, 1] if not pad else [int(pad)] * 4  # diffusers pads right/bottom when 0
+    res, attn, seq = _block_fns(cfg, attention, dtype)
 
     def push(s, ctx):
         s["skips"].append(s["x"])
 
-    def stem(s, ctx):
-        x = s["x"]
-        if cfg.center_input_sample:
-            x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
-        added = None
-        if cfg.is_sdxl:
-            added = _added_embedding(s["text_embeds"], s["time_ids"], params, cfg, "add_emb", dtype)
-        s["temb"] = _time_embedding(s["temb"], params, cfg, "time", dtype, added)
-        s["x"] = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
-        s["skips"].append(s["x"])
-
-    add("conv_in", {k: params[k] for k in ("time_embedding", "add_embedding", "conv_in") if k in params}, stem)
+    stages = [stem]
     for i, kind in enumerate(cfg.down_block_types):
         p = params["down_blocks"][str(i)]
         for j in range(layers[i]):
@@ -239,31 +261,91 @@ def _stages(params, cfg, attention, dtype):
             if kind == "CrossAttnDownBlock2D":
                 fns.append(attn(p["attentions"][str(j)], heads[i], down_depth[i][j], f"down{i}_attn{j}"))
                 sub["attention"] = p["attentions"][str(j)]
-            add(f"down_blocks.{i}.{j}", sub, seq(*fns, push))
+            stages.append(Stage(f"down_blocks.{i}.{j}", sub, seq(*fns, push)))
         if "downsamplers" in p:
             conv = p["downsamplers"]["0"]["conv"]
 
             def down(s, ctx, conv=conv, i=i):
                 s["x"] = mil.conv2d(s["x"], conv, f"down{i}_downsample", dtype, stride=2, pad=down_pad)
-            add(f"down_blocks.{i}.downsamplers", conv, seq(down, push))
+            stages.append(Stage(f"down_blocks.{i}.downsamplers", conv, seq(down, push)))
 
     p = params["mid_block"]
-    add("mid_block", p, seq(res(p["resnets"]["0"], "mid_res0"),
-                            attn(p["attentions"]["0"], heads[-1], mid_depth, "mid_attn0"),
-                            res(p["resnets"]["1"], "mid_res1")))
+    mid_scale = cfg.mid_block_scale_factor  # diffusers' output_scale_factor of the mid block's resnets
+    stages.append(Stage("mid_block", p, seq(res(p["resnets"]["0"], "mid_res0", mid_scale),
+                                            attn(p["attentions"]["0"], heads[-1], mid_depth, "mid_attn0"),
+                                            res(p["resnets"]["1"], "mid_res1", mid_scale))))
+    return stages
 
+
+RESIDUAL_PREFIX = "additional_residual_"  # torch2coreml.convert_unet / convert_controlnet's names
+
+
+def residual_name(i: int) -> str:
+    """The name of a ControlledUnet's ``i``-th residual input (and a ControlNet's ``i``-th output):
+    the skips in ``sdjax.unet.skip_channels`` order, the mid block's last."""
+    return f"{RESIDUAL_PREFIX}{i}"
+
+
+def residual_shapes(cfg, batch, latent_shape) -> dict:
+    """``{additional_residual_i: (batch, channels, h, w)}`` for a UNet (or ControlNet) config at
+    latents of ``latent_shape``: one per skip, then the mid block's."""
+    h, w = (int(d) for d in latent_shape)
+    return {residual_name(i): (batch, ch, h >> level, w >> level)
+            for i, (ch, level) in enumerate(sdjax_unet.skip_channels(cfg))}
+
+
+def _stages(params, cfg, attention, dtype, residuals=False):
+    """The UNet as a list of Stages run in order; ``fn(state, ctx)`` updates ``state = {"x",
+    "skips", "temb", ...}`` in place (MIL values). ``--chunk-unet`` cuts between two of them.
+    ``residuals``: a ControlledUnet, adding ``state["res"][i]`` (its ``additional_residual_i``
+    inputs) to skip ``i`` where the up blocks take it, and the last to the mid block's output, as
+    ``sdjax.unet.apply`` adds a ControlNet's residuals (the same sums, done where each is used, so
+    each chunk reads only its own residuals)."""
+    mb = _mb()
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    heads, layers = cfg.heads, cfg.layers
+    _, _, up_depth = cfg.transformer_depths
+    res, attn, seq = _block_fns(cfg, attention, dtype)
+
+    def stem(s, ctx):
+        x = s["x"]
+        if cfg.center_input_sample:
+            x = mb.sub(x=mb.mul(x=x, y=np.float32(2), name="center_mul"), y=np.float32(1), name="center")
+        embed_time(s, params, cfg, dtype)
+        s["x"] = mil.conv2d(x, params["conv_in"], "conv_in", dtype)
+        s["skips"].append(s["x"])
+
+    stages = encoder_stages(params, cfg, attention, dtype, Stage(
+        "conv_in", {k: params[k] for k in ("time_embedding", "add_embedding", "conv_in") if k in params}, stem))
+    n_skips = len(sdjax_unet.skip_channels(cfg)) - 1
+    if residuals:
+        mid = stages[-1]
+
+        def mid_fn(s, ctx, f=mid.fn):
+            f(s, ctx)
+            s["x"] = mb.add(x=s["x"], y=s["res"][n_skips], name="mid_block_residual")
+        stages[-1] = mid._replace(fn=mid_fn, residuals=(n_skips,))
+
+    depth = n_skips  # skips on the stack: each up resnet takes the top one
     up_heads, up_layers = heads[::-1], layers[::-1]
     for i, kind in enumerate(cfg.up_block_types):
         p = params["up_blocks"][str(i)]
         for j in range(up_layers[i] + 1):
-            def cat(s, ctx, name=f"up{i}_cat{j}"):
-                s["x"] = mb.concat(values=[s["x"], s["skips"].pop()], axis=1, name=name)
+            depth -= 1
+
+            def cat(s, ctx, name=f"up{i}_cat{j}", k=depth):
+                if len(s["skips"]) != k + 1:
+                    raise AssertionError(f"{name}: skip {len(s['skips']) - 1} on top, expected {k}")
+                skip = s["skips"].pop()
+                if residuals:
+                    skip = mb.add(x=skip, y=s["res"][k], name=f"skip{k}_residual")
+                s["x"] = mb.concat(values=[s["x"], skip], axis=1, name=name)
             fns = [cat, res(p["resnets"][str(j)], f"up{i}_res{j}")]
             sub = {"resnet": p["resnets"][str(j)]}
             if kind == "CrossAttnUpBlock2D":
                 fns.append(attn(p["attentions"][str(j)], up_heads[i], up_depth[i][j], f"up{i}_attn{j}"))
                 sub["attention"] = p["attentions"][str(j)]
-            add(f"up_blocks.{i}.{j}", sub, seq(*fns))
+            stages.append(Stage(f"up_blocks.{i}.{j}", sub, seq(*fns), (depth,) if residuals else ()))
         if "upsamplers" in p:
             conv = p["upsamplers"]["0"]["conv"]
 
@@ -271,12 +353,12 @@ def _stages(params, cfg, attention, dtype):
                 x = mb.upsample_nearest_neighbor(x=s["x"], scale_factor_height=2, scale_factor_width=2,
                                                  name=f"up{i}_upsample")
                 s["x"] = mil.conv2d(x, conv, f"up{i}_upconv", dtype)
-            add(f"up_blocks.{i}.upsamplers", conv, up)
+            stages.append(Stage(f"up_blocks.{i}.upsamplers", conv, up))
 
     def head(s, ctx):
         x = mb.silu(x=mil.group_norm(s["x"], params["conv_norm_out"], groups, eps, "norm_out"), name="norm_out_act")
         s["x"] = mil.conv2d(x, params["conv_out"], "noise_pred", dtype)
-    add("conv_out", {k: params[k] for k in ("conv_norm_out", "conv_out")}, head)
+    stages.append(Stage("conv_out", {k: params[k] for k in ("conv_norm_out", "conv_out")}, head))
     return stages
 
 
@@ -284,7 +366,7 @@ def stage_bytes(params, config):
     """``[(stage name, stored weight bytes)]`` of the UNet's stages in program order (``_stages``);
     quantized weights count as stored (packed indices + tables), float ones at their dtype."""
     from quant import size_bytes
-    return [(name, int(size_bytes(p))) for name, p, _ in _stages(params, config, "original", np.float32)]
+    return [(st.name, int(size_bytes(st.params))) for st in _stages(params, config, "original", np.float32)]
 
 
 def chunk_split(params, config) -> int:
@@ -298,36 +380,10 @@ def chunk_split(params, config) -> int:
 CHUNK_PREFIX = "chunk_"  # names of the tensors chunk 1 hands to chunk 2
 
 
-def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
-          dtype="float32", target=None, chunk=None, live_shapes=None, text_embeds_dim=None):
-    """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
-    names and layouts (module docstring).
-
-    batch: the batch the Swift pipeline runs (2 for classifier-free guidance; Apple's XL pipeline
-    always feeds 2).
-    latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
-    attention: ``mil.ATTENTION_MODES``.
-    dtype: the float type quantization tables are written in ("float16" for an fp16 export).
-    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``).
-    chunk: None for the whole UNet, or 1 / 2 for the halves ``--chunk-unet`` writes (split at
-    ``chunk_split``): chunk 1 takes the UNet's inputs and returns the tensors live at the cut
-    (``chunk_x``, ``chunk_temb``, ``chunk_skip0``, ...); chunk 2 takes those (plus
-    ``encoder_hidden_states`` when it has attention) and returns ``noise_pred``. The Swift package
-    feeds chunk 2 the union of the UNet's inputs and chunk 1's outputs (``ManagedMLModel.swift``).
-    live_shapes: for chunk 2, chunk 1's ``{output name: shape}`` (``chunk_outputs``); built from
-    chunk 1 when None.
-    text_embeds_dim: SDXL UNets only (required there): the width P of the ``text_embeds`` input,
-    text_encoder_2's ``projection_dim``; the ``time_ids`` input then has
-    ``config.time_ids_length(P)`` values per sample (6 base, 5 refiner)."""
-    mb = _mb()
-
-    cfg = config
-    _check_config(cfg)
-    dtype = mil.tables_dtype(dtype)
-    if attention not in mil.ATTENTION_MODES:
-        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
-    if chunk not in (None, 1, 2):
-        raise ValueError(f"chunk must be None, 1 or 2, got {chunk!r}")
+def input_specs(cfg, batch, latent_shape, context_len, text_embeds_dim):
+    """``({input name: shape}, (h, w))``: the inputs a UNet (or a ControlNet, through its ``unet``
+    view) takes in apple/ml-stable-diffusion's names and order (module docstring), the latent size
+    checked against the downsamplings."""
     if latent_shape is None:
         size = cfg.sample_size
         if size is None:
@@ -348,38 +404,90 @@ def build(params, config, batch=2, latent_shape=None, context_len=77, attention=
         specs["text_embeds"] = (batch, int(text_embeds_dim))
     elif text_embeds_dim is not None:
         raise ValueError("text_embeds_dim is for SDXL UNets (addition_embed_type 'text_time') only")
-    stages = _stages(params, cfg, attention, dtype)
+    return specs, (h, w)
+
+
+def initial_state(a, residuals=()):
+    """The walk's state from a program's inputs ``a``: ``residuals`` the indices of the
+    ``additional_residual_i`` inputs read."""
+    return {"x": a["sample"], "skips": [], "temb": a["timestep"], "text_embeds": a.get("text_embeds"),
+            "time_ids": a.get("time_ids"), "res": {i: a[residual_name(i)] for i in residuals}}
+
+
+def build(params, config, batch=2, latent_shape=None, context_len=77, attention="split_einsum_v2",
+          dtype="float32", target=None, chunk=None, live_shapes=None, text_embeds_dim=None, residuals=False):
+    """MIL Program computing ``sdjax.unet.apply`` with apple/ml-stable-diffusion's input and output
+    names and layouts (module docstring).
+
+    batch: the batch the Swift pipeline runs (2 for classifier-free guidance; Apple's XL pipeline
+    always feeds 2).
+    latent_shape: (h, w) of the latents, default the config's ``sample_size`` (even sizes only).
+    attention: ``mil.ATTENTION_MODES``.
+    dtype: the float type quantization tables are written in ("float16" for an fp16 export).
+    target: the ``ct.target`` whose opset the program uses (``text_encoder.opset``).
+    chunk: None for the whole UNet, or 1 / 2 for the halves ``--chunk-unet`` writes (split at
+    ``chunk_split``): chunk 1 takes the UNet's inputs and returns the tensors live at the cut
+    (``chunk_x``, ``chunk_temb``, ``chunk_skip0``, ...); chunk 2 takes those (plus
+    ``encoder_hidden_states`` when it has attention) and returns ``noise_pred``. The Swift package
+    feeds chunk 2 the union of the UNet's inputs and chunk 1's outputs (``ManagedMLModel.swift``).
+    live_shapes: for chunk 2, chunk 1's ``{output name: shape}`` (``chunk_outputs``); built from
+    chunk 1 when None.
+    text_embeds_dim: SDXL UNets only (required there): the width P of the ``text_embeds`` input,
+    text_encoder_2's ``projection_dim``; the ``time_ids`` input then has
+    ``config.time_ids_length(P)`` values per sample (6 base, 5 refiner).
+    residuals: the ControlledUnet apple/ml-stable-diffusion's Swift pipeline runs beside
+    ControlNets (``torch2coreml.convert_unet`` with ``unet_support_controlnet``): after the
+    inputs above, ``additional_residual_0 .. _N`` (``residual_shapes``: one per skip, in
+    ``sdjax.unet.skip_channels`` order, then the mid block's), as
+    ``sdjax.unet.apply(down_block_additional_residuals=..., mid_block_additional_residual=...)``
+    takes them. Chunks take the residuals their stages use (Swift feeds every chunk the UNet's
+    inputs, residuals included)."""
+    mb = _mb()
+
+    cfg = config
+    check_config(cfg)
+    dtype = mil.tables_dtype(dtype)
+    if attention not in mil.ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}; supported: {mil.ATTENTION_MODES}")
+    if chunk not in (None, 1, 2):
+        raise ValueError(f"chunk must be None, 1 or 2, got {chunk!r}")
+    specs, (h, w) = input_specs(cfg, batch, latent_shape, context_len, text_embeds_dim)
+    res_specs = residual_shapes(cfg, batch, (h, w)) if residuals else {}
+    stages = _stages(params, cfg, attention, dtype, residuals)
     if chunk is None:
         lo, hi = 0, len(stages)
     else:
         k = chunk_split(params, cfg)
         lo, hi = (0, k) if chunk == 1 else (k, len(stages))
+    used = sorted(i for st in stages[lo:hi] for i in st.residuals)
+    used_specs = {residual_name(i): res_specs[residual_name(i)] for i in used}
 
     def run(state, ctx):
-        for _, _, fn in stages[lo:hi]:
-            fn(state, ctx)
+        for st in stages[lo:hi]:
+            st.fn(state, ctx)
         return state
 
     if lo == 0:
         def body(a):
-            s = run({"x": a["sample"], "skips": [], "temb": a["timestep"],
-                     "text_embeds": a.get("text_embeds"), "time_ids": a.get("time_ids")}, a["encoder_hidden_states"])
+            s = run(initial_state(a, used), a["encoder_hidden_states"])
             if hi == len(stages):
                 return [s["x"]]
             outs = [mb.identity(x=s["x"], name=CHUNK_PREFIX + "x"),
                     mb.identity(x=s["temb"], name=CHUNK_PREFIX + "temb")]
             return outs + [mb.identity(x=v, name=f"{CHUNK_PREFIX}skip{i}") for i, v in enumerate(s["skips"])]
-        return mil.program(specs, body, opset(target))
+        return mil.program(specs | used_specs, body, opset(target))
 
     # chunk 2: the live tensors at the cut are its inputs; their shapes come from chunk 1
     live = live_shapes or chunk_outputs(build(params, cfg, batch, (h, w), context_len, attention, dtype, target,
-                                              chunk=1, text_embeds_dim=text_embeds_dim))
-    needs_ctx = any("attention" in p or "attentions" in p for _, p, _ in stages[lo:hi] if isinstance(p, dict))
-    specs2 = ({"encoder_hidden_states": specs["encoder_hidden_states"]} if needs_ctx else {}) | dict(live)
+                                              chunk=1, text_embeds_dim=text_embeds_dim, residuals=residuals))
+    needs_ctx = any("attention" in st.params or "attentions" in st.params
+                    for st in stages[lo:hi] if isinstance(st.params, dict))
+    specs2 = ({"encoder_hidden_states": specs["encoder_hidden_states"]} if needs_ctx else {}) | dict(live) | used_specs
 
     def body2(a):
         state = {"x": a[CHUNK_PREFIX + "x"], "temb": a[CHUNK_PREFIX + "temb"],
-                 "skips": [a[f"{CHUNK_PREFIX}skip{i}"] for i in range(len(live) - 2)]}
+                 "skips": [a[f"{CHUNK_PREFIX}skip{i}"] for i in range(len(live) - 2)],
+                 "res": {i: a[residual_name(i)] for i in used}}
         return [run(state, a.get("encoder_hidden_states"))["x"]]
     return mil.program(specs2, body2, opset(target))
 
@@ -393,9 +501,9 @@ def export(params, config, path, compute_precision="float32", minimum_deployment
            overwrite=False, **build_kw):
     """Build, convert and save the UNet to ``path`` (an .mlpackage); returns the path.
 
-    ``build_kw``: ``build``'s batch, latent_shape, context_len, attention, text_embeds_dim (SDXL). As
-    ``text_encoder.export``: default target iOS16, refuses an existing ``path`` unless
-    ``overwrite``, never leaves a half-written package at ``path``."""
+    ``build_kw``: ``build``'s batch, latent_shape, context_len, attention, text_embeds_dim (SDXL),
+    residuals (a ControlledUnet). As ``text_encoder.export``: default target iOS16, refuses an
+    existing ``path`` unless ``overwrite``, never leaves a half-written package at ``path``."""
     if "dtype" in build_kw:
         raise TypeError("dtype follows compute_precision; do not pass it")
     return export_program(lambda tables, target: build(params, config, dtype=tables, target=target, **build_kw),
@@ -408,6 +516,9 @@ NAME = "Unet.mlpackage"
 CHUNK_NAMES = ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")
 REFINER_NAME = "UnetRefiner.mlpackage"
 REFINER_CHUNK_NAMES = ("UnetRefinerChunk1.mlpackage", "UnetRefinerChunk2.mlpackage")
+# the UNet StableDiffusionPipeline+Resources.swift loads instead when ControlNets are named
+CONTROLLED_NAME = "ControlledUnet.mlpackage"
+CONTROLLED_CHUNK_NAMES = ("ControlledUnetChunk1.mlpackage", "ControlledUnetChunk2.mlpackage")
 
 
 def export_chunks(params, config, paths, compute_precision="float32", minimum_deployment_target=None,
