@@ -137,7 +137,7 @@ def run(args):
         options = sweep.Options(calibration=_eval_calibration_prompts(args, settings.prompts), adherence=adherence,
                                 plugins=plugins, fisher=not args.no_fisher,
                                 model_label=(args.model or "embedded reference model")
-                                + (f" + LoRA {lora_label(pipe.loras)}" if pipe.loras else ""))
+                                + (f" + LoRA {lora_label(args.lora)}" if args.lora else ""))
         results = sweep.run(pipe, names, args.out, settings, options, progress=not args.quiet)
     except sweep.EvalError as e:
         raise UsageError(str(e)) from None
