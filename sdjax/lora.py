@@ -17,7 +17,8 @@ As PEFT and kohya define it: rank is the down factor's first dimension, an absen
 alpha = rank (factor 1), use_rslora divides by sqrt(rank); a convolution's update is
 ``einsum("or,rihw->oihw", up, down)``. Every file is checked against the model (key, ranks, shapes,
 architecture), all problems reported at once, before any weight is touched; each touched weight is
-merged in float32 and cast back to its dtype, one weight at a time.
+merged in float32 and cast back to its dtype, one weight at a time. ``factors`` gives the same updates
+unmerged, per layer in sdjax layout (``quant.lora_branch`` runs them beside quantized weights).
 """
 from __future__ import annotations
 
@@ -293,9 +294,10 @@ def _alpha(reader, key, path):
     return value
 
 
-def plan(path, reader, layers, configs):
+def plan(path, reader, layers, configs, quantized_ok=False):
     """[(component, weight name, down key, up key, factor)] of one LoRA file, factor = alpha / rank
-    (or / sqrt(rank) with use_rslora). LoraError naming every problem at once."""
+    (or / sqrt(rank) with use_rslora). LoraError naming every problem at once. A quantized layer is
+    one of them unless ``quantized_ok`` (``factors``, whose updates are not merged into the weight)."""
     entries, problems = read_entries(reader, path)
     meta = _metadata(reader, path)
     out, missing_comp, no_layer, cross, seen = [], {}, [], [], {}
@@ -335,7 +337,7 @@ def plan(path, reader, layers, configs):
             problems.append(f"{keys['down']}: updates {comp} {name}, as {seen[comp, name]} does already")
             continue
         seen[comp, name] = keys["down"]
-        if is_quantized(layers[comp].flat[name]):
+        if is_quantized(layers[comp].flat[name]) and not quantized_ok:
             problems.append(f"{keys['down']}: {comp} {name} is quantized; LoRAs merge into float weights "
                             "(merge first, then quantize)")
             continue
@@ -411,6 +413,63 @@ def _delta(down, up, weight_ndim):
     return np.einsum("or,rihw->hwio", up2, down4)
 
 
+def _open_plans(params, configs, specs, quantized_ok=False):
+    """(layers, readers, {(component, weight name): [(reader, down key, up key, scale x factor)]}) of
+    ``specs``; every file checked (``plan``) before the caller reads a factor. The caller closes the readers."""
+    layers = {c: _Layers(c, params[c], (configs or {}).get(c)) for c in ("unet", *TEXT_ENCODERS) if c in params}
+    readers, work = [], {}
+    try:
+        for path, scale in specs:
+            reader = _open(path)
+            readers.append(reader)
+            for comp, name, down, up, factor in plan(path, reader, layers, configs, quantized_ok):
+                work.setdefault((comp, name), []).append((reader, down, up, scale * factor))
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return layers, readers, work
+
+
+def _sdjax_factors(down, up, weight_shape):
+    """PyTorch-layout LoRA factors -> (down, up) in sdjax layout for a weight of ``weight_shape``
+    (sdjax layout): a linear weight (in, out) gets down (in, rank), up (rank, out); a conv weight HWIO
+    gets down (kh, kw, in, rank) (a LoCon's k x k down; 1 x 1 for plain LoRA) and up (rank, out)."""
+    r = down.shape[0]
+    up2 = up.reshape(up.shape[0], r).T
+    if len(weight_shape) == 2:
+        return down.reshape(r, -1).T, up2
+    kh, kw, cin, _ = weight_shape
+    return down.reshape(r, cin, kh, kw).transpose(2, 3, 1, 0), up2
+
+
+def factors(params, configs, loras, dtype=np.float32):
+    """Each LoRA of ``loras`` (paths or (path, scale) pairs) as per-layer factors instead of a merge:
+    ``{component: {weight name: [(down, up, scale), ...]}}``, one entry per file that updates the
+    weight (in ``loras``' order), ``down`` / ``up`` NumPy arrays of ``dtype`` in sdjax layout
+    (``_sdjax_factors``: linear down (in, rank), up (rank, out); conv down (kh, kw, in, rank), up
+    (rank, out)), ``scale`` = the file's scale x alpha / rank (PEFT's and kohya's factor), so the
+    update is ``scale * down @ up`` (a conv's: ``einsum("hwir,ro->hwio", down, up) * scale``), the one
+    ``merge`` adds. Every file is checked as ``merge`` checks it, except that quantized layers are
+    allowed (nothing is merged into them; ``quant.lora_branch`` runs the factors beside them)."""
+    specs = normalize(loras)
+    out = {}
+    if not specs:
+        return out
+    layers, readers, work = _open_plans(params, configs, specs, quantized_ok=True)
+    try:
+        for (comp, name), updates in sorted(work.items()):
+            shape = tuple(np.shape(layers[comp].flat[name]))
+            out.setdefault(comp, {})[name] = [
+                (*(a.astype(dtype) for a in _sdjax_factors(reader.get(down).astype(np.float32),
+                                                          reader.get(up).astype(np.float32), shape)), float(s))
+                for reader, down, up, s in updates]
+    finally:
+        for r in readers:
+            r.close()
+    return out
+
+
 def merge(params, configs, loras, progress=False, source="this model"):
     """A new params dict with each LoRA of ``loras`` (paths or (path, scale) pairs) merged into
     the float weights it updates: W' = W + scale * (alpha / rank) * up @ down, in float32, cast
@@ -420,14 +479,8 @@ def merge(params, configs, loras, progress=False, source="this model"):
     specs = normalize(loras)
     if not specs:
         return params
-    layers = {c: _Layers(c, params[c], (configs or {}).get(c)) for c in ("unet", *TEXT_ENCODERS) if c in params}
-    readers, work = [], {}
+    layers, readers, work = _open_plans(params, configs, specs)
     try:
-        for path, scale in specs:
-            reader = _open(path)
-            readers.append(reader)
-            for comp, name, down, up, factor in plan(path, reader, layers, configs):
-                work.setdefault((comp, name), []).append((reader, down, up, scale * factor))
         merged = {c: dict(layers[c].flat) for c in {c for c, _ in work}}
         for (comp, name), updates in tqdm(sorted(work.items()), desc=f"merging {len(specs)} LoRA(s) into {source}",
                                           unit="layer", disable=not progress, leave=False):
