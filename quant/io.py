@@ -224,6 +224,11 @@ def save(pipe, out_dir, recipe=None, overwrite=False, progress=True):
     index["_sdjax_quantized"] = {"format_version": FORMAT_VERSION, "components": quantized,
                                  "weights": WEIGHTS_NAME, "note": "sdjax format: diffusers cannot load "
                                  "the quantized components; load with sdjax.load"}
+    loras = [[os.fspath(f), float(scale)] for f, scale in getattr(pipe, "loras", ()) or ()]
+    if loras:  # the LoRAs merged into the float weights before quantizing, as [file, scale] pairs
+        index["_sdjax_quantized"]["loras"] = loras
+    else:
+        index["_sdjax_quantized"].pop("loras", None)
 
     def write_weights(folder, comp, params):
         if comp in quantized:
@@ -344,10 +349,12 @@ def load_component(folder, component, dtype="float32", progress=True):
 def load(path, dtype="float32", progress=True):
     """(Checkpoint, quantization info) of a quantized folder; float components load as usual.
 
-    info: {"recipe": the recipe dict (or None), "components": {component: metadata}}."""
+    info: {"recipe": the recipe dict (or None), "components": {component: metadata},
+    "loras": [[file, scale], ...] merged into the float weights before quantizing}."""
     path = os.fspath(path)
     params, configs, info = {}, {}, {"recipe": None, "components": {}}
     index = checkpoint.read_json(os.path.join(path, "model_index.json"))
+    info["loras"] = [list(x) for x in ((index or {}).get("_sdjax_quantized") or {}).get("loras") or []]
     for comp in checkpoint.folder_components(path, index):
         folder = os.path.join(path, comp)
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):

@@ -208,4 +208,4 @@ def load(path=None, dtype="float32", variant=None, configs=None, progress=True, 
     tok = Tokenizer(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
     tok_2 = Tokenizer(ckpt.tokenizer_2_dir) if ckpt.tokenizer_2_dir else None
     return Pipeline(params, ckpt.configs, tok, ckpt.scheduler_config or {}, dt, path, quantization, tok_2,
-                    ckpt.model_index, tuple(specs))
+                    ckpt.model_index, tuple(specs) or tuple((f, s) for f, s in (quantization or {}).get("loras", ())))

@@ -81,6 +81,9 @@ def run(args):
         comps = list((pipe.quantization.get("components") or {}).keys()) or recipe.get("components", [])
         print(f"  quantized     recipe {recipe.get('name', '?')!r} ({', '.join(comps)}; "
               f"sdjax quantized format v{qio.FORMAT_VERSION})")
+        if pipe.quantization.get("loras"):
+            print("  LoRAs merged  " + ", ".join(f"{f}:{s:g}" for f, s in pipe.quantization["loras"])
+                  + " (into the float weights, before quantizing)")
         if isinstance(recipe.get("finetune"), dict):
             print("  fine-tuned    palettized UNet weights, " + ", ".join(f"{k} {v}" for k, v in recipe["finetune"].items()))
     total = total_params = 0

@@ -86,10 +86,15 @@ def test_quantize_merges_before_quantizing(folder, lora_file, tmp_path, capsys):
     rc, _, err = cli(capsys, "quantize", "--model", folder, "--lora", f"{lora_file}:0.5", "-r", "w8-int8", "-o", out,
                      "-q")
     assert rc == 0, err
-    got = sdjax.load(str(out), progress=False).params["unet"]
+    loaded = sdjax.load(str(out), progress=False)
     want = sdjax.load(folder, loras=[(lora_file, 0.5)], progress=False).quantize("w8-int8").params["unet"]
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(loaded.params["unet"]), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
+    # the folder records what was merged before quantizing, and inspect says so
+    assert loaded.loras == ((str(lora_file), 0.5),)
+    rc, printed, err = cli(capsys, "inspect", str(out), "-q")
+    assert rc == 0, err
+    assert f"LoRAs merged  {lora_file}:0.5" in printed, printed
 
 
 def test_lora_errors_exit_with_the_message(folder, lora_file, tmp_path, capsys):
