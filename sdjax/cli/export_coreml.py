@@ -77,7 +77,7 @@ def run(args):
         except quant.RecipeError as e:
             raise UsageError(str(e)) from None
         try:
-            cx.check_recipe(recipe, args.recipe)
+            cx.check_recipe(recipe, args.recipe, args.min_deployment_target)
         except cx.ExportError as e:
             raise UsageError(f"--recipe {e}") from None
     if (args.height is None) != (args.width is None):

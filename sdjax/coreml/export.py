@@ -67,6 +67,7 @@ PRECISIONS = ("float16", "float32")
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 XL_TOKENIZER_2_PAD = "!"  # what StableDiffusionXL+Resources.swift pads text_encoder_2's ids with
 GROUPED_LUT_TARGET = "iOS18"  # grouped LUTs and per-channel scales need the iOS18 / macOS15 opset
+ACT_QUANT_TARGET = "iOS17"  # int8 activations (W8A8: quantize/dequantize) need the iOS17 / macOS14 opset
 
 
 class ExportError(ValueError):
@@ -123,13 +124,34 @@ def dir_bytes(path):
     return total
 
 
+def _check_act_scale(label, w, target_name, needs17):
+    """ExportError when weight ``w`` (with an activation scale) cannot be exported: a target below
+    iOS17, or scales that are not finite and > 0 or not shaped () / (in,)."""
+    import numpy as np
+    if needs17:
+        raise ExportError(f"{label} quantizes its activations (int8 W8A8: act_scale), which Core ML expresses with the "
+                          f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass --min-deployment-target "
+                          f"{ACT_QUANT_TARGET} or later (or macOS14), not {target_name}")
+    a = np.asarray(w.act_scale, np.float64)
+    cin = int(w.shape[-2])
+    if a.shape not in ((), (cin,)):
+        raise ExportError(f"{label}: activation scale of shape {a.shape}; expected a scalar or ({cin},), one per input "
+                          "channel")
+    if not (np.all(np.isfinite(a)) and np.all(a > 0)):
+        raise ExportError(f"{label}: activation scales must be finite and > 0; got min {a.min()}, max {a.max()}")
+
+
 def check_exportable(params, target_name):
     """Raise ExportError naming the first layer the deployment target or Core ML cannot express
-    (``params``: {component name: params}, every component is checked)."""
+    (``params``: {component name: params}, every component is checked). A weight with an
+    activation scale (``act_scale``: W8A8) needs iOS17 (macOS14) or later and finite, positive
+    scales, whatever its weight form."""
     import coremltools as ct
     import quant
     from ..nn import method_of
-    needs18 = getattr(ct.target, target_name) < ct.target.iOS18  # iOS16/17, macOS13/14 (macOS15 is iOS18's opset)
+    target = getattr(ct.target, target_name)
+    needs18 = target < ct.target.iOS18  # iOS16/17, macOS13/14 (macOS15 is iOS18's opset)
+    needs17 = target < ct.target.iOS17  # iOS16, macOS13 (macOS14 is iOS17's opset)
     for comp in params:
         for name, w in quant.recipes.layers(params[comp]).items():
             kind = method_of(w)
@@ -138,31 +160,34 @@ def check_exportable(params, target_name):
                 raise ExportError(f"{comp}.{name} is palettized with {what}, which Core ML expresses only "
                                   f"from {GROUPED_LUT_TARGET} (macOS15): pass --min-deployment-target "
                                   f"{GROUPED_LUT_TARGET} (or macOS15), not {target_name}")
-            if kind == "int8-w8a8":
-                raise ExportError(f"{comp}.{name} is int8 W8A8 (quantized activations); Core ML weights are "
-                                  "weight-only: use an int8 (W8A16) or palettize recipe")
-            if kind not in ("palettize", "int8", "float"):
+            if kind not in ("palettize", "int8", "int8-w8a8", "float"):
                 raise ExportError(f"{comp}.{name} is {type(w).__name__} ({kind}), which has no Core ML weight form "
-                                  "(supported: palettize, int8 W8A16, float)")
+                                  "(supported: palettize, int8 W8A16 and W8A8, float)")
+            if getattr(w, "act_scale", None) is not None:
+                _check_act_scale(f"{comp}.{name}", w, target_name, needs17)
 
 
-def check_recipe(recipe, label=None):
-    """Raise ExportError when a parsed recipe makes weights Core ML cannot hold (W8A8) or needs
-    statistics or training this exporter does not do (sensitive or GPTQ palettization, fine-tuning:
-    quantize first)."""
+def check_recipe(recipe, label=None, target_name=None):
+    """Raise ExportError when a parsed recipe needs statistics or training this exporter does not do
+    (W8A8's calibration, sensitive or GPTQ palettization, fine-tuning: quantize first), or, with
+    ``target_name`` (one of TARGETS; others are Settings.check's to refuse), W8A8 rules below iOS17."""
+    import coremltools as ct
     label = label or recipe.name
-    if recipe.needs_calibration:  # check_exportable refuses such weights too, after `sdjax quantize`
-        raise ExportError(f"{label}: has int8-w8a8 rules (quantized activations, calibrated), "
-                          "which Core ML's weight-only compression cannot express: use an int8 (W8A16) or "
-                          "palettize recipe")
-    needs = [what for what, needed in (("sensitivities (sensitive palettize rules)", recipe.needs_importance),
+    if recipe.needs_calibration and target_name in TARGETS and getattr(ct.target, target_name) < ct.target.iOS17:
+        raise ExportError(f"{label}: has int8-w8a8 rules (quantized activations), which Core ML expresses with the "
+                          f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass "
+                          f"--min-deployment-target {ACT_QUANT_TARGET} or later, not {target_name}")
+    needs = [what for what, needed in (("activation scales (int8-w8a8 rules: calibration)", recipe.needs_calibration),
+                                       ("sensitivities (sensitive palettize rules)", recipe.needs_importance),
                                        ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian),
                                        ("fine-tuning (its \"finetune\" settings)", recipe.needs_finetune))
              if needed]
     if needs:
         raise ExportError(f"{label}: needs {' and '.join(needs)}, which export-coreml does not "
                           f"compute; quantize first, then export the folder: `sdjax quantize --recipe "
-                          f"{label} -o Q ...` then `sdjax export-coreml --quantized Q`")
+                          f"{label} -o Q ...` then `sdjax export-coreml --quantized Q`"
+                          + (f" (with --min-deployment-target {ACT_QUANT_TARGET} or later)"
+                             if recipe.needs_calibration else ""))
 
 
 def _check_xl_tokenizers(pipe, log):

@@ -615,4 +615,5 @@ def _constexpr_cast(op, a):
     return a["source_val"]
 
 
+from . import interp_quant  # noqa: E402,F401  (registers quantize, dequantize, clip)
 SUPPORTED_OPS = tuple(sorted(_OPS))

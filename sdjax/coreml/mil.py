@@ -32,8 +32,11 @@ from ..nn import method_of
 
 SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT (any target)",
                      "PalettizedWeight with grouped LUTs and/or a per-channel scale (iOS18 (macOS15) or later)",
-                     "Int8Weight W8A16 (act_scale None; any target)")
+                     "Int8Weight W8A16 (act_scale None; any target)",
+                     "any of these with an activation scale (act_scale: W8A8, ...; iOS17 (macOS14) or later)")
 IOS18_NAME = "iOS18 (macOS15)"  # the first deployment target with grouped LUTs and per-channel scales
+IOS17_NAME = "iOS17 (macOS14)"  # the first deployment target with the quantize/dequantize ops (int8 activations)
+ACT_QMAX = 127  # sdjax's activation codes: clip(round(x / act_scale), -127, 127) (quant.int8)
 QUERY_CHUNK = 512  # apple/ml-stable-diffusion's split_einsum_v2 query chunk
 ATTENTION_MODES = ("split_einsum_v2", "original")
 
@@ -89,7 +92,7 @@ def _kind(w):
     """How a weight is written, from the weight protocol's ``method`` (see ``sdjax.nn``)."""
     if not hasattr(w, "shape"):
         return "other"
-    # an int8-w8a8 weight is refused before export (check_exportable); as a weight it is its int8 form
+    # an int8-w8a8 weight is its int8 form here; conv2d/linear_as_conv quantize its input (activation_quant)
     return {"palettize": "lut", "int8": "int8", "int8-w8a8": "int8", "float": "float"}.get(method_of(w), "other")
 
 
@@ -185,8 +188,11 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
     The value is float32-typed in the Builder program (``dtype="float16"`` tables are followed by
     a cast named ``name + "_fp32"`` that the fp16 pipeline removes). A grouped-LUT or
     per-channel-scale weight in a program whose opset is below iOS18 raises NotImplementedError
-    naming ``name``, what the weight has and "iOS18 (macOS15)"; W8A8, LLM.int8 and other
-    weights raise NotImplementedError naming ``name`` and what is supported."""
+    naming ``name``, what the weight has and "iOS18 (macOS15)"; LLM.int8 and other weights raise
+    NotImplementedError naming ``name`` and what is supported. A weight with an activation scale
+    (W8A8) is written in its stored form (an ``Int8Weight``'s data and scale, which hold a
+    per-input-channel scale folded in): it computes the layer only behind ``activation_quant`` of
+    the layer's input, which ``conv2d`` and ``linear_as_conv`` add."""
     mb = _mb()
     dtype = tables_dtype(dtype)
     kind = _kind(w)
@@ -234,8 +240,6 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
             out = mb.constexpr_blockwise_shift_scale(data=out, scale=scale, name=name + "_scale")
         return as_fp32(out)
     if kind == "int8":
-        if w.act_scale is not None:
-            _unsupported(w, name, " W8A8: activation quantization")
         axis = _out_axis(name, permuted, shape, perm.index(nd - 1))
         data = np.transpose(np.asarray(w.data, np.int8), perm).reshape(shape)
         scale = np.asarray(w.scale, np.float32).astype(dtype)
@@ -250,11 +254,70 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
     _unsupported(w, name)
 
 
+def act_scale_of(w):
+    """The activation scale of weight ``w`` (the weight protocol's ``act_scale`` attribute: a
+    float32 scalar, or one value per input channel), or None when its layer's activations stay
+    float. Any weight type with an ``act_scale`` exports through ``activation_quant``."""
+    a = getattr(w, "act_scale", None)
+    return None if a is None else np.asarray(a, np.float32)
+
+
+def activation_quant(x, act_scale, name):
+    """sdjax's int8 activation quantization of ``x`` (channels on axis 1: ``(B, C, H, W)`` or
+    ``(B, C, 1, S)``) as iOS17 ops, the input of an int8 layer (``quant.int8``'s
+    ``quantize_input``: codes ``clip(round(x / act_scale), -127, 127)``, half to even):
+
+    - per tensor (``act_scale`` a scalar ``s``): ``clip(x, -127 s, 127 s)`` -> ``quantize(scale=s)``
+      int8 -> ``dequantize(scale=s)``, so the layer sees ``codes * s`` as in sdjax;
+    - per input channel (``act_scale`` shape ``(C,)``, which sdjax folds into the weight):
+      ``real_div(x, act_scale)`` along axis 1 -> ``clip(-127, 127)`` -> ``quantize(scale=1)`` ->
+      ``dequantize(scale=1)``: the layer sees the codes themselves, and the weight's stored form
+      (``diag(act_scale) @ w``, quantized) does the rest, as sdjax's integer path does.
+
+    Core ML's ``quantize`` clamps int8 to [-128, 127] (coremltools' ``iOS17.quantize``:
+    ``clip(round(x / scale) + zero_point)`` over the dtype's range); the ``clip`` before it keeps
+    the codes sdjax's symmetric [-127, 127], so the package computes what sdjax evaluates also
+    for activations beyond the calibrated range. Ops are named ``name + "_aclip"``, ``"_aq"``,
+    ``"_adq"`` (and ``"_adiv"``); scales are written float32 (the fp16 pipeline makes them
+    float16). Below iOS17 this raises NotImplementedError naming ``name`` and "iOS17 (macOS14)"."""
+    import coremltools as ct
+    mb = _mb()
+    opset = _opset()
+    if opset is None or opset < ct.target.iOS17:
+        have = "none given (the Builder's default)" if opset is None else getattr(opset, "name", str(opset))
+        raise NotImplementedError(
+            f"Core ML export of {name!r} with int8 activations (act_scale: quantize/dequantize ops) needs "
+            f"minimum deployment target {IOS17_NAME} or later; this program's opset is {have}")
+    a = np.asarray(act_scale, np.float32)
+    c = int(x.shape[1])
+    if a.ndim == 0:
+        s = a.reshape(())
+        lo, hi = np.float32(-ACT_QMAX * s), np.float32(ACT_QMAX * s)
+    elif a.shape == (c,):
+        shape = [1] * len(x.shape)
+        shape[1] = c
+        x = mb.real_div(x=x, y=a.reshape(shape), name=name + "_adiv")
+        s, lo, hi = np.float32(1), np.float32(-ACT_QMAX), np.float32(ACT_QMAX)
+    else:
+        raise ValueError(f"{name}: act_scale of shape {a.shape}; expected a scalar or ({c},), one per input channel")
+    x = mb.clip(x=x, alpha=lo, beta=hi, name=name + "_aclip")
+    q = mb.quantize(input=x, scale=s, output_dtype="int8", name=name + "_aq")
+    return mb.dequantize(input=q, scale=s, name=name + "_adq")
+
+
+def _layer_input(x, w, name):
+    """``x``, or its ``activation_quant`` when ``w`` has an activation scale."""
+    a = act_scale_of(w)
+    return x if a is None else activation_quant(x, a, name)
+
+
 def linear_as_conv(x, w, b=None, name="linear", dtype="float32"):
     """``x @ W + b`` on a ``(B, C_in, 1, S)`` activation as a 1x1 conv -> ``(B, C_out, 1, S)``.
 
-    ``w`` is sdjax's ``(in, out)`` weight (float or quantized), ``b`` its bias or None."""
+    ``w`` is sdjax's ``(in, out)`` weight (float or quantized), ``b`` its bias or None. A weight
+    with an activation scale (W8A8) gets ``activation_quant`` of ``x`` first."""
     mb = _mb()
+    x = _layer_input(x, w, name)
     wv = conv1x1_weight(w, name + "_w", dtype)
     kw = {}
     if b is not None:
@@ -277,7 +340,9 @@ def conv1x1_weight(w, name, dtype="float32"):
 def conv2d(x, p, name, dtype="float32", stride=1, pad=None):
     """``sdjax.nn.conv2d`` on NCHW: ``p = {"weight": HWIO (float or quantized), "bias": optional}``;
     the weight goes in as OIHW (``weight(..., perm=(3, 2, 0, 1))``, so quantized ones stay constexpr).
-    ``pad``: an int (every side) or [top, bottom, left, right]; default 'same' for odd kernels."""
+    ``pad``: an int (every side) or [top, bottom, left, right]; default 'same' for odd kernels.
+    A weight with an activation scale (W8A8) gets ``activation_quant`` of ``x`` first (before the
+    padding, as in sdjax: padded zeros are code 0)."""
     mb = _mb()
     w = p["weight"]
     if pad is None:
@@ -287,6 +352,7 @@ def conv2d(x, p, name, dtype="float32", stride=1, pad=None):
     kw = {}
     if "bias" in p:
         kw["bias"] = mb.const(val=np.asarray(p["bias"], np.float32), name=name + "_b")
+    x = _layer_input(x, w, name)
     return mb.conv(x=x, weight=weight(w, name + "_w", dtype, perm=(3, 2, 0, 1)), strides=[stride, stride],
                    pad_type="custom", pad=[int(v) for v in pad], dilations=[1, 1], groups=1, name=name, **kw)
 

@@ -216,7 +216,8 @@ def test_grouped_luts_need_ios18(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--min-deployment-target", "iOS15"], ["iOS15", "iOS16"]),
-    (["-r", "w8a8-int8conv"], ["int8-w8a8", "weight-only", "W8A16"]),
+    (["-r", "w8a8-int8conv"], ["int8-w8a8", "iOS17", "iOS16"]),
+    (["-r", "w8a8-int8conv", "--min-deployment-target", "iOS17"], ["int8-w8a8", "calibration", "sdjax quantize"]),
     (["-r", "palette-4bit-gptq"], ["GPTQ", "sdjax quantize", "--quantized"]),
     (["-r", "no-such-recipe"], ["no-such-recipe"]),
     (["--height", "64"], ["--width"]),
@@ -250,17 +251,19 @@ def test_float16_export_loads_float16_and_writes_the_same_packages(folder, tmp_p
 
 
 def test_weights_without_a_core_ml_form_are_refused_by_layer():
-    """W8A8 (activation scales) and LLM.int8() have no weight-only Core ML form: named, before any work."""
+    """LLM.int8() has no Core ML form, and W8A8 (activation scales) none below iOS17: named, before any work."""
     import jax.numpy as jnp
     from quant import int8, llm_int8
     from sdjax.coreml.export import ExportError, check_exportable
     w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
     w8a8 = int8.quantize(w)
     w8a8 = type(w8a8)(data=w8a8.data, scale=w8a8.scale, act_scale=jnp.float32(0.1))
-    for bad, words in ((w8a8, "W8A8"), (llm_int8.quantize(w), "LLMInt8Weight")):
+    for bad, words, target in ((w8a8, "W8A8.*iOS17", "iOS16"), (w8a8, "W8A8.*iOS17", "macOS13"),
+                               (llm_int8.quantize(w), "LLMInt8Weight", "iOS18")):
         params = {"text_encoder": {}, "vae": {}, "unet": {"mid_block": {"proj": {"weight": bad}}}}
         with pytest.raises(ExportError, match=f"unet.mid_block.proj .*{words}"):
-            check_exportable(params, "iOS18")
+            check_exportable(params, target)
+    check_exportable({"unet": {"p": {"weight": w8a8}}}, "iOS17")
     check_exportable({"text_encoder": {}, "vae": {}, "unet": {"p": {"weight": int8.quantize(w)}}}, "iOS16")
 
 
