@@ -28,6 +28,7 @@ from sdjax.coreml import interp, mil, text_encoder, unet  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 PSNRS = {}
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _save_load(prog, tmp_path, name, precision="float32", target=None, pipeline=None):
@@ -269,6 +270,109 @@ def test_w8a8_text_encoder_export_is_sdjax_w8a8(tmp_path, pipe):
     out = interp.run(interp.load_program(path), {"input_ids": ids})
     PSNRS["text encoder w8a8"] = got = (mil.psnr(last, out["last_hidden_state"]), mil.psnr(pooled, out["pooled_outputs"]))
     assert min(got) >= 60, got
+
+
+# --- scale sharing: what coremltools' passes do to the graphs sdjax emits -----------------------
+
+C, S = 8, 6
+
+
+def _toy_weights():
+    """Per-tensor W8A8 weights for q/k/v (one input, three scales), a layer after a concat, one after
+    a residual add, one after another quantized layer, and a per-input-channel one after the concat."""
+    rng = np.random.default_rng(3)
+    w = {n: rng.standard_normal((cin, C)).astype(np.float32)
+         for n, cin in (("q", C), ("k", C), ("v", C), ("cat", 2 * C), ("add", C), ("next", C), ("catc", 2 * C))}
+    scales = {"q": 0.011, "k": 0.013, "v": 0.017, "cat": 0.019, "add": 0.023, "next": 0.029,
+              "catc": np.geomspace(0.005, 0.05, 2 * C)}
+    return {n: int8.quantize(w[n], act_scale=np.asarray(scales[n], np.float32)) for n in w}
+
+
+def _toy_program(ws):
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, C, 1, S)), mb.TensorSpec(shape=(1, C, 1, S))],
+                opset_version=ct.target.iOS17)
+    def prog(x, y):
+        q, k, v = (mil.linear_as_conv(x, ws[n], None, n) for n in ("q", "k", "v"))
+        cat = mb.concat(values=[x, y], axis=1, name="xy")
+        add = mb.add(x=x, y=y, name="x_plus_y")
+        return (k, v, mil.linear_as_conv(cat, ws["cat"], None, "cat"), mil.linear_as_conv(add, ws["add"], None, "add"),
+                mil.linear_as_conv(q, ws["next"], None, "next"), mil.linear_as_conv(cat, ws["catc"], None, "catc"))
+    return prog
+
+
+def _toy_reference(ws, x, y):
+    """sdjax's W8A8 (quant.int8's integer path) of the same layers, on (1, S, C) rows."""
+    def lin(n, a):
+        return np.asarray(ws[n].linear(jnp.asarray(a[:, :, 0, :].transpose(0, 2, 1)))).transpose(0, 2, 1)[:, :, None]
+    q = lin("q", x)
+    cat = np.concatenate([x, y], axis=1)
+    return [lin("k", x), lin("v", x), lin("cat", cat), lin("add", x + y), lin("next", q), lin("catc", cat)]
+
+
+def _stored_scales(prog):
+    """The activation scales in a package: per-tensor quantize scales and per-channel divisors (the
+    default pipeline's ``divide_to_multiply`` makes a division by a const a ``mul`` by its reciprocal,
+    named ``_inversed_...``)."""
+    per_tensor = sorted(float(op.scale.val) for op in _ops(prog, "quantize") if float(op.scale.val) != 1.0)
+    per_channel = [np.asarray(op.y.val, np.float32).reshape(-1) for op in _ops(prog, "real_div")]
+    per_channel += [np.float32(1) / np.asarray(op.y.val, np.float32).reshape(-1) for op in _ops(prog, "mul")
+                    if op.name.startswith("_inversed_")]
+    return per_tensor, per_channel
+
+
+@pytest.mark.parametrize("pipeline", ["DEFAULT", "EMPTY", "fp16"])
+def test_no_scale_is_shared_by_the_conversion(tmp_path, pipeline):
+    """One tensor read by three layers with three scales, a concat and a residual add feeding quantized
+    layers, two quantized layers in a row: after ct.convert with coremltools' default pass pipeline
+    (Apple's converter's), sdjax's float32 one (EMPTY) or its float16 one, read back from the package,
+    every layer keeps the scale sdjax wrote (float16-rounded in a float16 package) and the package
+    computes sdjax's W8A8 of each layer: no pass merges, shares or moves activation scales in the
+    graphs sdjax emits (its quantization passes match dequantize -> quantize pairs, dequantize ->
+    add/sub -> quantize and dequantize -> reshape -> quantize, none of which sdjax writes)."""
+    ws = _toy_weights()
+    rng = np.random.default_rng(4)
+    x, y = (rng.standard_normal((1, C, 1, S)).astype(np.float32) for _ in range(2))
+    if pipeline == "fp16":
+        prog = _save_load(_toy_program(ws), tmp_path, "toy16", "float16")
+    else:
+        prog = _save_load(_toy_program(ws), tmp_path, "toy", pipeline=getattr(ct.PassPipeline, pipeline))
+    per_tensor, per_channel = _stored_scales(prog)
+    rnd = np.float16 if pipeline == "fp16" else np.float32
+    want = sorted(float(np.asarray(w.act_scale, rnd)) for w in ws.values() if np.ndim(w.act_scale) == 0)
+    assert per_tensor == want
+    assert len(per_channel) == 1
+    # exact, but for the default pipeline's reciprocal (x * (1 / a): one rounding more)
+    np.testing.assert_allclose(per_channel[0], np.asarray(ws["catc"].act_scale, rnd),
+                               rtol=0 if pipeline != "DEFAULT" else 2.5 * EPS32)
+    assert len(_ops(prog, "quantize")) == len(ws)
+    out = list(interp.run(prog, {"x": x, "y": y}).values())
+    got = [mil.psnr(r, o) for r, o in zip(_toy_reference(ws, x, y), out)]
+    PSNRS[f"toy graph {pipeline}"] = got
+    assert min(got) >= (100 if pipeline != "fp16" else 45), got
+
+
+def test_the_quantization_passes_run_on_their_own_patterns(tmp_path):
+    """The control for the test above: under the default pipeline, coremltools' passes do rewrite the
+    patterns they target (a dequantize -> quantize pair with equal scales is removed; the inputs of a
+    quantized add get one scale normalized to 1), and reading the package back shows it."""
+    s, sx, sy, sz = np.float32(0.02), np.float32(0.03), np.float32(0.05), np.float32(0.07)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, C, 1, S)), mb.TensorSpec(shape=(1, C, 1, S))],
+                opset_version=ct.target.iOS17)
+    def prog(x, y):
+        a = mb.dequantize(input=mb.quantize(input=x, scale=s, output_dtype="int8"), scale=s)
+        a = mb.dequantize(input=mb.quantize(input=a, scale=s, output_dtype="int8"), scale=s, name="pair")
+        dx = mb.dequantize(input=mb.quantize(input=x, scale=sx, output_dtype="int8"), scale=sx)
+        dy = mb.dequantize(input=mb.quantize(input=y, scale=sy, output_dtype="int8"), scale=sy)
+        z = mb.quantize(input=mb.add(x=dx, y=dy), scale=sz, output_dtype="int8")
+        return a, mb.dequantize(input=z, scale=sz, name="sum")
+
+    written = _ops(prog, "quantize")
+    assert len(written) == 5
+    p = _save_load(prog, tmp_path, "control", pipeline=ct.PassPipeline.DEFAULT)
+    assert len(_ops(p, "quantize")) == 4  # dequantize_quantize_pair_elimination
+    dq_scales = sorted(float(op.scale.val) for op in _ops(p, "dequantize"))
+    assert dq_scales != sorted(float(v) for v in (s, sx, sy, sz)) and 1.0 in dq_scales  # scale normalization
 
 
 # --- refusals -------------------------------------------------------------------------------------
