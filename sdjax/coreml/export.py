@@ -11,7 +11,10 @@ writes ``TextEncoder.mlpackage``, ``Unet.mlpackage`` (or ``UnetChunk1/2.mlpackag
 Swift package reads (``StableDiffusionPipeline+Resources.swift``).
 
 The quantized weights go in as they are (``sdjax.coreml.mil.weight``): the packages carry the
-LUTs, indices and int8 data sdjax evaluated. ``--attention`` applies to the text encoder and the
+LUTs, indices and int8 data sdjax evaluated. A layer with int8 activations (W8A8: its weight has an
+``act_scale``) also gets sdjax's activation quantization of its input (``mil.activation_quant``:
+iOS17 ``quantize``/``dequantize`` with the calibrated scales). That needs iOS17 / macOS14 or later,
+which ``check_exportable`` checks before any work. ``--attention`` applies to the text encoder and the
 UNet; the VAE's single mid-block attention is exported "original", as Apple's VAE is.
 
 SDXL (a pipeline whose UNet takes "text_time" conditioning) gets the layout of

@@ -375,6 +375,17 @@ def test_the_quantization_passes_run_on_their_own_patterns(tmp_path):
     assert dq_scales != sorted(float(v) for v in (s, sx, sy, sz)) and 1.0 in dq_scales  # scale normalization
 
 
+def test_apples_concat_sharing_is_a_calibration_choice_of_coremltools():
+    """Where Apple's "sharing of scales across concat inputs" comes from: coremltools' activation
+    calibration (linear_quantize_activations) gives a concat's inputs and output one range, chaining
+    concats that share a tensor; sdjax writes its own scales and does not run it."""
+    from coremltools.optimize.coreml.experimental import _post_training_quantization as ptq
+    stats = {n: {"rmin": -m, "rmax": m} for n, m in (("a", 1.0), ("b", 3.0), ("ab", 3.0), ("c", 5.0),
+                                                      ("ac", 5.0), ("d", 9.0))}
+    ptq._adjust_concat_surrounding_activation_stats([["a", "b", "ab"], ["a", "c", "ac"]], stats)
+    assert {n: stats[n]["rmax"] for n in stats} == {"a": 5.0, "b": 5.0, "ab": 5.0, "c": 5.0, "ac": 5.0, "d": 9.0}
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 def _w8a8_weight(act_scale=0.05):
