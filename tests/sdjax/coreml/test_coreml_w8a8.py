@@ -232,6 +232,9 @@ def test_w8a8_unet_export_is_sdjax_w8a8(tmp_path, pipe):
         return sdjax.unet.apply(p, cfg, np.transpose(sample, (0, 2, 3, 1)), t, ctx)
 
     scales = _calibrated_scales(pipe.params["unet"], run, UNET_LAYERS, UNET_LAYERS)
+    for same in (("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v")):  # one input each
+        for n in same[1:]:
+            np.testing.assert_array_equal(scales[TB + n], scales[TB + same[0]])
     q = _w8a8(pipe.params["unet"], scales, "unet")
     ref = np.asarray(run(q)).transpose(0, 3, 1, 2)
     path = tmp_path / "unet_w8a8.mlpackage"
