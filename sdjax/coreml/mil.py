@@ -257,7 +257,9 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
 def act_scale_of(w):
     """The activation scale of weight ``w`` (the weight protocol's ``act_scale`` attribute: a
     float32 scalar, or one value per input channel), or None when its layer's activations stay
-    float. Any weight type with an ``act_scale`` exports through ``activation_quant``."""
+    float. Any weight type with an ``act_scale`` exports through ``activation_quant``; a per-input-channel
+    scale means the weight's stored form (what ``weight`` writes) is ``diag(act_scale) @ w``, as
+    ``quant.int8.Int8Weight`` folds it, because the layer then receives the integer codes themselves."""
     a = getattr(w, "act_scale", None)
     return None if a is None else np.asarray(a, np.float32)
 
