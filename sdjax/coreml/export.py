@@ -133,8 +133,9 @@ def check_exportable(params, target_name):
     for comp in params:
         for name, w in quant.recipes.layers(params[comp]).items():
             kind = method_of(w)
-            if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None):
-                what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else "a per-channel scale"
+            if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None or w.lut_scale is not None):
+                what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else \
+                    "a per-channel scale" if w.scale is not None else "int8 LUT entries"
                 raise ExportError(f"{comp}.{name} is palettized with {what}, which Core ML expresses only "
                                   f"from {GROUPED_LUT_TARGET} (macOS15): pass --min-deployment-target "
                                   f"{GROUPED_LUT_TARGET} (or macOS15), not {target_name}")
