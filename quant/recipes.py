@@ -39,12 +39,10 @@ Methods and their options (any other key in a rule is an error naming the rule):
   as ``apply_recipe``'s ``hessian=`` (``X^T X`` per layer, ``quant.gptq.collect``); not together
   with ``sensitive``. ``clustering`` ("exact", the default, or "coremltools"): "coremltools" clusters
   as coremltools does for Apple's mixed-bit pre-analysis (``quant.palettize.coremltools_kmeans``:
-  scikit-learn's k-means for tensors under 10,000 weights), per tensor only. ``lut_dtype``
-  ("float16", the default, or "int8"): "int8" stores the LUT entries as int8 with a float16 scale per
-  LUT, quantized as coremltools does (``quant.palettize.int8_lut``; Core ML iOS18). ``activations``
-  ("float", the default, or "int8"): int8 activations at the layer input with a calibrated per-tensor
-  scale, as ``int8-w8a8``'s (needs ``calibration``; ``act_method`` and ``percentile`` as there,
-  ``granularity`` "tensor" only): with ``"lut_dtype": "int8"`` that is W4A8 (W6A8, W2A8...).
+  scikit-learn's k-means for tensors under 10,000 weights), per tensor only. ``lut_dtype`` "int8"
+  (default "float16"): int8 LUT entries, a float16 scale per LUT (``quant.palettize.int8_lut``; iOS18).
+  ``activations`` "int8" (default "float"): calibrated per-tensor int8 inputs as ``int8-w8a8``'s
+  (``act_method``, ``percentile``; ``granularity`` "tensor" only); with int8 LUTs, W4A8 (W6A8, W2A8).
 - ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
 - ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
   ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
