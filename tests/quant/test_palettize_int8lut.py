@@ -207,3 +207,14 @@ def test_file_codec_round_trip_and_errors(unet, tmp_path):
     with pytest.raises(CheckpointError, match=r"u: palettized weight .*act_scale must be one finite scale > 0"):
         qio.decode(key, info, bad.get, "u")
     assert "int8" in meta["recipe"]
+
+
+def test_eval_treats_int8_activations_as_not_weight_only(rng=np.random.default_rng(3)):
+    """``sdjax eval`` may swap weight-only types for their dequantized weights; a palettized weight with an
+    activation scale must keep its fake-quantized inputs, so it is not weight-only."""
+    from sdjax.evaluation import families, sweep
+    pw = int8_lut(palettize.kmeans(_weight(rng, (24, 16)), 4))
+    assert sweep.weight_only({"a": {"weight": pw}})
+    assert not sweep.weight_only({"a": {"weight": with_act_scale(pw, 0.1)}})
+    assert families.family("palette-4bit-int8lut-a8") == "uniform palettize (int8 LUT, int8 activations)"
+    assert families.family("palette-4bit-int8lut") == "uniform palettize (int8 LUT)"
