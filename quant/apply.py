@@ -17,7 +17,7 @@ from sdjax.nn import is_quantized
 
 from . import calibrate, gptq, int8, llm_int8, palettize
 from .palettize import PalettizedWeight
-from .recipes import COMPONENTS, METHODS, RecipeError, Rule, layers, parse
+from .recipes import COMPONENTS, METHODS, RecipeError, Rule, is_act_quantized, layers, parse
 
 # --- planning -------------------------------------------------------------------------------
 
@@ -112,12 +112,14 @@ def plan(params, recipe, component=None, select=None):
 # --- applying -------------------------------------------------------------------------------
 
 def _calibration_scales(calibration, needs, targets, pipeline, params):
-    """{(component, layer): activation scale} for the int8-w8a8 layers in ``needs``."""
+    """{(component, layer): activation scale} for the layers in ``needs`` (int8-w8a8, and palettize with
+    int8 activations)."""
     if not needs:
         return {}
     first = next(iter(needs.values()))
     if calibration is None:
-        raise RecipeError(f"{first.rule}: int8-w8a8 needs activation scales: pass calibration= "
+        what = "int8-w8a8 needs" if first.method == "int8-w8a8" else "palettize with int8 activations needs"
+        raise RecipeError(f"{first.rule}: {what} activation scales: pass calibration= "
                           "(a dict of per-layer scales or quant.calibrate statistics, or a function "
                           "run(params) that drives the model over calibration data)")
     comps = sorted({c for c, _ in needs})
@@ -130,11 +132,12 @@ def _calibration_scales(calibration, needs, targets, pipeline, params):
             raise RecipeError(f"calibration must be a dict or a function; got {type(calibration).__name__}")
         nested = bool(calibration) and all(k in COMPONENTS and isinstance(v, dict) for k, v in calibration.items())
         if not nested and len(comps) > 1:
-            raise RecipeError(f"int8-w8a8 layers in {comps}: give calibration as {{component: {{layer: scale}}}}")
+            raise RecipeError(f"int8-activation layers in {comps}: give calibration as "
+                              "{component: {layer: scale}}")
         found = {(c, n): (calibration.get(c, {}) if nested else calibration).get(n) for c, n in needs}
     missing = [f"{c}:{n}" if len(comps) > 1 else n for (c, n), v in found.items() if v is None]
     if missing:
-        raise RecipeError(f"{first.rule}: no activation scales for {len(missing)} int8-w8a8 layer(s): "
+        raise RecipeError(f"{first.rule}: no activation scales for {len(missing)} int8-activation layer(s): "
                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     out = {}
     for key, v in found.items():
@@ -251,9 +254,18 @@ def array_digest(a):
 def quantize_weight(w, method, options, act_scale=None, importance=None, hessian=None):
     """One weight by one method (options as a rule's, defaults filled in). ``importance``: per-weight
     importances for palettization (used whether or not the options say ``sensitive``); ``hessian``:
-    the layer's ``X^T X`` for ``"gptq": true`` palettization."""
+    the layer's ``X^T X`` for ``"gptq": true`` palettization; ``act_scale``: the activation scale of
+    int8-w8a8 and of palettization with ``"activations": "int8"``."""
     if method == "float":
         return w
+    if method == "palettize" and options.get("activations", "float") != "float":
+        if act_scale is None:
+            raise RecipeError("palettize with int8 activations needs the layer's activation scale")
+        w = quantize_weight(w, method, dict(options, activations="float"), None, importance, hessian)
+        return palettize.with_act_scale(w, act_scale)
+    if method == "palettize" and options.get("lut_dtype", "float16") == "int8":
+        return palettize.int8_lut(quantize_weight(w, method, dict(options, lut_dtype="float16"), None, importance,
+                                                  hessian))
     if is_quantized(w):  # re-quantizing: start from the value it represents
         w = w.dequantize(np.float32)
     if method == "palettize" and options.get("gptq"):
@@ -283,6 +295,9 @@ def cache_key(component, layer, method, options, hessian=None):
     reported; for GPTQ, a digest of the layer's ``hessian`` too)."""
     opts = dict(METHODS[method], **options)
     opts.pop("indivisible", None)
+    if method == "palettize" and opts["activations"] == "float":  # activation options do not make the weight
+        for k in ("activations", "act_method", "granularity", "percentile"):
+            opts.pop(k)
     key = (component, layer, method, tuple(sorted(opts.items())))
     return key if hessian is None else key + (array_digest(np.asarray(hessian)),)
 
@@ -370,7 +385,8 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
     recipe = parse(recipe, select)
     assignments = plan(params, recipe, component)
     targets, pipeline = _targets(params, recipe, component)
-    needs = {(c, n): a for c, table in assignments.items() for n, a in table.items() if a.method == "int8-w8a8"}
+    needs = {(c, n): a for c, table in assignments.items() for n, a in table.items()
+             if is_act_quantized(a.method, a.options)}
     scales = _calibration_scales(calibration, needs, targets, pipeline, params)
     sensitive = {(c, n): a for c, table in assignments.items() for n, a in table.items()
                  if a.method == "palettize" and a.options.get("sensitive")}
@@ -386,17 +402,24 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
         for name, a in tqdm(todo, desc=f"quantizing {comp}", unit="layer", disable=not progress, leave=False):
             key = name + ".weight"
             h = hess.get(comp, name)
-            ck = cache_key(comp, name, a.method, a.options, h) \
-                if cache is not None and _cacheable(a.method, a.options) else None
-            if ck is not None and ck in cache:
-                flat[key] = cache[ck]
-                hess.release(comp, name)
-                continue
+            # a palettized weight with int8 activations: the weight (cached), then its activation scale
+            a8 = a.method == "palettize" and is_act_quantized(a.method, a.options)
+            opts = dict(a.options, activations="float") if a8 else a.options
+            ck = cache_key(comp, name, a.method, opts, h) \
+                if cache is not None and _cacheable(a.method, opts) else None
             try:
-                flat[key] = quantize_weight(flat[key], a.method, a.options, scales.get((comp, name)),
-                                            imps.get((comp, name)), h)
-                if ck is not None:
-                    cache[ck] = flat[key]
+                f16 = None if ck is None or opts.get("lut_dtype") != "int8" else \
+                    cache_key(comp, name, a.method, dict(opts, lut_dtype="float16"), h)
+                if ck is not None and ck in cache:
+                    w = cache[ck]
+                elif f16 is not None and f16 in cache:  # the same LUTs in float16: their entries to int8
+                    w = cache[ck] = palettize.int8_lut(cache[f16])
+                else:
+                    w = quantize_weight(flat[key], a.method, opts, None if a8 else scales.get((comp, name)),
+                                        imps.get((comp, name)), h)
+                    if ck is not None:
+                        cache[ck] = w
+                flat[key] = palettize.with_act_scale(w, scales[(comp, name)]) if a8 else w
             except ValueError as e:
                 raise RecipeError(f"{a.rule}: {comp} layer {name!r} {tuple(flat[key].shape)}: {e}") from None
             hess.release(comp, name)

@@ -16,7 +16,10 @@ method             tensors                                static fields (in the 
 palettize          ``.indices`` uint8 (bit-packed, LSB    shape, nbits, group_size
                    first), ``.lut`` float16 (groups,
                    2**nbits), ``.scale`` float16 (out,)
-                   if per-channel scaled
+                   if per-channel scaled; int8 LUTs:
+                   ``.lut`` int8 and ``.lut_scale``
+                   float16 (groups,); int8 activations:
+                   ``.act_scale`` float32 ()
 int8, int8-w8a8    ``.int8`` int8, ``.w_scale`` float32   path
                    (out,), ``.act_scale`` float32 () or
                    (in,) for W8A8
@@ -78,7 +81,8 @@ class Codec:
 
 
 CODECS = {
-    "palettize": Codec(PalettizedWeight, {"indices": "packed", "lut": "lut", "scale": "scale"}, ("scale",),
+    "palettize": Codec(PalettizedWeight, {"indices": "packed", "lut": "lut", "scale": "scale", "lut_scale": "lut_scale",
+                                          "act_scale": "act_scale"}, ("scale", "lut_scale", "act_scale"),
                        ("shape", "nbits", "group_size")),
     "int8": Codec(Int8Weight, {"int8": "data", "w_scale": "scale", "act_scale": "act_scale"}, ("act_scale",),
                   ("path",)),
@@ -102,7 +106,8 @@ def label(w):
     m = method_of(w)
     if m == "palettize":
         return (f"palettize {w.nbits}b" + (f" g{w.group_size}" if w.group_size else "")
-                + (" +scale" if w.scale is not None else ""))
+                + (" +scale" if w.scale is not None else "") + (" int8lut" if w.lut_scale is not None else "")
+                + (" a8" if w.act_scale is not None else ""))
     if m == "int8-w8a8":
         return "int8-w8a8" + (" ch" if w.act_scale.ndim else "")
     if m == "float":
@@ -163,6 +168,14 @@ def decode(key, info, get, where):
         if kw["packed"].shape != (-(-n * nbits // 8),) or kw["lut"].shape != (groups, 2 ** nbits):
             raise CheckpointError(f"{where}: palettized weight {key!r}: indices {tuple(kw['packed'].shape)} and "
                                   f"LUT {tuple(kw['lut'].shape)} do not fit shape {kw['shape']} at {nbits} bits")
+        int8_lut, ls, act = kw["lut"].dtype == jnp.int8, kw["lut_scale"], kw["act_scale"]
+        if int8_lut != (ls is not None) or (ls is not None and ls.shape != (groups,)):
+            raise CheckpointError(f"{where}: palettized weight {key!r}: an int8 LUT ({key}.lut is {kw['lut'].dtype}) "
+                                  f"comes with one scale per LUT, {key}.lut_scale of shape ({groups},); got "
+                                  f"{None if ls is None else tuple(ls.shape)}")
+        if act is not None and (act.shape != () or not bool(jnp.isfinite(act)) or not float(act) > 0):
+            raise CheckpointError(f"{where}: palettized weight {key!r}: {key}.act_scale must be one finite scale "
+                                  f"> 0; got shape {tuple(act.shape)}")
     return codec.cls(**kw)
 
 

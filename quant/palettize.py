@@ -1,4 +1,4 @@
-"""k-means palettization: a weight becomes a small float16 lookup table (LUT) and bit-packed indices.
+"""k-means palettization: a weight becomes a small float16 (or int8) lookup table (LUT) and bit-packed indices.
 
 This is the representation Core ML's ``constexpr_lut_to_dense`` decompresses on device (iOS 17+),
 so a palette chosen here is a palette that can be shipped. ``PalettizedWeight`` stays compressed
@@ -26,6 +26,18 @@ counting the distinct values with ``bincount`` over the 16-bit patterns instead 
 
 After the clusters are chosen the centroids are rounded to float16 and every value is mapped to its
 *nearest* float16 entry, which can only lower the error compared with keeping cluster membership.
+
+int8 LUT entries (W4A8, W6A8, W2A8)
+-----------------------------------
+``int8_lut`` stores a weight's float16 LUTs as int8 entries with one float16 scale per LUT, quantized
+exactly as coremltools quantizes a LUT (``quantize_lut_int8``: symmetric, ``scale = 2 max|lut| / 254``,
+round half to even, in float16 arithmetic); the indices stay as they are (so do coremltools'
+``optimize.torch`` k-means, whose ``lut_dtype`` quantizes the centroids after clustering). With int8
+activations (``act_scale``) such a layer can run on the Neural Engine's int8 x int8 path (iOS18, A17 Pro
+/ M4). The weight is ``q[idx] * s[o]``, where ``s[o]`` is the channel's LUT scale, or, with a per-channel
+``scale`` too, ``float16(lut_scale[g] * scale[o])``: Core ML holds it as ``constexpr_lut_to_dense`` with
+the int8 LUT followed by one ``constexpr_blockwise_shift_scale`` whose float16 scale is that product
+(``sdjax.coreml.mil.weight``), and sdjax computes the same value. In float32 every such product is exact.
 """
 from __future__ import annotations
 
@@ -38,26 +50,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import nn
+
 SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
 
 
 @flax.struct.dataclass
 class PalettizedWeight:
-    """A weight as float16 LUT(s) and bit-packed indices; see the module docstring.
+    """A weight as LUT(s) and bit-packed indices; see the module docstring.
 
     ``packed`` holds ``prod(shape)`` indices of ``nbits`` each, LSB first, in C order of ``shape``
     (the bit order of coremltools' ``pack_elements_into_bits``, so the bytes can be exported as they
     are). ``lut`` is ``(num_groups, 2**nbits)``; group ``g`` serves output channels
     ``[g*group_size, (g+1)*group_size)``. ``scale`` (``(out,)``, or None) multiplies each output
     channel after the lookup.
+
+    int8 LUT entries (``lut_dtype == "int8"``, made by ``int8_lut``): ``lut`` is int8 and
+    ``lut_scale`` (float16 ``(num_groups,)``) scales each LUT; see "int8 LUT entries" in the module
+    docstring for the value this represents. ``act_scale`` (float32 scalar, or None): int8
+    activations at the layer input, ``clip(round(x / act_scale), -127, 127) * act_scale`` (W4A8 and
+    the like; the same per-tensor meaning as ``quant.int8.Int8Weight``'s), computed as fake-quantized
+    activations against the dequantized weight.
     """
     method = "palettize"               # the recipe method (the weight protocol's name for this type)
     packed: jax.Array                  # uint8 (ceil(size * nbits / 8),)
-    lut: jax.Array                     # float16 (num_groups, 2**nbits)
+    lut: jax.Array                     # float16 (num_groups, 2**nbits), or int8 with lut_scale
     shape: tuple = flax.struct.field(pytree_node=False)
     nbits: int = flax.struct.field(pytree_node=False)
     scale: Optional[jax.Array] = None  # float16 (out,) or None
     group_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+    lut_scale: Optional[jax.Array] = None  # float16 (num_groups,): int8 LUTs only
+    act_scale: Optional[jax.Array] = None  # float32 (): int8 activations, or None (float activations)
 
     @property
     def ndim(self):
@@ -73,13 +96,18 @@ class PalettizedWeight:
         return self.lut.dtype
 
     @property
+    def lut_dtype(self):
+        """"int8" (int8 entries with a per-LUT scale) or the float LUT's dtype name ("float16")."""
+        return "int8" if self.lut_scale is not None else np.dtype(self.lut.dtype).name
+
+    @property
     def num_groups(self):
         return self.lut.shape[0]
 
     @property
     def nbytes(self):
-        """Bytes as stored: packed indices + LUTs + scales."""
-        arrays = [self.packed, self.lut] + ([] if self.scale is None else [self.scale])
+        """Bytes as stored: packed indices + LUTs + scales (an activation scale included)."""
+        arrays = [a for a in (self.packed, self.lut, self.scale, self.lut_scale, self.act_scale) if a is not None]
         return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
 
     @property
@@ -90,10 +118,51 @@ class PalettizedWeight:
         """The LUT index of every weight, int32 of ``shape`` (jit-friendly)."""
         return unpack_bits(self.packed, self.nbits, self.size).reshape(self.shape)
 
+    def channel_scale(self):
+        """The factor each output channel's looked-up entries are multiplied by, float32 ``(out,)``, or
+        None: ``scale``; for int8 LUTs ``lut_scale`` of the channel's group, times ``scale`` rounded to
+        float16 when there is one (the one float16 scale Core ML's ``constexpr_blockwise_shift_scale``
+        holds; see the module docstring)."""
+        if self.lut_scale is None:
+            return None if self.scale is None else self.scale.astype(jnp.float32)
+        gs = self.shape[-1] // self.num_groups
+        s = jnp.repeat(self.lut_scale.astype(jnp.float32), gs)
+        if self.scale is not None:
+            s = (s * self.scale.astype(jnp.float32)).astype(jnp.float16).astype(jnp.float32)
+        return s
+
     def dequantize(self, dtype=jnp.float32):
         """The float weight, looked up in float32 and cast to ``dtype`` at the end."""
-        return _dequantize(self.packed, self.lut, self.scale, self.shape, self.nbits, self.group_size,
+        if self.lut_scale is None:
+            return _dequantize(self.packed, self.lut, self.scale, self.shape, self.nbits, self.group_size,
+                               jnp.dtype(dtype))
+        return _dequantize(self.packed, self.lut, self.channel_scale(), self.shape, self.nbits, self.group_size,
                            jnp.dtype(dtype))
+
+    def quantize_input(self, x):
+        """Activation codes ``clip(round(x / act_scale), -127, 127)``, as float32."""
+        return jnp.clip(jnp.round(x.astype(jnp.float32) / self.act_scale), -127, 127)
+
+    # the weight protocol's compute methods (sdjax.nn): float activations compute exactly what
+    # sdjax.nn does with the dequantized weight; int8 activations are fake-quantized first
+    def linear(self, x):
+        if self.act_scale is None:
+            return nn.linear(x, {"weight": self.dequantize(x.dtype)})
+        xq = self.quantize_input(x) * self.act_scale
+        return jnp.matmul(xq, self.dequantize(jnp.float32), precision=HIGHEST).astype(x.dtype)
+
+    def conv2d(self, x, stride, padding):
+        if self.act_scale is None:
+            return nn.conv2d(x, {"weight": self.dequantize(x.dtype)}, stride, padding)
+        xq = self.quantize_input(x) * self.act_scale
+        y = jax.lax.conv_general_dilated(xq, self.dequantize(jnp.float32), (stride, stride),
+                                         [tuple(p) for p in padding], precision=HIGHEST,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.astype(x.dtype)
+
+
+HIGHEST = jax.lax.Precision.HIGHEST  # the simulated W4A8 product is a reference: no TF32/bf16 passes
+LUT_DTYPES = ("float16", "int8")
 
 
 # one compiled program per weight shape when called eagerly; inlined when called inside jit
@@ -110,6 +179,55 @@ def _dequantize(packed, lut, scale, shape, nbits, group_size, dtype):
     if scale is not None:
         w = w * scale.astype(jnp.float32)
     return w.reshape(shape).astype(dtype)
+
+
+def quantize_lut_int8(lut):
+    """coremltools' symmetric int8 quantization of float16 LUT(s), one scale per LUT (row).
+
+    ``lut``: float16 ``(num_groups, 2**nbits)``. Returns ``(q, scale)``: int8 ``(num_groups, 2**nbits)``
+    and float16 ``(num_groups,)``. Per row, in float16 arithmetic as coremltools'
+    ``optimize._utils.quantize_weight_by_dtype(lut, axes, types.int8, "LINEAR_SYMMETRIC")`` computes it
+    (``compute_qparams_by_dtype`` with the block size 0, the per-tensor call its joint compression and
+    ``optimize.torch``'s ``_quantize_centroids`` make per LUT): ``m = max|lut|``,
+    ``scale = (m - (-m)) / 254``, ``q = clip(round(lut / scale), -127, 127)`` (numpy's round half to
+    even; -128 unused). A LUT of zeros gets scale 1 (coremltools would divide by zero)."""
+    lut = np.asarray(lut, np.float16)
+    if lut.ndim != 2:
+        raise ValueError(f"lut must be (num_groups, entries), got shape {lut.shape}")
+    if not np.all(np.isfinite(lut)):
+        raise ValueError("lut must be finite")
+    m = np.max(np.abs(lut), axis=1, keepdims=True)
+    with np.errstate(over="ignore"):
+        scale = (m - (-m)) / 254  # float16, as coremltools: (val_max - val_min) / (q_max - q_min)
+    if not np.all(np.isfinite(scale)):
+        raise ValueError(f"an int8 LUT's float16 scale overflows: LUT entries up to {float(m.max())}")
+    scale = np.where(m == 0, np.float16(1), scale).astype(np.float16)
+    q = np.clip(np.round(lut / scale), -127, 127).astype(np.int8)
+    return q, scale[:, 0]
+
+
+def int8_lut(w: "PalettizedWeight") -> "PalettizedWeight":
+    """``w`` with int8 LUT entries (``quantize_lut_int8``) and the same indices, groups and per-channel
+    scale; an int8-LUT weight is returned as it is."""
+    if not isinstance(w, PalettizedWeight):
+        raise TypeError(f"int8_lut takes a PalettizedWeight, got {type(w).__name__}")
+    if w.lut_scale is not None:
+        return w
+    q, s = quantize_lut_int8(np.asarray(w.lut))
+    return w.replace(lut=jnp.asarray(q), lut_scale=jnp.asarray(s))
+
+
+def with_act_scale(w: "PalettizedWeight", act_scale) -> "PalettizedWeight":
+    """``w`` with int8 activations at scale ``act_scale`` (a positive finite scalar: palettized weights
+    take per-tensor activation scales only, since a per-input-channel one cannot be folded into a LUT
+    shared by the inputs)."""
+    a = np.asarray(act_scale, np.float32)
+    if a.shape != ():
+        raise ValueError(f"a palettized weight takes a per-tensor activation scale (a scalar); got shape {a.shape} "
+                         "(a per-input-channel scale cannot be folded into a LUT)")
+    if not (np.isfinite(a) and a > 0):
+        raise ValueError(f"act_scale must be finite and > 0; got {float(a)}")
+    return w.replace(act_scale=jnp.asarray(a))
 
 
 # --- bit packing -----------------------------------------------------------------------------

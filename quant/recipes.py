@@ -39,7 +39,10 @@ Methods and their options (any other key in a rule is an error naming the rule):
   as ``apply_recipe``'s ``hessian=`` (``X^T X`` per layer, ``quant.gptq.collect``); not together
   with ``sensitive``. ``clustering`` ("exact", the default, or "coremltools"): "coremltools" clusters
   as coremltools does for Apple's mixed-bit pre-analysis (``quant.palettize.coremltools_kmeans``:
-  scikit-learn's k-means for tensors under 10,000 weights), per tensor only.
+  scikit-learn's k-means for tensors under 10,000 weights), per tensor only. ``lut_dtype`` "int8"
+  (default "float16"): int8 LUT entries, a float16 scale per LUT (``quant.palettize.int8_lut``; iOS18).
+  ``activations`` "int8" (default "float"): calibrated per-tensor int8 inputs as ``int8-w8a8``'s
+  (``act_method``, ``percentile``; ``granularity`` "tensor" only); with int8 LUTs, W4A8 (W6A8, W2A8).
 - ``"int8"``: W8A16, per-output-channel symmetric int8 (``quant.int8.quantize``).
 - ``"int8-w8a8"``: int8 weights and int8 activations; needs activation scales (see
   ``apply_recipe``'s ``calibration``); ``path`` ("integer" or "simulated"), and, when the
@@ -75,6 +78,8 @@ Presets by name (``PRESETS`` lists them; all for the UNet):
 - ``palette-{n}bit-g{G}``: one LUT per G output channels (coremltools' ``per_grouped_channel``);
   a layer whose output channels G does not divide gets one LUT.
 - ``palette-{n}bit[-g{G}]-gptq``: the same LUTs with GPTQ indices (needs ``hessian=``);
+- ``palette-{n}bit[-g{G}][-gptq]-int8lut[-a8]``: the same with int8 LUT entries (``"lut_dtype": "int8"``),
+  and with ``-a8`` int8 activations too (``"activations": "int8"``: W4A8 at 4 bits; needs calibration);
 - ``qat-{n}bit[-g{G}][-gptq]``: the palette preset of the same name plus ``"finetune": qat_defaults(n)``.
 
 Fine-tuning (quantization-aware, of the palettized UNet weights): a recipe-level key
@@ -119,12 +124,16 @@ _REQUIRED = object()
 METHODS = {
     "float": {},
     "palettize": {"nbits": _REQUIRED, "group_size": None, "per_channel_scale": False, "indivisible": "error",
-                  "sensitive": False, "gptq": False, "clustering": "exact"},
+                  "sensitive": False, "gptq": False, "clustering": "exact", "lut_dtype": "float16",
+                  "activations": "float", "act_method": "max", "granularity": "tensor",
+                  "percentile": calibrate.DEFAULT_PERCENTILE},
     "int8": {},
     "int8-w8a8": {"path": "integer", "act_method": "max", "granularity": "tensor",
                   "percentile": calibrate.DEFAULT_PERCENTILE},
     "llm-int8": {"threshold": llm_int8.DEFAULT_THRESHOLD, "path": "integer", "max_outlier_cols": 64},
 }
+_PALETTE_A8_DEFAULTS = {k: METHODS["palettize"][k] for k in ("lut_dtype", "activations", "act_method", "granularity",
+                                                               "percentile")}
 _RULE_KEYS = {"pattern", "regex", "method", "kind", "component", "components", "weight_threshold", "comment"}
 _RECIPE_KEYS = {"name", "components", "weight_threshold", "rules", "description", "comment", "format", "source",
                 "finetune"}
@@ -188,6 +197,11 @@ class Rule:
         if self.weight_threshold is not None:
             d["weight_threshold"] = self.weight_threshold
         d.update(self.options)
+        if self.method == "palettize":  # the int8 LUT and activation options only where used
+            quiet = {"lut_dtype": "float16"} if self.options["activations"] == "int8" else _PALETTE_A8_DEFAULTS
+            for k, v in quiet.items():
+                if d.get(k) == v:
+                    del d[k]
         return d
 
 
@@ -216,7 +230,9 @@ class Recipe:
 
     @property
     def needs_calibration(self):
-        return any(r.method == "int8-w8a8" for r in self.rules)
+        """Whether a rule quantizes activations (int8-w8a8, or palettize with ``"activations": "int8"``):
+        ``apply_recipe`` then needs ``calibration``."""
+        return any(is_act_quantized(r.method, r.options) for r in self.rules)
 
     @property
     def needs_importance(self):
@@ -231,6 +247,11 @@ class Recipe:
 
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def is_act_quantized(method, options):
+    """Whether a rule's (or an assignment's) method and options quantize the layer's activations to int8."""
+    return method == "int8-w8a8" or (method == "palettize" and options.get("activations") == "int8")
 
 
 def _check_options(where, method, given):
@@ -270,11 +291,19 @@ def _check_options(where, method, given):
                                                      or opts["sensitive"] or opts["gptq"]):
             raise RecipeError(f"{where}: clustering 'coremltools' is plain per-tensor k-means (Apple's pre-analysis): "
                               "not with group_size, per_channel_scale, sensitive or gptq")
+        if opts["lut_dtype"] not in palettize.LUT_DTYPES:
+            raise bad("lut_dtype", f"one of {palettize.LUT_DTYPES} (the LUT entries' type: int8 entries with a "
+                      "float16 scale per LUT need Core ML iOS18)")
+        if opts["activations"] not in ("float", "int8"):
+            raise bad("activations", "'float' or 'int8' (int8: calibrated per-tensor activation scales, W4A8 etc.)")
+        if opts["granularity"] != "tensor":
+            raise bad("granularity", "'tensor' for palettize (a per-input-channel activation scale cannot be folded "
+                      "into a LUT shared by the inputs)")
         opts["nbits"] = int(opts["nbits"])
         opts["group_size"] = None if opts["group_size"] is None else int(opts["group_size"])
     if "path" in opts and opts["path"] not in int8.PATHS:
         raise bad("path", f"one of {int8.PATHS}")
-    if method == "int8-w8a8":
+    if method in ("int8-w8a8", "palettize"):
         if opts["act_method"] not in ("max", "percentile"):
             raise bad("act_method", "'max' or 'percentile'")
         if opts["granularity"] not in ("tensor", "channel"):
@@ -360,6 +389,11 @@ def _check_finetune_target(recipe):
     if not any(r.method == "palettize" and (r.components is None or "unet" in r.components) for r in recipe.rules):
         raise RecipeError(f"finetune trains palettized weights; recipe {recipe.name!r} has none (no palettize rule "
                           "on the unet; int8, W8A8 and LLM.int8 weights are carried unchanged, not trained)")
+    for r in recipe.rules:
+        if r.method == "palettize" and (r.options["lut_dtype"] != "float16" or r.options["activations"] != "float"):
+            raise RecipeError(f"recipe {recipe.name!r}, {r}: finetune trains float16 LUTs with float activations; "
+                              "int8 LUT entries and int8 activations are not trained (leave out finetune, or the "
+                              "rule's lut_dtype/activations)")
 
 
 def with_finetune(recipe, settings, where=None):
@@ -485,16 +519,21 @@ def preset(name):
     if name in table:
         rules = table[name]
     else:
-        m = re.fullmatch(r"(palette|qat)-(\d+)bit(?:-g(\d+))?(-gptq)?", name)
+        m = re.fullmatch(r"(palette|qat)-(\d+)bit(?:-g(\d+))?(-gptq)?(-int8lut)?(-a8)?", name)
         if not m or int(m.group(2)) not in palettize.SUPPORTED_NBITS or (m.group(3) and int(m.group(3)) < 1):
             raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} "
                               f"(palette-Nbit for N in {palettize.SUPPORTED_NBITS}, -gG for any group size G, "
-                              "then -gptq for GPTQ indices; qat-... for the same fine-tuned)")
+                              "then -gptq for GPTQ indices, -int8lut for int8 LUT entries, -a8 for int8 "
+                              "activations; qat-... for the same fine-tuned)")
         rule = {"pattern": "*", "method": "palettize", "nbits": int(m.group(2))}
         if m.group(3):
             rule.update(group_size=int(m.group(3)), indivisible="per_tensor")
         if m.group(4):
             rule["gptq"] = True
+        if m.group(5):
+            rule["lut_dtype"] = "int8"
+        if m.group(6):
+            rule["activations"] = "int8"
         rules = [rule]
         if m.group(1) == "qat":
             finetune = qat_defaults(int(m.group(2)))
@@ -508,7 +547,8 @@ PRESETS = ("w8-int8conv", "w8a8-int8conv", "w8-int8", "llm-int8",
            "palette-8bit", "palette-6bit", "palette-4bit", "palette-2bit",
            "palette-8bit-g16", "palette-6bit-g16", "palette-4bit-g16", "palette-2bit-g16",
            "palette-4bit-g32", "palette-8bit-gptq", "palette-6bit-gptq", "palette-4bit-gptq", "palette-2bit-gptq",
-           "qat-4bit", "qat-2bit")
+           "qat-4bit", "qat-2bit", "palette-6bit-int8lut", "palette-4bit-int8lut", "palette-2bit-int8lut",
+           "palette-6bit-int8lut-a8", "palette-4bit-int8lut-a8", "palette-2bit-int8lut-a8")
 
 
 def parse(recipe, select=None, components=None) -> Recipe:

@@ -132,7 +132,7 @@ def _check_act_scale(label, w, target_name, needs17):
     iOS17, or scales that are not finite and > 0 or not shaped () / (in,)."""
     import numpy as np
     if needs17:
-        raise ExportError(f"{label} quantizes its activations (int8 W8A8: act_scale), which Core ML expresses with the "
+        raise ExportError(f"{label} quantizes its activations (int8: act_scale), which Core ML expresses with the "
                           f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass --min-deployment-target "
                           f"{ACT_QUANT_TARGET} or later (or macOS14), not {target_name}")
     a = np.asarray(w.act_scale, np.float64)
@@ -158,8 +158,9 @@ def check_exportable(params, target_name):
     for comp in params:
         for name, w in quant.recipes.layers(params[comp]).items():
             kind = method_of(w)
-            if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None):
-                what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else "a per-channel scale"
+            if kind == "palettize" and needs18 and (w.num_groups != 1 or w.scale is not None or w.lut_scale is not None):
+                what = f"{w.num_groups} LUT groups" if w.num_groups != 1 else \
+                    "a per-channel scale" if w.scale is not None else "int8 LUT entries"
                 raise ExportError(f"{comp}.{name} is palettized with {what}, which Core ML expresses only "
                                   f"from {GROUPED_LUT_TARGET} (macOS15): pass --min-deployment-target "
                                   f"{GROUPED_LUT_TARGET} (or macOS15), not {target_name}")
@@ -177,10 +178,11 @@ def check_recipe(recipe, label=None, target_name=None):
     import coremltools as ct
     label = label or recipe.name
     if recipe.needs_calibration and target_name in TARGETS and getattr(ct.target, target_name) < ct.target.iOS17:
-        raise ExportError(f"{label}: has int8-w8a8 rules (quantized activations), which Core ML expresses with the "
+        raise ExportError(f"{label}: has int8 activations (int8-w8a8 rules or palettize rules with "
+                          "\"activations\": \"int8\"), which Core ML expresses with the "
                           f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass "
                           f"--min-deployment-target {ACT_QUANT_TARGET} or later, not {target_name}")
-    needs = [what for what, needed in (("activation scales (int8-w8a8 rules: calibration)", recipe.needs_calibration),
+    needs = [what for what, needed in (("activation scales (int8 activations: calibration)", recipe.needs_calibration),
                                        ("sensitivities (sensitive palettize rules)", recipe.needs_importance),
                                        ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian),
                                        ("fine-tuning (its \"finetune\" settings)", recipe.needs_finetune))

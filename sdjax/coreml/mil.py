@@ -31,9 +31,10 @@ import numpy as np
 from ..nn import method_of
 
 SUPPORTED_WEIGHTS = ("float arrays", "PalettizedWeight with one per-tensor LUT (any target)",
-                     "PalettizedWeight with grouped LUTs and/or a per-channel scale (iOS18 (macOS15) or later)",
+                     "PalettizedWeight with grouped LUTs, a per-channel scale and/or int8 LUT entries "
+                     "(iOS18 (macOS15) or later)",
                      "Int8Weight W8A16 (act_scale None; any target)",
-                     "any of these with an activation scale (act_scale: W8A8, ...; iOS17 (macOS14) or later)")
+                     "any of these with an activation scale (act_scale: W8A8, W4A8, ...; iOS17 (macOS14) or later)")
 IOS18_NAME = "iOS18 (macOS15)"  # the first deployment target with grouped LUTs and per-channel scales
 IOS17_NAME = "iOS17 (macOS14)"  # the first deployment target with the quantize/dequantize ops (int8 activations)
 ACT_QMAX = 127  # sdjax's activation codes: clip(round(x / act_scale), -127, 127) (quant.int8)
@@ -179,6 +180,13 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
       ``enable_per_channel_scale``; the torch frontend's ``_construct_palettization_op``);
       its ``common::reorder_lut_per_channel_scale`` pass may later move the scale after the
       conv/linear for the Neural Engine (not in sdjax's pipelines);
+    - ``PalettizedWeight`` with int8 LUT entries (``lut_scale``), iOS18 only: the lookup above with
+      sdjax's int8 LUT as stored (an int8 dense result), followed by
+      ``constexpr_blockwise_shift_scale`` named ``name + "_scale"`` whose scale is the per-LUT scale
+      (shaped like the LUT groups: ``num_groups`` on the output-channel axis), or, with a per-channel
+      scale too, ``w.channel_scale()`` (their product rounded to float16) per output channel, in
+      ``dtype``. This is coremltools' joint palettization + quantization form (the torch frontend's
+      ``_construct_quantization_op`` after ``_construct_palettization_op``);
     - ``Int8Weight`` W8A16: sdjax's int8 data with the per-output-channel scale (in ``dtype``;
       sdjax's last axis, moved with ``perm``) and no offset: below iOS18 an iOS16
       ``constexpr_affine_dequantize`` (zero point 0, ``axis`` the output-channel axis), from
@@ -211,8 +219,9 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
     opset = _opset()
     if kind == "lut":
         ios18 = _is_ios18(opset)
+        int8_lut = getattr(w, "lut_scale", None) is not None
         extras = ([f"{w.num_groups} LUT groups"] if w.num_groups != 1 else []) + \
-            (["per-channel scale"] if w.scale is not None else [])
+            (["per-channel scale"] if w.scale is not None else []) + (["int8 LUT entries"] if int8_lut else [])
         if extras and not ios18:
             _needs_ios18(w, name, " and ".join(extras), opset)
         if not ios18:
@@ -233,10 +242,14 @@ def weight(w, name: str, dtype="float32", perm=None, shape=None):
         groups = [1] * len(shape)
         if axis is not None:
             groups[axis] = w.num_groups
-        lut = np.asarray(w.lut).astype(dtype).reshape(groups + [1 << w.nbits, 1])
+        lut = np.asarray(w.lut).astype(np.int8 if int8_lut else dtype).reshape(groups + [1 << w.nbits, 1])
         out = mb.constexpr_lut_to_dense(indices=indices, lut=lut, name=name)
-        if w.scale is not None:
-            scale = _per_out(np.asarray(w.scale).astype(dtype), len(shape), axis)
+        if int8_lut and w.scale is None:  # one scale per LUT: a block of output channels each
+            scale = np.asarray(w.lut_scale).astype(dtype).reshape(groups)
+            out = mb.constexpr_blockwise_shift_scale(data=out, scale=scale, name=name + "_scale")
+        elif w.scale is not None:  # int8 LUTs: the per-LUT scale times this one, as float16 (channel_scale)
+            s = w.channel_scale() if int8_lut else w.scale
+            scale = _per_out(np.asarray(s).astype(dtype), len(shape), axis)
             out = mb.constexpr_blockwise_shift_scale(data=out, scale=scale, name=name + "_scale")
         return as_fp32(out)
     if kind == "int8":

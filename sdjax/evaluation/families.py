@@ -39,6 +39,8 @@ def family(name, recipe=None):
         return "mixed (sdjax)"
     if name.startswith("mixed-gptq"):
         return "mixed (sdjax, GPTQ)"
+    if name.startswith("palette-") and "-int8lut" in name:  # issue 23: int8 LUT entries (and int8 activations)
+        return "uniform palettize (int8 LUT" + (", int8 activations)" if name.endswith("-a8") else ")")
     if name.startswith("palette-") and name.endswith("-gptq"):
         return "uniform palettize (GPTQ)"
     if name.startswith("palette-"):

@@ -75,7 +75,7 @@ from sdjax.files import atomic_write_json
 from sdjax.version import __version__
 
 from . import qat_recipe, report
-from .calibration import Calibration, hessian_run
+from .calibration import Calibration, generation_run, hessian_run
 from .evaluator import Evaluator, Settings
 from .apple import apple_min_size, module_order  # noqa: F401
 from .apple_sweep import AppleSweep
@@ -142,7 +142,7 @@ def weight_only(params):
     from quant.int8 import Int8Weight
     from quant.palettize import PalettizedWeight
     leaves = jax.tree.leaves(params, is_leaf=nn.is_quantized)
-    return all(isinstance(w, PalettizedWeight) or (isinstance(w, Int8Weight) and getattr(w, "act_scale", None) is None)
+    return all(isinstance(w, (PalettizedWeight, Int8Weight)) and getattr(w, "act_scale", None) is None
                for w in leaves if nn.is_quantized(w))
 
 def dequantized(params, dtype=np.float32):
@@ -360,9 +360,18 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                     pipe, calibration, out_dir=tune_dir, eval_prompts=settings.prompts, progress=progress,
                     samples_cache=samples_cache, generation_steps=settings.steps, guidance_scale=settings.guidance_scale,
                     sampler=settings.sampler, negative_prompt=settings.negative_prompt)
+            act = None
+            if quant.parse_recipe(r).needs_calibration:  # int8 activations: scales from the calibration generation
+                if not calibration:
+                    raise EvalError(f"recipe {name!r} quantizes activations: pass calibration prompts (calibration=, "
+                                    "`sdjax eval --calibration-prompts`) for their scales")
+                act = generation_run(pipe, Calibration(tuple(_not_evaluation(calibration, settings, "calibration prompts")),
+                                                       steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                                       sampler=settings.sampler, negative_prompt=settings.negative_prompt,
+                                                       seed=CALIBRATION_SEED, batch=settings.batch))
             try:
                 qparams = quant.apply_recipe(pipe.params, r, cache=cache, hessian=None if H is None else {"unet": H},
-                                             finetune=tune)
+                                             finetune=tune, calibration=act)
             except quant.RecipeError as e:
                 if tune is None:
                     raise
