@@ -147,6 +147,38 @@ def test_w8a8_layers_are_sdjax_w8a8(tmp_path, granularity, precision):
             np.testing.assert_array_equal(np.asarray(got_s, np.float32), np.asarray(w.act_scale))
 
 
+@pytest.mark.parametrize("nbits", [4, 2])
+def test_w4a8_layers_are_sdjax_w4a8(tmp_path, nbits):
+    """Joint W4A8 (W2A8): a palettized weight with int8 LUT entries and an int8 activation scale exports
+    as iOS18 ``constexpr_lut_to_dense`` (int8 LUT) + ``constexpr_blockwise_shift_scale`` behind the same
+    activation ``clip -> quantize -> dequantize`` as W8A8; the package computes sdjax's W4A8 layers."""
+    from quant import palettize
+    xl, xc, _, _ = _layer_case("tensor", seed=nbits)
+    rng = np.random.default_rng(nbits)
+    ws = []
+    for shape, x in (((N_IN, N_OUT), xl), ((3, 3, C_IN, N_OUT), xc)):
+        w = palettize.int8_lut(palettize.kmeans(rng.standard_normal(shape).astype(np.float32), nbits))
+        ws.append(palettize.with_act_scale(w, np.float32(np.abs(x).max() * 0.7 / 127)))
+    ql, qc = ws
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=LIN_X), mb.TensorSpec(shape=CONV_X)],
+                opset_version=ct.target.iOS18)
+    def prog(x, y):
+        return (mil.linear_as_conv(x, ql, None, "lin"),
+                mil.conv2d(y, {"weight": qc}, "cv", stride=2, pad=[1, 1, 0, 1]))
+
+    p = _save_load(prog, tmp_path, f"w{nbits}a8", target=ct.target.iOS18)
+    out = list(interp.run(p, {"x": xl, "y": xc}).values())
+    got = [mil.psnr(r, o) for r, o in zip(_sdjax_layers(xl, xc, ql, qc), out)]
+    PSNRS[f"W{nbits}A8 layers float32"] = got
+    assert min(got) >= 100, got
+    assert len(_ops(p, "quantize")) == 2 and len(_ops(p, "constexpr_lut_to_dense")) == 2
+    # and the activation quantization matters: without it the same weights give another function
+    plain = [mil.psnr(r, o) for r, o in zip(_sdjax_layers(xl, xc, ql.replace(act_scale=None),
+                                                          qc.replace(act_scale=None)), out)]
+    assert max(plain) < min(got) - 20, (plain, got)
+
+
 def test_core_ml_clamps_to_minus_128_without_the_clip(tmp_path):
     """Why activation_quant has its clip: an input below -127.5 scales becomes -128 in Core ML's
     quantize, -127 in sdjax; with the clip the package gives sdjax's -127."""
