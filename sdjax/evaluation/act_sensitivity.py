@@ -299,6 +299,7 @@ def prepare(pipe, calibration, settings, state, want, recipes, progress=True):
     built here), ``recipes``, the other recipes (dicts or ``quant.recipes.Recipe``; any with a W8A8 rule
     needs the statistics). Calibration prompts are required for either, never evaluation prompts."""
     from quant import recipes as qr
+    from quant.apply import plan as qr_plan
     families = [f for f in W8A8_FAMILIES if f in want]
     needs = [r for r in recipes if qr.parse(r).needs_calibration]
     if not families and not needs:
@@ -310,6 +311,11 @@ def prepare(pipe, calibration, settings, state, want, recipes, progress=True):
     overlap = sorted(set(calibration) & set(settings.prompts))
     if overlap:
         raise EvalError(f"W8A8 calibration prompts must not be evaluation prompts; both have {overlap[0]!r}")
+    for r in needs:   # unknown layers (an Apple layer list of another model) stop here, before any calibration
+        try:
+            qr_plan(pipe.params, r)
+        except qr.RecipeError as e:
+            raise EvalError(f"recipe {qr.parse(r).name!r}: {e}") from None
     if not families:
         return W8A8Run(activation_stats(pipe, calibration, settings, state, progress))
     A = ActSensitivity(pipe, calibration, settings, state, progress)

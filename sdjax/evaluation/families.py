@@ -169,7 +169,7 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
 
 # --- W8A8: which layers run int8 activations -----------------------------------------------------
 
-APPLE_PERCENTILES = (10, 25, 50, 75, 90)   # Apple's threshold at these percentiles of the layers' readings
+APPLE_PERCENTILES = (25, 50, 75)   # Apple's threshold at these percentiles of the layers' readings
 
 
 def w8a8_recipe(name, w8a8, layers, description):
