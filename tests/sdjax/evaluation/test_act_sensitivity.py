@@ -121,3 +121,32 @@ def test_w8a8_families_end_to_end(tmp_path, monkeypatch):
             want = {x["pattern"]: x["method"] for x in by[n]["recipe"]["rules"]}
             assert {k: a.method for k, a in plan.items()} == want, n
     assert res.recipe(apple[0]) is not None
+
+
+def test_report_draws_the_w8a8_family_and_writes_apples_lists(tmp_path):
+    from sdjax.evaluation import report
+    layers = ["conv_in", "up_blocks.0.upsamplers.0.conv", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+
+    def recipe(name, fam, frac, img, fast):
+        rules = [{"pattern": n, "method": "int8-w8a8" if n in fast else "int8"} for n in layers]
+        return {"name": name, "family": fam, "avg_bits": 8.2, "int8_mac_fraction": frac, "recipe": {"rules": rules},
+                "metrics": {"latent_psnr_1step_db": 40.0, "final_latent_psnr_db": 39.0, "image_psnr_db": img,
+                            "ssim": 0.998}}
+    recipes = [recipe("w8a8-apple-0.500", "W8A8 (Apple's thresholds)", 0.5, 48.0, layers[1:2]),
+               recipe("w8a8-sdjax-0.500", "W8A8 (sdjax allocator)", 0.5, 49.5, layers[:1]),
+               recipe("w8a8-apple-0.900", "W8A8 (Apple's thresholds)", 0.9, 45.0, layers[:2]),
+               recipe("w8a8-sdjax-0.900", "W8A8 (sdjax allocator)", 0.9, 45.5, layers[:2])]
+    info = [{"name": r["name"], "mac_fraction": r["int8_mac_fraction"], "w8a8_layers": 1, "calibration_psnr_db": 30.0,
+             "predicted_psnr_db": 30.5} for r in recipes]
+    results = {"recipes": recipes, "act_sensitivity": {"layers": layers, "psnr_db": [31.0, 40.5, 45.0],
+                                                       "macs": [1, 2, 3], "recipes": info, "base_psnr_db": 46.0}}
+    files = report.write_report(results, str(tmp_path))
+    md = open(files["markdown"]).read()
+    # margins 1.5 and 0.5 dB: the >= 1 dB target fails on the second pair
+    assert "**FAIL**" in md and "w8a8-apple-0.500 -> w8a8-sdjax-0.500: 1.50 dB" in md and "0.50 dB" in md
+    assert os.path.getsize(tmp_path / "w8a8_vs_macs.png") > 0 and "w8a8_vs_macs.png" in md
+    listed = apple_layers.read(str(tmp_path / "act_sensitivity.apple.json"))
+    assert listed["conv"] == dict(zip(layers, [31.0, 40.5, 45.0]))
+    assert apple_layers.select(listed, conv_psnr=40.0, overrides=True)[0] == sorted(layers[1:2])   # Apple's rule
+    back = apple_layers.select(str(tmp_path / "recipes" / "w8a8-sdjax-0.500.apple-layers.json"))
+    assert back[0] == ["conv_in"] and back[1] == sorted(layers[1:])
