@@ -207,15 +207,15 @@ def w8a8_recipes(A, want, percentiles=APPLE_PERCENTILES):
         thr = round(float(np.percentile(list(single.values()), p)), 3)
         chosen, _, _ = apple_layers.select(listed, conv_psnr=thr, overrides=True)
         frac = act_alloc.mac_fraction(chosen, macs) if chosen else 0.0
-        apple.append((f"{frac:.3f}", chosen, thr))
-    for tag, chosen, thr in apple:
+        apple.append((f"{frac:.3f}", chosen, thr, frac))
+    for tag, chosen, thr, _ in apple:
         if "w8a8-apple" in want:
             add(f"w8a8-apple-{tag}", chosen, "w8a8-apple", f"conv threshold {thr} dB", threshold_db=thr)
     if "w8a8-sdjax" in want:
-        for tag, chosen, _ in apple:
-            pick = act_alloc.allocate_for_macs(single, macs, float(tag), base) if chosen else []
+        for tag, chosen, _, frac in apple:   # the exact share, not the tag's rounding
+            pick = act_alloc.allocate_for_macs(single, macs, frac, base) if chosen else []
             add(f"w8a8-sdjax-{tag}", pick, "w8a8-macs", f"the share of w8a8-apple-{tag}")
-        for tag, chosen, _ in apple:
+        for tag, chosen, _, _ in apple:
             floor = A.measure(chosen)
             pick, _, frac, _ = act_alloc.allocate_for_quality(A.measure, single, macs, floor, base, progress=A.progress)
             add(f"w8a8-sdjax-floor-{frac:.3f}", pick, "w8a8-floor", f"the reading of w8a8-apple-{tag}, {floor:.2f} dB")
