@@ -108,7 +108,7 @@ import numpy as np
 
 from sdjax import nn
 
-from . import calibrate, int8, llm_int8, palettize
+from . import apple_layers, calibrate, int8, llm_int8, palettize
 from .finetune import METHODS as FINETUNE_METHODS
 
 # text_encoder_2: SDXL's second; controlnet: a ControlNet's params (sdjax.load_controlnet), quantized
@@ -553,7 +553,8 @@ PRESETS = ("w8-int8conv", "w8a8-int8conv", "w8-int8", "llm-int8",
 
 def parse(recipe, select=None, components=None) -> Recipe:
     """A ``Recipe`` from a preset name, a JSON file path, a dict (sdjax rules, Apple's flat
-    ``{layer: nbits}``, or Apple's pre-analysis JSON with ``"recipes"``), or a ``Recipe``.
+    ``{layer: nbits}``, Apple's pre-analysis JSON with ``"recipes"``, or Apple's activation-quantization
+    layer list ``{"conv": {layer: PSNR}, "einsum": {...}}``: ``quant.apple_layers``), or a ``Recipe``.
 
     ``select``: the recipe's name inside an Apple pre-analysis file. ``components``: replaces the
     recipe's components (a name or a list)."""
@@ -594,6 +595,11 @@ def parse(recipe, select=None, components=None) -> Recipe:
             raise RecipeError(f"{name}: select={select!r} applies only to Apple pre-analysis files (with 'recipes')")
         if "rules" in recipe:
             out = _from_sdjax(recipe, str(recipe.get("name", name)))
+        elif apple_layers.is_apple_layers(recipe):  # Apple's activation-quantization layer list
+            try:
+                out = _from_sdjax(apple_layers.to_recipe(recipe, name), name)
+            except apple_layers.AppleLayersError as e:
+                raise RecipeError(f"{name}: {e}") from None
         elif is_apple_recipe(recipe):
             out = _from_apple(recipe, name)
         else:

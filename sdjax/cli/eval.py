@@ -47,7 +47,10 @@ def register(sub):
                    help="comma-separated presets, recipe JSON files, apple-mbp, apple-rule, mixed-sdjax, mixed-gptq, "
                    "qat-mixed-gptq (default: palette-8/6/4/3/2bit, palette-4/2bit-gptq, w8-int8, apple-mbp, apple-rule, mixed-sdjax, "
                    "mixed-gptq, and the fine-tuned qat-4bit-gptq, qat-2bit-gptq, qat-mixed-gptq; add w8-int8conv or llm-int8 "
-                   "for those)")
+                   "for those; add w8a8-apple and w8a8-sdjax for the W8A8 families: per-layer activation sensitivity "
+                   "on the calibration prompts, Apple's thresholds and overrides against sdjax's allocator of int8 MACs, "
+                   "plotted against the share of MACs on the int8 path, with Apple's layer lists written beside the "
+                   "recipes; W8A8 recipes take their activation scales from the calibration prompts)")
     p.add_argument("--no-finetune", action="store_true",
                    help="leave out the fine-tuned recipes (qat-4bit-gptq, qat-2bit-gptq: palette-4/2bit-gptq with their palettized "
                    "UNet weights fine-tuned on the calibration prompts; qat-mixed-gptq: mixed-gptq's recipe at "

@@ -13,7 +13,8 @@ from quant.recipes import QAT_DEFAULTS
 
 from .apple_sweep import recipe_rules
 
-GENERATED = ("apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq", "qat-mixed-gptq")
+W8A8_FAMILIES = ("w8a8-apple", "w8a8-sdjax")   # act_sensitivity's; not in the default set (minutes of analysis)
+GENERATED = ("apple-mbp", "apple-rule", "mixed-sdjax", "mixed-gptq", "qat-mixed-gptq") + W8A8_FAMILIES
 FINETUNED = ("qat-4bit-gptq", "qat-2bit-gptq", "qat-mixed-gptq")   # sdjax eval's fine-tuned recipes (default set)
 FINETUNED_FAMILIES = {"uniform": "fine-tuned palettize", "mixed": "fine-tuned mixed (sdjax, GPTQ)",
                       "custom": "fine-tuned (custom)"}
@@ -31,6 +32,10 @@ def family(name, recipe=None):
         return FINETUNED_FAMILIES["uniform"]
     if isinstance(recipe, dict) and "rules" in recipe and recipe.get("finetune") is not None:
         return FINETUNED_FAMILIES["custom"]
+    if name.startswith("w8a8-apple"):
+        return "W8A8 (Apple's thresholds)"
+    if name.startswith("w8a8-sdjax"):
+        return "W8A8 (sdjax allocator)"
     if name.startswith("apple-mbp"):
         return "mixed (Apple, as Apple runs it)"
     if name.startswith("apple-rule"):
@@ -74,7 +79,10 @@ def quality_margin(got, reference):
 ROLES = {"apple": "Apple's threshold on Apple's reading", "apple-rule": "Apple's threshold on sdjax's one-step reading",
          "size": "the size of an Apple recipe", "one-step": "uniform 6-bit's one-step PSNR",
          "final": "uniform 6-bit's final images",
-         "qat": "uniform 6-bit's one-step PSNR before fine-tuning (mixed-gptq-u6), then fine-tuned"}
+         "qat": "uniform 6-bit's one-step PSNR before fine-tuning (mixed-gptq-u6), then fine-tuned",
+         "w8a8-apple": "Apple's activation thresholds (a percentile of the layers' readings) and its two overrides",
+         "w8a8-macs": "the int8 MAC share of the Apple W8A8 recipe of its tag, least predicted noise",
+         "w8a8-floor": "the calibration reading of an Apple W8A8 recipe, most int8 MACs"}
 
 _TAGS = {"size": "", "one-step": "u6-", "final": "u6img-"}
 
@@ -159,3 +167,58 @@ def mixed_recipes(S, want, G=None, A=None, numel_all=None):
             seen.add(x[0])
             uniq.append(x)
     return uniq
+
+
+# --- W8A8: which layers run int8 activations -----------------------------------------------------
+
+APPLE_PERCENTILES = (25, 50, 75)   # Apple's threshold at these percentiles of the layers' readings
+
+
+def w8a8_recipe(name, w8a8, layers, description):
+    """An sdjax recipe: ``int8-w8a8`` for the layers in ``w8a8``, ``int8`` (W8A16) for the rest of ``layers``
+    (named exactly, so small layers are quantized too)."""
+    fast = set(w8a8)
+    return {"name": name, "components": ["unet"], "source": "sdjax eval (W8A8)", "description": description,
+            "rules": [{"pattern": n, "method": "int8-w8a8" if n in fast else "int8"} for n in layers]}
+
+
+def w8a8_recipes(A, want, percentiles=APPLE_PERCENTILES):
+    """[(name, recipe, role)] and [info] of the W8A8 families in ``want`` from ``A`` (an
+    ``act_sensitivity.ActSensitivity``): Apple's rule (``quant.apple_layers.select``: a conv threshold, the
+    two overrides) at each of ``percentiles`` of the layers' readings, named ``w8a8-apple-F`` by its share F of
+    the UNet's MACs on the int8 path; and sdjax's allocator (``quant.act_alloc``) at each of those shares
+    (``w8a8-sdjax-F``, Apple's tag) and at each of their calibration readings, the most int8 MACs that keep
+    it (``w8a8-sdjax-floor-F``, its own share). ``info``: per recipe its share, calibration reading and
+    predicted one (the additive model), for the report. Apple's recipes are computed for sdjax's even when
+    ``w8a8-apple`` itself is not wanted."""
+    from quant import act_alloc, apple_layers
+    single, macs, base = A.single(), A.macs, A.base_psnr
+    listed = apple_layers.sensitivity_layers(single, "sdjax")
+    out, info = [], []
+
+    def add(name, chosen, role, text, **fields):
+        if any(x[0] == name for x in out):    # thresholds can repeat a recipe
+            return
+        frac = act_alloc.mac_fraction(chosen, macs) if chosen else 0.0
+        out.append((name, w8a8_recipe(name, chosen, A.layers, f"{ROLES[role]}; {text}"), role))
+        info.append({"name": name, "role": role, "mac_fraction": frac, "calibration_psnr_db": A.measure(chosen),
+                     "predicted_psnr_db": act_alloc.predicted_psnr(single, chosen, base),
+                     "w8a8_layers": len(chosen), **fields})
+    apple = []
+    for p in percentiles:
+        thr = round(float(np.percentile(list(single.values()), p)), 3)
+        chosen, _, _ = apple_layers.select(listed, conv_psnr=thr, overrides=True)
+        frac = act_alloc.mac_fraction(chosen, macs) if chosen else 0.0
+        apple.append((f"{frac:.3f}", chosen, thr, frac))
+    for tag, chosen, thr, _ in apple:
+        if "w8a8-apple" in want:
+            add(f"w8a8-apple-{tag}", chosen, "w8a8-apple", f"conv threshold {thr} dB", threshold_db=thr)
+    if "w8a8-sdjax" in want:
+        for tag, chosen, _, frac in apple:   # the exact share, not the tag's rounding
+            pick = act_alloc.allocate_for_macs(single, macs, frac, base) if chosen else []
+            add(f"w8a8-sdjax-{tag}", pick, "w8a8-macs", f"the share of w8a8-apple-{tag}")
+        for tag, chosen, _, _ in apple:
+            floor = A.measure(chosen)
+            pick, _, frac, _ = act_alloc.allocate_for_quality(A.measure, single, macs, floor, base, progress=A.progress)
+            add(f"w8a8-sdjax-floor-{frac:.3f}", pick, "w8a8-floor", f"the reading of w8a8-apple-{tag}, {floor:.2f} dB")
+    return out, info

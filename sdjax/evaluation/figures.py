@@ -1,4 +1,5 @@
-"""The report's pictures: quality-vs-bits and size plots, the sensitivity heatmap, image grids.
+"""The report's pictures: quality-vs-bits, quality-vs-int8-MACs (W8A8) and size plots, the sensitivity
+heatmap, image grids.
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg on save), never
 pyplot, so no display is needed and the caller's pyplot backend and figure list are left alone.
@@ -125,6 +126,55 @@ def plot_quality_vs_bits(results, path, metric="latent_psnr_1step_db"):
         bottom = min(0.4, (0.15 + 0.25 * -(-len(legend) // ncol)) / fig.get_figheight())
         fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    return atomic_save_figure(fig, path)
+
+
+W8A8_METRICS = ("latent_psnr_1step_db", "final_latent_psnr_db", "image_psnr_db", "ssim")
+
+
+def w8a8_points(results):
+    """{family: [(int8 MAC share, recipe)]} of the recipes with a share (the W8A8 analysis ran), W8A8
+    families first, by share."""
+    out = {}
+    for r in results.get("recipes") or []:
+        x = _num(r.get("int8_mac_fraction"))
+        if x is not None and (x > 0 or str(r.get("family", "")).startswith("W8A8")):
+            out.setdefault(r.get("family") or "other", []).append((x, r))
+    return {f: sorted(v, key=lambda p: p[0]) for f, v in sorted(out.items(), key=lambda kv: not kv[0].startswith("W8A8"))}
+
+
+def plot_w8a8(results, path, metrics=W8A8_METRICS):
+    """Quality on ``metrics`` (one panel each) against the share of the UNet's conv/linear MACs on the int8
+    path, one line per family (Apple's thresholds, sdjax's allocator), w8-int8 (W8A16, no int8 MACs) as a
+    dotted line. Returns ``path``."""
+    fams = w8a8_points(results)
+    if not fams:
+        raise ValueError("plot_w8a8: no recipe with an int8 MAC share (run the W8A8 families)")
+    w16 = next((r for r in results.get("recipes") or [] if r.get("name") == "w8-int8"), None)
+    fig = _figure(4.2 * len(metrics), 3.8)
+    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
+    for ax, m in zip(axes, metrics):
+        for i, (fam, pts) in enumerate(fams.items()):
+            xy = [(x, _num((r.get("metrics") or {}).get(m))) for x, r in pts]
+            xy = [(x, y) for x, y in xy if y is not None and math.isfinite(y)]
+            if xy:
+                ax.plot([p[0] for p in xy], [p[1] for p in xy], "-", color=f"C{i % 10}",
+                        marker=_MARKERS[i % len(_MARKERS)], ms=5, lw=1.2, label=fam)
+        y16 = _num(((w16 or {}).get("metrics") or {}).get(m))
+        if y16 is not None and math.isfinite(y16):
+            ax.axhline(y16, color="k", ls=":", lw=0.9, label="w8-int8 (W8A16, no int8 MACs)")
+        ax.set_xlabel("share of UNet conv/linear MACs on the int8 path", fontsize=8)
+        ax.set_ylabel(_title(m), fontsize=8)
+        ax.set_title(_title(m), fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return atomic_save_figure(fig, path)
 
 

@@ -67,7 +67,8 @@ DIFF_LEVELS = np.round(254 * np.log2(1 + np.arange(256)) / 8).astype(np.uint8)
 # each part, diffusers' module order (apple.module_order)
 DATA_FLOW = {name: i for i, name in enumerate(("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block",
                                                "up_blocks", "conv_norm_out", "conv_out"))}
-BITS = (("avg_bits", "avg bits"), ("avg_bits_candidates", "candidate bits"), ("apple_bits", "Apple bits"))
+BITS = (("avg_bits", "avg bits"), ("avg_bits_candidates", "candidate bits"), ("apple_bits", "Apple bits"),
+        ("int8_mac_fraction", "int8 MAC share (W8A8)"))   # the plot's x axes: those some recipe has
 METHOD_BITS = {"int8": 8, "int8-w8a8": 8, "llm-int8": 8, "float": 16}
 NONFINITE = {math.inf: "__inf__", -math.inf: "__-inf__"}   # JSON has no inf/nan: the page's reviver reads these
 
@@ -379,7 +380,8 @@ def page_data(results, image_shape, k, out_dir):
         adherence = m.get("adherence") if isinstance(m.get("adherence"), dict) else None
         return {"name": r.get("name", "float"), "family": r.get("family") or "", "chosen_for": r.get("chosen_for"),
                 "avg_bits": _num(r.get("avg_bits")), "avg_bits_candidates": _num(r.get("avg_bits_candidates")),
-                "apple_bits": _num(r.get("apple_bits")), "bytes": r.get("bytes") or {},
+                "apple_bits": _num(r.get("apple_bits")), "int8_mac_fraction": _num(r.get("int8_mac_fraction")),
+                "bytes": r.get("bytes") or {},
                 "total_bytes": _total_bytes(r.get("bytes")), "metrics": {k: _num(m.get(k)) for k in metrics},
                 "adherence": adherence, "finite": r.get("finite", True) is not False and not r.get("nonfinite"),
                 "nonfinite": r.get("nonfinite"), "seconds": _num(r.get("seconds")), "path": r.get("path"),

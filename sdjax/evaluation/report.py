@@ -151,6 +151,90 @@ def _sensitivity_markdown(sens, files):
     return lines
 
 
+W8A8_MARGIN_DB = 1.0   # issue 23's target: sdjax's W8A8 recipe this much better on images at Apple's int8 MAC share
+
+
+def w8a8_pairs(results):
+    """[(Apple's recipe, sdjax's at its MAC share, image PSNR margin)] of the W8A8 families."""
+    by = {r.get("name"): r for r in results.get("recipes") or []}
+    out = []
+    for name, r in by.items():
+        if str(name).startswith("w8a8-apple-"):
+            mine = by.get("w8a8-sdjax-" + name[len("w8a8-apple-"):])
+            if mine is not None:
+                a, b = (_num((x.get("metrics") or {}).get("image_psnr_db")) for x in (r, mine))
+                out.append((r, mine, None if a is None or b is None else b - a))
+    return out
+
+
+def _w8a8_markdown(results, files):
+    act = results.get("act_sensitivity")
+    if not act:
+        return []
+    psnr = [v for v in act.get("psnr_db") or [] if _num(v) is not None]
+    L = ["## W8A8: activation sensitivity", "",
+         f"Every UNet conv/linear layer ({len(act.get('layers') or [])}) measured with int8 weights everywhere and "
+         f"only its own activations int8 (per-tensor scale max|x|/127 from {act.get('scale_prompts')} calibration "
+         f"prompts' generations), on the guided noise prediction over {act.get('samples')} noised self-generated "
+         f"latents of {act.get('measure_prompts')} other calibration prompts, against the float UNet: "
+         f"{_fmt(min(psnr), 2) if psnr else '-'} to {_fmt(max(psnr), 2) if psnr else '-'} dB per layer; every weight "
+         f"int8 and every activation float (W8A16) reads {_fmt(_num(act.get('base_psnr_db')), 2)} dB. "
+         "w8a8-apple-F: Apple's rule (a conv threshold at a percentile of these readings, then its overrides: "
+         "up-block resnet conv1 and upsampler convs W8A8, to_out W8A16), F its share of the UNet's "
+         f"{(act.get('total_macs') or 0) / 1e6:.1f} M conv/linear MACs on the int8 path; w8a8-sdjax-F: sdjax's "
+         "allocator at the share of w8a8-apple-F; w8a8-sdjax-floor-F: the most int8 MACs keeping an Apple "
+         "recipe's calibration reading.", ""]
+    by = {r.get("name"): r for r in results.get("recipes") or []}
+    rows = []
+    for info in act.get("recipes") or []:
+        r = by.get(info["name"]) or {}
+        m = r.get("metrics") or {}
+        rows.append([info["name"], f"{info['mac_fraction']:.3f}", str(info["w8a8_layers"]),
+                     _fmt(_num(info["calibration_psnr_db"]), 2), _fmt(_num(info["predicted_psnr_db"]), 2)]
+                    + [_fmt_metric(k, m.get(k)) for k in ("latent_psnr_1step_db", "final_latent_psnr_db",
+                                                           "image_psnr_db", "ssim")])
+    if rows:
+        L += _table(["recipe", "int8 MAC share", "W8A8 layers", "calibration dB", "predicted dB", "1-step latent PSNR",
+                     "final latent PSNR", "image PSNR", "SSIM"], rows) + [""]
+    pairs = w8a8_pairs(results)
+    if pairs:
+        got = [d for _, _, d in pairs if d is not None]
+        ok = bool(got) and min(got) >= W8A8_MARGIN_DB
+        L += [f"Target: at each Apple recipe's int8 MAC share, sdjax's recipe >= {W8A8_MARGIN_DB:g} dB better on image "
+              f"PSNR: **{'PASS' if ok else 'FAIL'}** (" + ", ".join(
+                  f"{a['name']} -> {b['name']}: {_fmt(d, 2)} dB" for a, b, d in pairs) + ").", ""]
+    if "w8a8" in files:
+        L += [f"![quality vs int8 MACs]({files['w8a8']})", ""]
+    if "act_apple" in files:
+        L += [f"The per-layer readings in Apple's layer-list format: [{files['act_apple']}]({files['act_apple']}); "
+              "each W8A8 recipe's split as recipes/NAME.apple-layers.json.", ""]
+    return L
+
+
+def write_apple_layers(results, out_dir):
+    """OUT/act_sensitivity.apple.json (the per-layer readings in Apple's format) and
+    OUT/recipes/NAME.apple-layers.json (each W8A8 recipe's split, ``quant.apple_layers.selection_layers``)."""
+    from quant import apple_layers
+    act = results.get("act_sensitivity")
+    if not act:
+        return None
+    model = (results.get("model") or {}).get("source") or ""
+    path = apple_layers.write(os.path.join(out_dir, "act_sensitivity.apple.json"),
+                              apple_layers.sensitivity_layers(dict(zip(act["layers"], act["psnr_db"])), model))
+    os.makedirs(os.path.join(out_dir, "recipes"), exist_ok=True)
+    for r in results.get("recipes") or []:
+        rules = (r.get("recipe") or {}).get("rules") or []
+        if r.get("int8_mac_fraction") is not None and rules and all(x.get("method") in ("int8", "int8-w8a8")
+                                                                    and "pattern" in x for x in rules):
+            fast = [x["pattern"] for x in rules if x["method"] == "int8-w8a8"]
+            slow = [x["pattern"] for x in rules if x["method"] == "int8"]
+            if fast:
+                apple_layers.write(os.path.join(out_dir, "recipes", re.sub(r"[^A-Za-z0-9._-]+", "_", r["name"])
+                                                + ".apple-layers.json"),
+                                   apple_layers.selection_layers(fast, slow, model))
+    return path
+
+
 def render_markdown(results, files=None) -> str:
     """The report as Markdown. ``files``: ``{"quality_vs_bits" | "sensitivity" | "sizes" | "grid" |
     "grid:<recipe>" | "json": path relative to the report}``; those present are linked/embedded."""
@@ -281,6 +365,8 @@ def render_markdown(results, files=None) -> str:
             name = "all recipes" if k == "grid" else k[len("grid:"):]
             L += [f"![images: {name}]({files[k]})", ""]
 
+    L += _w8a8_markdown(results, files)
+
     sens = results.get("sensitivity")
     if sens:
         L += _sensitivity_markdown(sens, files)
@@ -333,6 +419,10 @@ def write_report(results, out_dir, images=None, captions=None) -> dict:
             attempt("quality_vs_bits", "quality_vs_bits.png", lambda p: plot_quality_vs_bits(results, p, plotted))
     if (results.get("float") or {}).get("bytes") or any(r.get("bytes") for r in recipes):
         attempt("sizes", "sizes.png", lambda p: plot_sizes(results, p))
+    if results.get("act_sensitivity"):
+        attempt("act_apple", "act_sensitivity.apple.json", lambda p: write_apple_layers(results, out_dir))
+        if w8a8_points(results):
+            attempt("w8a8", "w8a8_vs_macs.png", lambda p: plot_w8a8(results, p))
     if results.get("sensitivity"):
         attempt("sensitivity", "sensitivity.png", lambda p: plot_sensitivity_heatmap(results["sensitivity"], p))
     left_out = []

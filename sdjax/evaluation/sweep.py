@@ -74,8 +74,8 @@ from sdjax import nn
 from sdjax.files import atomic_write_json
 from sdjax.version import __version__
 
-from . import qat_recipe, report
-from .calibration import Calibration, generation_run, hessian_run
+from . import act_sensitivity, qat_recipe, report
+from .calibration import Calibration, hessian_run
 from .evaluator import Evaluator, Settings
 from .apple import apple_min_size, module_order  # noqa: F401
 from .apple_sweep import AppleSweep
@@ -308,6 +308,8 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
     roles = {}
     todo = [(n, r.to_json() if hasattr(r, "to_json") else r) for n, r in recipes if r is not None]
     want = {n for n, r in recipes if r is None}
+    act = act_sensitivity.prepare(pipe, calibration, settings, state, want, [r for _, r in todo], progress)  # W8A8
+    want -= set(act_sensitivity.W8A8_FAMILIES)
     H = None
     gptq_families = want & {"mixed-gptq", "qat-mixed-gptq"}
     if gptq_families or any(r is not None and r.needs_hessian for _, r in recipes):
@@ -337,12 +339,15 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
             S.fisher(S.single(), sel.s.prompts)
         todo += [(n, r) for n, r, _ in mixed]
         roles = {n: role for n, _, role in mixed}
+    todo += [(n, r) for n, r, _ in act.recipes]
+    roles.update({n: role for n, _, role in act.recipes})
 
     results = {"sdjax_version": __version__,
                "model": {"source": o.model_label or pipe.source, "fingerprint": manifest["fingerprint"]},
                "settings": dict(settings.to_json(), metrics=list(metrics.BUILTIN) + [p.name for p in plugins]),
                "float": float_entry, "recipes": [], "sensitivity": S.block() if S else None,
                "sensitivity_gptq": G.block() if G else None, "sensitivity_apple": A.block() if A else None,
+               "act_sensitivity": act.block(),
                "targets": None}
     images = {"float": report.to_uint8(ev.reference["images"])}
     bar = tqdm(todo, desc="recipes", unit="recipe", disable=not progress)
@@ -360,18 +365,9 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                     pipe, calibration, out_dir=tune_dir, eval_prompts=settings.prompts, progress=progress,
                     samples_cache=samples_cache, generation_steps=settings.steps, guidance_scale=settings.guidance_scale,
                     sampler=settings.sampler, negative_prompt=settings.negative_prompt)
-            act = None
-            if quant.parse_recipe(r).needs_calibration:  # int8 activations: scales from the calibration generation
-                if not calibration:
-                    raise EvalError(f"recipe {name!r} quantizes activations: pass calibration prompts (calibration=, "
-                                    "`sdjax eval --calibration-prompts`) for their scales")
-                act = generation_run(pipe, Calibration(tuple(_not_evaluation(calibration, settings, "calibration prompts")),
-                                                       steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                                       sampler=settings.sampler, negative_prompt=settings.negative_prompt,
-                                                       seed=CALIBRATION_SEED, batch=settings.batch))
             try:
-                qparams = quant.apply_recipe(pipe.params, r, cache=cache, hessian=None if H is None else {"unet": H},
-                                             finetune=tune, calibration=act)
+                qparams = quant.apply_recipe(pipe.params, r, act.calibration(r), cache=cache,
+                                             hessian=None if H is None else {"unet": H}, finetune=tune)
             except quant.RecipeError as e:
                 if tune is None:
                     raise
@@ -385,7 +381,8 @@ def run(pipe, recipe_names=DEFAULT_RECIPES, out_dir="eval-out", settings: Settin
                    "avg_bits_candidates": avg_bits(qparams["unet"], candidate_min),
                    "apple_bits": apple_bits(qparams["unet"], apple_numel),
                    "bytes": component_bytes(qparams), "metrics": m, "finite": bad is None, "nonfinite": bad,
-                   "seconds": time.perf_counter() - t0, "recipe": r, "path": path}
+                   "seconds": time.perf_counter() - t0, "recipe": r, "path": path,
+                   "int8_mac_fraction": act.mac_fraction(qparams["unet"])}
             if tune is not None:   # every session's, when the fine-tuning was resumed
                 res["finetune_seconds"] = tune.seconds
                 res["seconds"] += tune.seconds - tune.session_seconds
