@@ -615,4 +615,5 @@ def _constexpr_cast(op, a):
     return a["source_val"]
 
 
+from . import interp_ops  # noqa: E402,F401  (registers the ops of Apple's packages)
 SUPPORTED_OPS = tuple(sorted(_OPS))
