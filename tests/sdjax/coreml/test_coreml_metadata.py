@@ -16,7 +16,7 @@ from sdjax.cli import main  # noqa: E402
 from sdjax.coreml import interp, metadata  # noqa: E402
 from sdjax.version import __version__  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/sdjax: the ControlNet fixtures
-from controlnet_fixtures import build_controlnet  # noqa: E402
+from controlnet_fixtures import build_controlnet_one_thread  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -83,18 +83,12 @@ def test_descriptions_by_name():
 def exported(pipeline_dirs, tmp_path_factory):
     """A copy of the tiny SD 1.x model with a model card, exported by the CLI with --license, a
     ControlNet and --chunk-unet."""
-    import torch
     src, diffusers_pipe = pipeline_dirs("sd1")
     folder = str(tmp_path_factory.mktemp("card") / "tiny-sd")
     shutil.copytree(src, folder)
     _readme(folder, CARD)
     cn = str(tmp_path_factory.mktemp("cn") / "canny")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build_controlnet(diffusers_pipe.unet, cn, seed=3, cond_channels=(8, 16))
-    finally:
-        torch.set_num_threads(n)
+    build_controlnet_one_thread(diffusers_pipe.unet, cn, seed=3, cond_channels=(8, 16))
     out = str(tmp_path_factory.mktemp("meta") / "coreml")
     assert main(["export-coreml", "-m", folder, "--controlnet", cn, "--chunk-unet", "--license", "my license",
                  "--compute-precision", "float32", "-o", out, "-q"]) == 0

@@ -17,7 +17,7 @@ import sdjax  # noqa: E402
 from sdjax.cli import main  # noqa: E402
 from sdjax.coreml import export as cx, vae as cvae, verify  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/sdjax: the ControlNet fixtures
-from controlnet_fixtures import build_controlnet  # noqa: E402
+from controlnet_fixtures import build_controlnet_one_thread  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 MEASURED = {}
@@ -28,15 +28,9 @@ def sd1(pipeline_dirs, tmp_path_factory):
     """(model folder, ControlNet folder, export folder): the tiny SD 1.x pipeline with a ControlNet,
     through ``sdjax export-coreml`` at float16 with --chunk-unet: TextEncoder, UnetChunk1/2,
     ControlledUnetChunk1/2, controlnet/canny, VAEDecoder, VAEEncoder."""
-    import torch
     folder, diffusers_pipe = pipeline_dirs("sd1")
     cn = str(tmp_path_factory.mktemp("cn") / "canny")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build_controlnet(diffusers_pipe.unet, cn, seed=5, cond_channels=(8, 16))
-    finally:
-        torch.set_num_threads(n)
+    build_controlnet_one_thread(diffusers_pipe.unet, cn, seed=5, cond_channels=(8, 16))
     out = str(tmp_path_factory.mktemp("verify") / "coreml")
     assert main(["export-coreml", "-m", folder, "--controlnet", cn, "--chunk-unet", "-o", out, "-q"]) == 0
     return folder, cn, out
