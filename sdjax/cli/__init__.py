@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, eval as eval_cmd, export_coreml, generate, inspect, quantize, report
+from . import convert, eval as eval_cmd, export_coreml, generate, inspect, quantize, report, verify_coreml
 from .common import UsageError
 
-COMMANDS = (generate, inspect, quantize, eval_cmd, report, export_coreml, convert)
+COMMANDS = (generate, inspect, quantize, eval_cmd, report, export_coreml, verify_coreml, convert)
 
 
 def build_parser():
@@ -30,7 +30,7 @@ def main(argv=None):
     from ..params import CheckpointError
     from ..safetensors_io import SafetensorsError
     try:
-        args.func(args)
+        status = args.func(args)  # a command may return an exit status (verify-coreml: 1 below --min-psnr)
     except UsageError as e:
         print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -40,7 +40,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 __all__ = ["UsageError", "build_parser", "main"]

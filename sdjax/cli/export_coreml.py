@@ -47,6 +47,9 @@ def register(sub):
     p.add_argument("--unet-batch", type=int, default=2, help="UNet batch (default 2: classifier-free guidance)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--license", default=None, metavar="TEXT",
+                   help="the license written into every package's metadata (default: the license: entry of the "
+                        "model card, README.md in the model folder; \"unknown\" without one)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder (or an interrupted export with other settings)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -136,7 +139,7 @@ def run(args):
     t0 = time.perf_counter()
     try:
         manifest = cx.export_pipeline(pipe, args.out, settings, overwrite=args.overwrite, progress=not args.quiet,
-                                      refiner=refiner, controlnets=controlnets)
+                                      refiner=refiner, controlnets=controlnets, license=args.license)
     except cx.ExportError as e:
         raise UsageError(str(e)) from None
     except FileExistsError as e:

@@ -64,6 +64,7 @@ import time
 
 from ..files import Store, StoreError, replace_folder
 from ..memory import peak_rss_bytes
+from . import metadata
 
 MANIFEST = "sdjax_export.json"
 PRECISIONS = ("float16", "float32")
@@ -407,7 +408,7 @@ def _manifest_settings(pipe, settings, refiner=None, controlnets=None):
 
 
 def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False, progress=True, log=print,
-                    refiner=None, controlnets=None):
+                    refiner=None, controlnets=None, license=None):
     """Export ``pipe`` (an ``sdjax.Pipeline``, quantized or not) into the folder ``out``; returns
     the manifest dict (settings and, per package, bytes on disk, seconds and compute precision).
     ``refiner``: an SDXL refiner pipeline exported beside an SDXL base ``pipe`` as
@@ -415,7 +416,8 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
     (``sdjax.load_controlnet``'s pairs, quantized or not; a third element, a JSON-able dict, is
     recorded in the manifest's settings), exported as ``controlnet/<name>.mlpackage`` with a
     ``ControlledUnet.mlpackage`` (module docstring). See the module docstring for the folder,
-    resume and overwrite rules."""
+    resume and overwrite rules. Every package gets author, license (``license``, else the model
+    card's: ``sdjax.coreml.metadata``), version and input/output descriptions."""
     from tqdm.auto import tqdm
 
     settings.check()
@@ -454,11 +456,13 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
 
     save_manifest()
     jobs = _jobs(pipe, settings, target, refiner, controlnets)
+    describe = metadata.describer(pipe, license, refiner, controlnets)
     bar = tqdm(total=len(jobs), desc="export-coreml", unit="package", disable=not progress)
     for label, names, fn, precision in jobs:
         paths = [os.path.join(partial, n) for n in names]
         if all(os.path.isdir(pth) for pth in paths) and all(n in manifest["packages"] for n in names):
             log(f"{label}: kept from the interrupted run ({', '.join(names)})")
+            describe(paths, precision)  # the license given now
             bar.update(1)
             continue
         bar.set_postfix_str(label)
@@ -469,6 +473,7 @@ def export_pipeline(pipe, out, settings: Settings = Settings(), overwrite=False,
             bar.set_postfix_str(f"{label}: {phase} {os.path.basename(path)}")
         with contextlib.redirect_stderr(io.StringIO()), phase_hook(show):  # hides coremltools' per-pass bars
             fn(paths)
+        describe(paths, precision)
         dt = time.perf_counter() - t0
         for n, pth in zip(names, paths):
             manifest["packages"][n] = {"bytes": dir_bytes(pth), "seconds": round(dt / len(names), 2),

@@ -74,7 +74,10 @@ def shared_const(value, dtype=None):
     axes were 20k const ops, memory and time in every later pass)."""
     from coremltools.converters.mil.mil.block import curr_block
     consts = _SHARED.setdefault(curr_block(), {})
-    key = (repr(value), dtype)
+    if isinstance(value, np.ndarray):  # by contents: repr elides the middle of a big array
+        key = (value.dtype.str, value.shape, value.tobytes(), dtype)
+    else:
+        key = (repr(value), dtype)
     if key not in consts:
         consts[key] = _mb().const(val=value if dtype is None else np.array(value, dtype))
     return consts[key]
@@ -426,7 +429,7 @@ def attention(q, k, v, heads, mask=None, mode="split_einsum_v2", name="attn", qu
         s = mb.matmul(x=qh, y=kh, transpose_x=True, name=name + "_qk")  # (b, h, sq, sk)
         s = mb.mul(x=s, y=scale, name=name + "_scaled")
         if mask is not None:
-            s = mb.add(x=s, y=mask.T[None, None], name=name + "_masked")
+            s = mb.add(x=s, y=shared_const(np.ascontiguousarray(mask.T[None, None])), name=name + "_masked")
         w = mb.softmax(x=s, axis=-1, name=name + "_w")
         o = mb.matmul(x=vh, y=w, transpose_y=True, name=name + "_o")  # (b, h, hd, sq)
         return mb.reshape(x=o, shape=[b, c, 1, sq], name=name)
@@ -457,7 +460,10 @@ def attention(q, k, v, heads, mask=None, mode="split_einsum_v2", name="attn", qu
             # "bchq,bkhc->bkhq" written with the operands swapped, the form MIL accepts
             s = mb.einsum(values=(k_heads[h], q_heads[j][h]), equation=qk, name=tag + "_qk")
             if mask is not None:
-                s = mb.add(x=s, y=mask[:, s0:s1][None, :, None, :], name=tag + "_masked")
+                # one const per distinct slice, shared by every head and layer (a CLIP encoder's
+                # causal mask was stored once per head per layer: 1.7 MB of copies at SD 1.5 size)
+                s = mb.add(x=s, y=shared_const(np.ascontiguousarray(mask[:, s0:s1][None, :, None, :])),
+                           name=tag + "_masked")
             w = mb.softmax(x=s, axis=axis1, name=tag + "_w")  # (b, sk, 1, n)
             # "bkhq,bchk->bchq", swapped likewise
             chunks.append(mb.einsum(values=(v_heads[h], w), equation=vw, name=tag + "_o"))

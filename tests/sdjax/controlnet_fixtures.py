@@ -23,6 +23,17 @@ def build_controlnet(unet, folder, seed=0, cond_channels=(8, 16), noise=0.05, **
     return ControlNetModel.from_pretrained(folder)
 
 
+def build_controlnet_one_thread(unet, folder, **kw):
+    """``build_controlnet`` with torch on one thread (the Core ML tests' fixtures build theirs so), the
+    thread count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_controlnet(unet, folder, **kw)
+    finally:
+        torch.set_num_threads(n)
+
+
 def control_image(h, w, seed=0, block=4):
     """A blocky random RGB PIL image (edges a resize must get right)."""
     from PIL import Image
