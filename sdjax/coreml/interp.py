@@ -615,6 +615,6 @@ def _constexpr_cast(op, a):
     return a["source_val"]
 
 
-from . import interp_ops  # noqa: E402,F401  (registers the ops of Apple's packages)
-__import__(__package__ + ".interp_quant")  # registers quantize, dequantize, clip (sdjax.coreml.interp_quant)
+for _more in ("interp_ops", "interp_quant"):  # register the ops of Apple's packages; quantize, dequantize, clip
+    __import__(f"{__package__}.{_more}")
 SUPPORTED_OPS = tuple(sorted(_OPS))
