@@ -133,7 +133,7 @@ def _check_act_scale(label, w, target_name, needs17):
     iOS17, or scales that are not finite and > 0 or not shaped () / (in,)."""
     import numpy as np
     if needs17:
-        raise ExportError(f"{label} quantizes its activations (int8: act_scale), which Core ML expresses with the "
+        raise ExportError(f"{label} quantizes its activations (W8A8/W4A8 int8 activations: act_scale), which Core ML expresses with the "
                           f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass --min-deployment-target "
                           f"{ACT_QUANT_TARGET} or later (or macOS14), not {target_name}")
     a = np.asarray(w.act_scale, np.float64)
@@ -183,7 +183,7 @@ def check_recipe(recipe, label=None, target_name=None):
                           "\"activations\": \"int8\"), which Core ML expresses with the "
                           f"quantize/dequantize ops only from {ACT_QUANT_TARGET} (macOS14): pass "
                           f"--min-deployment-target {ACT_QUANT_TARGET} or later, not {target_name}")
-    needs = [what for what, needed in (("activation scales (int8 activations: calibration)", recipe.needs_calibration),
+    needs = [what for what, needed in (("activation scales (int8-w8a8 rules, int8-activation palettize rules: calibration)", recipe.needs_calibration),
                                        ("sensitivities (sensitive palettize rules)", recipe.needs_importance),
                                        ("calibration statistics (GPTQ palettize rules)", recipe.needs_hessian),
                                        ("fine-tuning (its \"finetune\" settings)", recipe.needs_finetune))
