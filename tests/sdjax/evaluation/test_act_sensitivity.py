@@ -85,7 +85,7 @@ def test_w8a8_needs_calibration_prompts(tmp_path):
     assert not os.listdir(tmp_path / "state" / "recipes")
 
 
-@pytest.mark.slow  # ~3-4 min on 2 cores: calibration generations, 132 single-layer readings, ~11 recipes
+@pytest.mark.slow  # 10.5 min on 2 shared cores: calibration generations, 132 single-layer readings, 7 recipes
 def test_w8a8_families_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(acts, "SCALE_PROMPTS", 4)
     monkeypatch.setattr(acts, "MEASURE_PROMPTS", 2)
