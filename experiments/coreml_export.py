@@ -12,6 +12,13 @@ with at least ``--min-size`` elements (default 2048, the recipes' and coremltool
 everything else float16. Recipes:
 
 - ``6bit``: every such weight at 6 bits;
+- ``w8a8`` (issue 23): every such weight int8 per output channel with int8 activations (W8A8), exported
+  at iOS17 as ``quantize``/``dequantize`` of each layer's input before its int8 weight;
+- ``w4a8`` (issue 23): every such weight 4-bit with int8 LUT entries and int8 activations, exported at
+  iOS18 (``constexpr_lut_to_dense`` with an int8 LUT + ``constexpr_blockwise_shift_scale``, behind the
+  same activation ``quantize``/``dequantize``). Random weights have no calibration run, so every layer
+  gets the activation scale ``SYNTHETIC_ACT_SCALE``: the package's bytes, the export's memory and its
+  time do not depend on the scales' values (one float per layer);
 - ``mixed``: ``mixed_bits``, a fixed mixed recipe at 4.5 average bits over those weights. Random
   weights have no sensitivities to choose by, so the choice only mimics the shape of Apple's recipes
   (a few layers at 8 bits, many at 6, most of the bytes at 4); the package's size and the export's
@@ -30,6 +37,7 @@ Each variant runs in its own fresh process (peak RSS = VmHWM):
   machine less what the system keeps) and reports the phase it was in.
 
     python experiments/coreml_export.py [--with-coremltools]                         # SD 1.5, 6-bit
+    python experiments/coreml_export.py --recipes w8a8,w4a8                          # SD 1.5, integer activations
     python experiments/coreml_export.py --config sdxl --recipes 6bit,mixed --attention split_einsum_v2,original \\
         --with-coremltools --json /tmp/coreml-sdxl.json                             # SDXL (~1 h on 2 cores)
 """
@@ -49,7 +57,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quant_memory as qm  # noqa: E402
 
 CONFIGS = ("sd15", "sdxl", "micro", "sdxl-micro")   # the micro ones: quick checks (tests)
-RECIPES = ("6bit", "mixed")
+RECIPES = ("6bit", "mixed", "w8a8", "w4a8")
+SYNTHETIC_ACT_SCALE = 0.05   # every layer's activation scale in w8a8/w4a8 (no calibration on random weights)
+TARGETS = {"w8a8": "iOS17", "w4a8": "iOS18"}   # the first deployment target each recipe exports to
 ATTENTIONS = ("split_einsum_v2", "original")
 APPLE_UNET_MB = {("sd15", "6bit"): 648,      # apple/coreml-stable-diffusion-v1-5-palettized, Unet weights
                  ("sdxl", "mixed"): 1460}    # Apple's 4.50-bit mixed-bit SDXL base UNet (~1.46 GB)
@@ -93,7 +103,31 @@ def _text_embeds_dim(cfg):
     return cfg.projection_class_embeddings_input_dim - qm.SDXL_TIME_IDS * cfg.addition_time_embed_dim
 
 
-def child(variant, config, folder, precision, attention, out):
+def _target(recipe):
+    import coremltools as ct
+    return getattr(ct.target, TARGETS[recipe]) if recipe in TARGETS else None
+
+
+def with_activations(params, recipe):
+    """``params`` as the recipe's integer-activation weights: w8a8 (int8 weights) and w4a8 (palettized
+    weights given int8 LUT entries) get ``SYNTHETIC_ACT_SCALE`` as every conv/linear input's scale."""
+    import jax
+    import jax.numpy as jnp
+
+    from quant import palettize
+    from quant.int8 import Int8Weight
+    from sdjax import nn
+
+    def one(w):
+        if isinstance(w, Int8Weight):
+            return w.replace(act_scale=jnp.float32(SYNTHETIC_ACT_SCALE))
+        if isinstance(w, palettize.PalettizedWeight):
+            return palettize.with_act_scale(palettize.int8_lut(w), SYNTHETIC_ACT_SCALE)
+        return w
+    return jax.tree.map(one, params, is_leaf=nn.is_quantized)
+
+
+def child(variant, config, folder, precision, attention, out, recipe="6bit"):
     import jax
 
     from sdjax.coreml import unet
@@ -105,7 +139,9 @@ def child(variant, config, folder, precision, attention, out):
     phase = lambda p: print(f"PHASE {p}", flush=True)  # noqa: E731  (read by the watchdog)
     phase("load")
     t0 = time.perf_counter()
-    params = qm.build_params(folder, "palettized6" if variant == "sdjax" else "float16")
+    params = qm.build_params(folder, "float16" if variant != "sdjax" else "int8" if recipe == "w8a8" else "palettized6")
+    if recipe in TARGETS:
+        params = with_activations(params, recipe)
     jax.block_until_ready(params)
     r["load_s"] = time.perf_counter() - t0
     r["weights_bytes"] = qm.tree_nbytes(params)
@@ -113,7 +149,8 @@ def child(variant, config, folder, precision, attention, out):
     kw = dict(text_embeds_dim=_text_embeds_dim(cfg)) if cfg.is_sdxl else {}
     phase("export float16 package" if variant == "coremltools" else "export")
     t0 = time.perf_counter()
-    unet.export(params, cfg, out, compute_precision=precision, attention=attention, overwrite=True, **kw)
+    unet.export(params, cfg, out, compute_precision=precision, attention=attention, overwrite=True,
+                minimum_deployment_target=_target(recipe), **kw)
     r["export_s"] = time.perf_counter() - t0
     if variant == "coremltools":
         import coremltools as ct
@@ -157,7 +194,7 @@ def _watch(proc, limit_bytes, state):
 def run_child(args, variant, folder, recipe, attention):
     out = os.path.join(args.workdir, f"{variant}-{recipe}-{attention}-Unet.mlpackage")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--config", args.config, "--folder", folder,
-           "--out", out, "--compute-precision", args.compute_precision, "--attention", attention]
+           "--out", out, "--compute-precision", args.compute_precision, "--attention", attention, "--recipe", recipe]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = {}
@@ -195,10 +232,12 @@ def main(argv=None):
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", default="6bit", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.config, args.folder, args.compute_precision, args.attention, args.out)
+        return child(args.child, args.config, args.folder, args.compute_precision, args.attention, args.out,
+                     args.recipe)
     recipes = [r for r in args.recipes.split(",") if r]
     attentions = [a for a in args.attention.split(",") if a]
     for name, got, known in (("--recipes", recipes, RECIPES), ("--attention", attentions, ATTENTIONS)):
@@ -214,10 +253,10 @@ def main(argv=None):
     f16_bytes = 2 * sum(int(np.prod(s)) for s in shapes.values())
     results, avg = [], {}
     for recipe in recipes:
-        bits = 6 if recipe == "6bit" else mixed_bits(args.config, args.min_size)
-        avg[recipe] = 6.0 if recipe == "6bit" else average_bits(bits, args.config)
+        bits = {"6bit": 6, "w8a8": 8, "w4a8": 4}.get(recipe) or mixed_bits(args.config, args.min_size)
+        avg[recipe] = float(bits) if isinstance(bits, int) else average_bits(bits, args.config)
         folder = os.path.join(args.workdir, recipe)
-        qm.prepare(args.config, folder, bits, args.min_size, variants=("palettized6",))
+        qm.prepare(args.config, folder, bits, args.min_size, variants=("int8",) if recipe == "w8a8" else ("palettized6",))
         for attention in attentions:
             results.append(run_child(args, "sdjax", folder, recipe, attention))
             print(json.dumps(results[-1]), flush=True)
