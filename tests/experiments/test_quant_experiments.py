@@ -82,6 +82,7 @@ def test_quant_memory_end_to_end(tmp_path, capsys):
     assert "leaves" in printed and "besides the weights" in printed
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_quant_memory_sdxl_beside_diffusers(tmp_path, capsys):
     """An SDXL-shaped UNet (text_time conditioning) measured beside diffusers on the same weights."""
     results = quant_memory.main(["--config", "sdxl-micro", "--workdir", str(tmp_path / "w"), "--min-size", "1024",
@@ -201,8 +202,8 @@ def test_kernel_cost_counts_kernels_of_bigger_programs():
 
 
 def test_coreml_export_experiment_on_a_micro_sdxl(tmp_path, capsys):
-    """experiments/coreml_export.py end to end on an SDXL-shaped micro UNet: both recipes and both
-    attention forms exported, the mixed recipe's average bits at or just under 4.5, the table printed."""
+    """experiments/coreml_export.py end to end on an SDXL-shaped micro UNet: both recipes exported
+    (one attention form), the mixed recipe's average bits at or just under 4.5, the table printed."""
     import coreml_export
     bits = coreml_export.mixed_bits("sdxl-micro", 1024)
     avg = coreml_export.average_bits(bits, "sdxl-micro")
@@ -210,12 +211,11 @@ def test_coreml_export_experiment_on_a_micro_sdxl(tmp_path, capsys):
     assert any(n.startswith("add_embedding.") and b == 8 for n, b in bits.items())
     out = tmp_path / "r.json"
     coreml_export.main(["--config", "sdxl-micro", "--workdir", str(tmp_path / "w"), "--min-size", "1024",
-                        "--recipes", "6bit,mixed", "--attention", "split_einsum_v2,original", "--json", str(out)])
-    saved = json.loads(out.read_text())
-    assert [(r["recipe"], r["attention"]) for r in saved["results"]] == [
-        ("6bit", "split_einsum_v2"), ("6bit", "original"), ("mixed", "split_einsum_v2"), ("mixed", "original")]
-    six, mixed = saved["results"][0], saved["results"][2]
+                        "--recipes", "6bit,mixed", "--attention", "original", "--json", str(out)])
+    saved = json.loads(out.read_text())   # one attention form (CI time; both are exported by the coreml tests)
+    assert [(r["recipe"], r["attention"]) for r in saved["results"]] == [("6bit", "original"), ("mixed", "original")]
+    six, mixed = saved["results"]
     assert mixed["package_bytes"] < six["package_bytes"] and all(r["peak_rss"] > 0 for r in saved["results"])
     assert not list((tmp_path / "w").glob("*.mlpackage"))  # packages deleted unless --keep-packages
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sdjax ")]
-    assert len(table) == 4 and f"mixed ({avg:.2f} b)" in table[2]
+    assert len(table) == 2 and f"mixed ({avg:.2f} b)" in table[1]

@@ -10,6 +10,7 @@ import xt_mean_probe  # noqa: E402
 import sdjax  # noqa: E402
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_a_large_mean_shift_decides_the_background(capsys):
     pipe = sdjax.load(None, progress=False)
     res = xt_mean_probe.probe(pipe, n=8, offsets=(-1.0, 1.0), steps=4)

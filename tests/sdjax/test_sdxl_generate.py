@@ -171,8 +171,8 @@ def test_inpainting_matches_diffusers(pipeline_dirs, monkeypatch, sampler, stren
     assert sd_tests.psnr(got, want) >= PSNR_MIN, sd_tests.psnr(got, want)
 
 
-@pytest.mark.parametrize("sampler,cut", [("euler", 0.7), ("heun", 0.75), ("dpmpp_2m", 0.6), ("euler_a", 0.8),
-                                         ("unipc", 0.7), ("ddim", 0.5)])
+@pytest.mark.parametrize("sampler,cut", [("dpmpp_2m", 0.6), ("euler_a", 0.8)] + [  # the rest: slow (CI time)
+    pytest.param(s, c, marks=pytest.mark.slow) for s, c in (("euler", 0.7), ("heun", 0.75), ("unipc", 0.7), ("ddim", 0.5))])
 def test_base_and_refiner_ensemble_matches_diffusers(pipeline_dirs, monkeypatch, sampler, cut):
     """The base stops at denoising_end and hands its latents to the refiner, which starts at the
     same point (denoising_start), both as diffusers cuts the discrete schedule."""

@@ -119,7 +119,7 @@ def _float_types(path):
             if types.is_tensor(v.sym_type) and types.is_float(v.dtype)}
 
 
-@pytest.mark.parametrize("attention", ["split_einsum_v2", "original"])
+@pytest.mark.parametrize("attention", ["split_einsum_v2", pytest.param("original", marks=pytest.mark.slow)])  # CI time
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_every_component_matches_sdjax(base, refiner, tmp_path, precision, attention):
     """Base + refiner in one folder: both text encoders, both UNets, the VAE (float32 whatever the

@@ -114,6 +114,7 @@ def test_apple_sweep_candidates_baselines_and_recipes(tmp_path):
     assert B.recipes() == recipes
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_a_scheduler_no_sampler_mirrors_leaves_apples_reading_out(tmp_path):
     """A checkpoint whose own scheduler sdjax does not mirror is still evaluated (every other reading);
     Apple's reading is left out and apple-mbp is refused with the reason."""

@@ -49,7 +49,7 @@ def test_samples_have_both_guidance_contexts(pipe, samples):
     assert qat.distillation_loss(pipe.params["unet"], pipe.configs["unet"], samples) < 1e-10
 
 
-@pytest.mark.parametrize("method", ["lut", "ste"])
+@pytest.mark.parametrize("method", ["lut", pytest.param("ste", marks=pytest.mark.slow)])  # ste: slow (CI time)
 def test_finetuning_lowers_the_distillation_loss_and_keeps_the_bytes(pipe, q2, samples, method):
     cfg = pipe.configs["unet"]
     before = qat.distillation_loss(q2, cfg, samples)
@@ -143,6 +143,7 @@ def _shuffled_indices(q):
     return unflatten(out)
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_w_init_quantized_starts_from_the_starts_indices(pipe, q2, samples):
     start = _shuffled_indices(q2)
     kw = dict(FAST, method="ste", steps=1, lr=1e-9, w_lr=1e-9, samples=samples)
@@ -153,7 +154,7 @@ def test_w_init_quantized_starts_from_the_starts_indices(pipe, q2, samples):
     assert sum(not np.array_equal(np.asarray(snapped[p].packed), np.asarray(a[p].packed)) for p in a) > len(a) // 2
 
 
-@pytest.mark.parametrize("train_bias", [False, True])
+@pytest.mark.parametrize("train_bias", [pytest.param(False, marks=pytest.mark.slow), True])  # False: slow (CI time)
 def test_train_bias_trains_the_palettized_layers_biases_only(pipe, q2, samples, train_bias):
     out = flatten(qat.finetune(pipe, q2, PROMPTS, method="lut", steps=2, lr=1e-2, samples=samples,
                                train_bias=train_bias, **FAST))
@@ -201,6 +202,7 @@ def test_dkm_trains_and_re_snaps_to_the_same_layout(pipe, q2, samples):
     assert np.isfinite(qat.distillation_loss(out, pipe.configs["unet"], samples))
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_remat_and_donation_leave_the_result_and_the_callers_arrays(pipe, q2, samples):
     """``remat`` changes memory, not the result; the donated steps never take the caller's arrays
     (the teacher's float weights "ste" starts from, the start's biases): all still readable."""

@@ -112,6 +112,7 @@ def test_calibration_run_shows_gptq_the_added_conditioning(xl):
     assert rel_err(H, want) <= 1e-4
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_gptq_recipe_on_sdxl(xl):
     _, _, pipe = xl
     settings = calibration.Calibration(tuple(PROMPTS), steps=2, sampler="euler", n_timesteps=2)
@@ -173,7 +174,8 @@ def torch_fisher(xl):
     return lat, _torch_fisher_sdxl(ref, pipe, lat, seed=3, n_t=2)
 
 
-@pytest.mark.parametrize("component,prefix", [("unet", "unet."), ("text_encoder", "te."), ("text_encoder_2", "te2.")])
+@pytest.mark.parametrize("component,prefix", [("unet", "unet."), pytest.param("text_encoder", "te.", marks=pytest.mark.slow),
+                                              pytest.param("text_encoder_2", "te2.", marks=pytest.mark.slow)])  # CI time
 def test_fisher_matches_torch_autograd_float64(xl, torch_fisher, component, prefix):
     _, _, pipe = xl
     lat, want = torch_fisher
@@ -231,6 +233,7 @@ def test_apple_pre_analysis_json_for_sdxl_is_read_as_is(xl, tmp_path):
 
 # --- sdjax eval ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_mixed_bit_families_with_fisher_on_sdxl(xl, tmp_path):
     """The report's mixed-bit machinery on SDXL layer names: per-layer sweeps (k-means and GPTQ), the
     calibration run, the Fisher estimate, recipes at Apple's sizes and at uniform 6-bit's quality."""

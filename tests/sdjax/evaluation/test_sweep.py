@@ -114,6 +114,7 @@ CALIBRATION = ("a small green triangle at the top right on a white background",
                "a large yellow circle at the bottom left on a black background")
 
 
+@pytest.mark.slow  # kept out of CI for time (the CI suite must stay under 30 min); run with -m slow
 def test_gptq_recipes_collect_statistics_once_and_beat_plain_kmeans(pipe, tmp_path, monkeypatch):
     """A GPTQ preset takes its layers' input statistics from a guided generation of the calibration
     prompts (kept in the state folder, reused on rerun), and its indices beat plain k-means' at the
