@@ -30,7 +30,6 @@ measuring (``experiments/lora_quantization.py``).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.struct
@@ -43,7 +42,7 @@ from sdjax import nn
 
 
 @flax.struct.dataclass
-class LoraBranchWeight:
+class LoraBranchWeight(nn.ShapedWeight):
     """A base weight (quantized, or a float array) and float LoRA factors run beside it; see the module
     docstring. ``down``: (in, rank) for a linear base (in, out), (kh, kw, in, rank) for an HWIO conv;
     ``up``: (rank, out); ``scale``: float32 (rank,)."""
@@ -56,14 +55,6 @@ class LoraBranchWeight:
     @property
     def shape(self):
         return tuple(self.base.shape)
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def size(self):
-        return math.prod(self.shape)
 
     @property
     def dtype(self):

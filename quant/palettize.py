@@ -56,7 +56,7 @@ SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
 
 
 @flax.struct.dataclass
-class PalettizedWeight:
+class PalettizedWeight(nn.ShapedWeight):
     """A weight as LUT(s) and bit-packed indices; see the module docstring.
 
     ``packed`` holds ``prod(shape)`` indices of ``nbits`` each, LSB first, in C order of ``shape``
@@ -81,14 +81,6 @@ class PalettizedWeight:
     group_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
     lut_scale: Optional[jax.Array] = None  # float16 (num_groups,): int8 LUTs only
     act_scale: Optional[jax.Array] = None  # float32 (): int8 activations, or None (float activations)
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def size(self):
-        return math.prod(self.shape)
 
     @property
     def dtype(self):

@@ -30,6 +30,19 @@ def is_quantized(w) -> bool:
     return hasattr(w, "dequantize")
 
 
+class ShapedWeight:
+    """``ndim`` and ``size`` from a weight type's ``shape`` (a mixin for quantized weight types whose
+    stored arrays are not the weight's shape)."""
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
 def method_of(w) -> str:
     """The recipe method a weight represents: "float" for arrays, else its ``method``."""
     if not is_quantized(w):
