@@ -64,16 +64,32 @@ def trace(fn, example_args, host_argnums=()):
     return rewrite.split_host(flat, tuple(host_argnums))
 
 
-class OVUNet:
-    """``(sample, timesteps, encoder_hidden_states[, added_cond]) -> eps`` on OpenVINO (NHWC arrays,
-    like ``sdjax.unet.apply``); ``precision``, ``timings`` (seconds per stage) and ``compiled``
-    (the ov.CompiledModel) for reports."""
+class OVFunction:
+    """A compiled function on OpenVINO: ``run(*args)`` -> its result (NumPy); ``precision``,
+    ``inference_precision`` (what the plugin reports), ``timings`` (seconds per stage) and
+    ``compiled`` (the ov.CompiledModel) for reports."""
 
     def __init__(self, compiled, prefix, device_argnums, n_args, precision, timings, marks):
         self.compiled, self.prefix, self.device_argnums = compiled, prefix, device_argnums
         self.n_args, self.precision, self.timings, self.marks = n_args, precision, timings, marks
         self.request = compiled.create_infer_request()
         self.inference_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+        self.input_dtypes = [np.dtype(p.get_element_type().to_dtype()) for p in compiled.inputs]
+
+    def run(self, *args):
+        if len(args) != self.n_args:
+            raise ValueError(f"this compiled function takes {self.n_args} inputs; got {len(args)}")
+        host = [args[i] for i in range(len(args)) if i not in self.device_argnums]
+        inputs = [args[i] for i in self.device_argnums] + list(self.prefix(*host))
+        inputs = [np.ascontiguousarray(a, dt) for a, dt in zip(inputs, self.input_dtypes)]
+        out = self.request.infer(inputs, share_inputs=True)
+        return np.asarray(out[0]).copy()
+
+
+class OVUNet(OVFunction):
+    """``(sample, timesteps, encoder_hidden_states, added_cond=None) -> eps`` on OpenVINO, NHWC
+    arrays like ``sdjax.unet.apply``."""
 
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
         args = [sample, jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (np.shape(sample)[0],)),
@@ -83,11 +99,7 @@ class OVUNet:
         if len(args) != self.n_args:
             raise ValueError(f"this compiled UNet takes {self.n_args} inputs; got {len(args)} "
                              "(added_cond only for SDXL UNets)")
-        host = [args[i] for i in range(len(args)) if i not in self.device_argnums]
-        inputs = [np.asarray(args[i], np.float32) for i in self.device_argnums]
-        inputs += [np.asarray(a, np.float32) for a in self.prefix(*host)]
-        out = self.request.infer(inputs, share_inputs=True)
-        return np.asarray(out[0]).copy()
+        return self.run(*args)
 
 
 def compile_unet(params, config, example_shapes=None, precision="f32", *, config_overrides=None):
@@ -98,7 +110,7 @@ def compile_unet(params, config, example_shapes=None, precision="f32", *, config
     (default: batch 2, 64x64 latents, 77 tokens). precision: "f32", "bf16" or "w8a8" (params with
     sdjax W8A8 weights). config_overrides: extra OpenVINO CPU properties. Returns an ``OVUNet``.
     """
-    ov = require_openvino()
+    require_openvino()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     shapes = dict(example_shapes or {})
@@ -115,6 +127,10 @@ def compile_unet(params, config, example_shapes=None, precision="f32", *, config
         if any(nn.is_quantized(w) for w in jax.tree.leaves(params, is_leaf=nn.is_quantized)):
             raise ValueError(f"precision={precision!r} takes float params; quantized weights found "
                              "(W8A8 params: precision='w8a8')")
+    # float weights as NumPy views of the same memory: the jaxpr keeps them as NumPy constants and the
+    # frontend's Constants share them (a jax.Array constant is copied into a new NumPy array first)
+    params = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, params,
+                          is_leaf=nn.is_quantized)
     names = ["sample", "timesteps", "encoder_hidden_states"]
     if config.is_sdxl:
         names += ["text_embeds", "time_ids"]
@@ -128,10 +144,20 @@ def compile_unet(params, config, example_shapes=None, precision="f32", *, config
         cond = dict(zip(("text_embeds", "time_ids"), added)) if added else None
         return unet.apply(params, config, x, t, ctx, added_cond=cond)
 
-    timings = {}
-    t0 = time.perf_counter()
     # the SDXL time ids' embedding is sinusoidal too: it goes to the JAX prefix with the timesteps
     host_argnums = (1, 4) if config.is_sdxl else (1,)
+    return compile_function(fn, example, host_argnums, precision, marks, config_overrides, wrapper=OVUNet)
+
+
+def compile_function(fn, example, host_argnums=(), precision="f32", marks=None, config_overrides=None,
+                     wrapper=None):
+    """Compile any sdjax function of arrays ``fn(*args)`` (one array result) for OpenVINO's CPU
+    plugin: ``example`` gives the static shapes, ``host_argnums`` the inputs whose dependent
+    computations run in a JAX prefix, ``marks`` the W8A8 layers (``w8a8.mark``) when the function
+    closes over marked params. Returns an ``OVFunction`` (or ``wrapper``, a subclass)."""
+    ov = require_openvino()
+    timings = {}
+    t0 = time.perf_counter()
     prefix, main, device_argnums = trace(fn, example, host_argnums)
     timings["trace_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -142,9 +168,12 @@ def compile_unet(params, config, example_shapes=None, precision="f32", *, config
     timings["convert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     props = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-             "PERFORMANCE_HINT": "LATENCY"}
+             "PERFORMANCE_HINT": "LATENCY",
+             # else FullyConnected layers with i8 weights and float inputs quantize their inputs to int8
+             # on the fly (groups of 32): a W8A16 layer would not compute what sdjax computes
+             "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
     props.update(config_overrides or {})
     compiled = ov.Core().compile_model(model, "CPU", props)
     del model
     timings["compile_s"] = time.perf_counter() - t0
-    return OVUNet(compiled, prefix, device_argnums, len(names), precision, timings, marks)
+    return (wrapper or OVFunction)(compiled, prefix, device_argnums, len(example), precision, timings, marks or {})

@@ -14,9 +14,12 @@ rule, so the graph cannot be written as sdjax writes it. Instead:
    ``convert(data) * scale``, data stored as i8 in the layout OpenVINO's own op takes (OIHW for a
    convolution, so no transpose sits between the constant and its dequantization).
 2. ``to_fake_quantize(model, marks)`` finds each marker ``Maximum`` in the converted ov.Model and
-   replaces it by ``FakeQuantize(x, -127 s, 127 s, -127 s, 127 s, levels=255)`` with the layer's
-   ``s = act_scale``: ``round(x / s)`` clipped to [-127, 127], times ``s`` -- sdjax's activation
-   codes. A marker left over (or a layer never found) is an error, never a silent float layer.
+   replaces it by ``FakeQuantize(max(x, -127 s), -128 s, 127 s, -128 s, 127 s, levels=256)`` with
+   the layer's ``s = act_scale``: ``round(x / s)`` clipped to [-127, 127], times ``s`` -- sdjax's
+   activation codes. (``levels=255`` on [-127 s, 127 s], the same function on paper, is not what
+   the CPU plugin computes: its u8 convolution re-grids 255 levels onto 256 and was off by ~2% of
+   the output range in a one-layer check; the 256-level signed grid is exact.) A marker left over
+   (or a layer never found) is an error, never a silent float layer.
 
 Per-input-channel activation scales (``granularity="channel"``), folded into the weight by sdjax,
 leave no per-tensor activation scale for an integer kernel; they raise ValueError here.
@@ -71,13 +74,14 @@ class OVInt8Weight(nn.ShapedWeight):
         return jnp.maximum(x.astype(jnp.float32), m)
 
     def linear(self, x):
-        w = jnp.asarray(self.data).astype(jnp.float32) * jnp.asarray(self.scale[None, :])
+        # NumPy operands stay NumPy constants of the jaxpr, which OpenVINO's Constant shares (no copy)
+        w = jax.lax.convert_element_type(self.data, jnp.float32) * self.scale[None, :]
         y = jax.lax.dot_general(self._mark(x), w, (((x.ndim - 1,), (0,)), ((), ())))
         return y.astype(x.dtype)
 
     def conv2d(self, x, stride, padding):
         oihw = np.ascontiguousarray(self.data.transpose(3, 2, 0, 1))
-        w = jnp.asarray(oihw).astype(jnp.float32) * jnp.asarray(self.scale[:, None, None, None])
+        w = jax.lax.convert_element_type(oihw, jnp.float32) * self.scale[:, None, None, None]
         y = jax.lax.conv_general_dilated(self._mark(x), w, (stride, stride), [tuple(p) for p in padding],
                                          dimension_numbers=("NHWC", "OIHW", "NHWC"))
         return y.astype(x.dtype)
@@ -133,10 +137,9 @@ def to_fake_quantize(model, marks):
             if tag not in marks or tag in found:
                 raise ValueError(f"marker {tag} found twice or unknown")
             s = np.float32(marks[tag][1])
-            lo, hi = (np.array(-127 * s, np.float32), np.array(127 * s, np.float32))
-            x = node.input_value(1 - i)
-            fq = ops.fake_quantize(x, ops.constant(lo), ops.constant(hi), ops.constant(lo), ops.constant(hi),
-                                   255, name=f"fq/{marks[tag][0]}")
+            x = ops.maximum(node.input_value(1 - i), ops.constant(np.array(-127 * s, np.float32)))
+            lo, hi = (ops.constant(np.array(v * s, np.float32)) for v in (-128, 127))
+            fq = ops.fake_quantize(x, lo, hi, lo, hi, 256, name=f"fq/{marks[tag][0]}")
             node.output(0).replace(fq.output(0))
             found[tag] = node
             break
@@ -154,9 +157,9 @@ def runtime_precisions(compiled, types=("Convolution", "MatMul", "FullyConnected
     counts = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        t = str(info["layerType"]) if "layerType" in info else op.get_type_name()
+        t = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         if t not in types:
             continue
-        prec = str(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
+        prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
         counts[(t, prec)] = counts.get((t, prec), 0) + 1
     return counts
