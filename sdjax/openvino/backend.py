@@ -64,6 +64,54 @@ def trace(fn, example_args, host_argnums=()):
     return rewrite.split_host(flat, tuple(host_argnums))
 
 
+class OVFloatWeight(nn.ShapedWeight):
+    """A float conv/linear weight held as a NumPy array in the layout OpenVINO's own op takes (OIHW;
+    ``(out, in)``), so that no Transpose of a weight constant is folded into a second copy of it."""
+
+    method = "float"
+
+    def __init__(self, w):
+        w = np.asarray(w)
+        self.shape, self.dtype = w.shape, w.dtype
+        self.w = np.ascontiguousarray(w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T)
+
+    def dequantize(self, dtype=jnp.float32):
+        return jnp.asarray(self.w.transpose(2, 3, 1, 0) if self.w.ndim == 4 else self.w.T, dtype)
+
+    def linear(self, x):
+        return jax.lax.dot_general(x, self.w, (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def conv2d(self, x, stride, padding):
+        return jax.lax.conv_general_dilated(x, self.w, (stride, stride), [tuple(p) for p in padding],
+                                            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                                            preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+jax.tree_util.register_pytree_node(OVFloatWeight, lambda w: ((), w), lambda aux, _: aux)
+
+
+def _host_layout(box):
+    """``params`` with float conv/linear weights as ``OVFloatWeight`` and other float leaves as NumPy
+    views (shared by the frontend's Constants: a jax.Array constant is first copied into NumPy).
+    ``box``: a one-element list holding the params, emptied here, so that leaves converted one at a
+    time free the originals when nothing else holds them."""
+    from quant.calibrate import layer_names
+
+    params = box.pop()
+    weights = {n + ".weight" for n in layer_names(params)}
+    flat = nn.flatten(params)
+    del params
+    for key in list(flat):
+        w = flat.pop(key)
+        if key in weights and not nn.is_quantized(w) and w.dtype == np.float32:
+            flat[key] = OVFloatWeight(w)
+        else:
+            flat[key] = np.asarray(w) if isinstance(w, jax.Array) else w
+        del w
+    return nn.unflatten(flat)
+
+
 class OVFunction:
     """A compiled function on OpenVINO: ``run(*args)`` -> its result (NumPy); ``precision``,
     ``inference_precision`` (what the plugin reports), ``timings`` (seconds per stage) and
@@ -105,12 +153,17 @@ class OVUNet(OVFunction):
 def compile_unet(params, config, example_shapes=None, precision="f32", *, config_overrides=None):
     """Compile ``sdjax.unet.apply(params, config, ...)`` for OpenVINO's CPU plugin.
 
+    params: the UNet's params, or a function returning them: then nothing else holds them and each
+    weight's memory is freed once OpenVINO's copy exists (a full-size SD 1.5 UNet in float32 peaked
+    above 11 GiB with the caller's copy, the frontend's and the plugin's all alive).
     example_shapes: ``{"sample": (B, H, W, C), "encoder_hidden_states": (B, L, D)}`` (plus
     ``"text_embeds"``, ``"time_ids"`` for SDXL); the model is compiled for these static shapes
     (default: batch 2, 64x64 latents, 77 tokens). precision: "f32", "bf16" or "w8a8" (params with
     sdjax W8A8 weights). config_overrides: extra OpenVINO CPU properties. Returns an ``OVUNet``.
     """
     require_openvino()
+    if callable(params):
+        params = params()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     shapes = dict(example_shapes or {})
@@ -127,10 +180,9 @@ def compile_unet(params, config, example_shapes=None, precision="f32", *, config
         if any(nn.is_quantized(w) for w in jax.tree.leaves(params, is_leaf=nn.is_quantized)):
             raise ValueError(f"precision={precision!r} takes float params; quantized weights found "
                              "(W8A8 params: precision='w8a8')")
-    # float weights as NumPy views of the same memory: the jaxpr keeps them as NumPy constants and the
-    # frontend's Constants share them (a jax.Array constant is copied into a new NumPy array first)
-    params = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, params,
-                          is_leaf=nn.is_quantized)
+    box = [params]
+    del params
+    params = _host_layout(box)
     names = ["sample", "timesteps", "encoder_hidden_states"]
     if config.is_sdxl:
         names += ["text_embeds", "time_ids"]
