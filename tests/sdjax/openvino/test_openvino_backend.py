@@ -239,3 +239,25 @@ def test_missing_openvino_names_the_extra(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ImportError, match=r'pip install -e "\.\[bench\]"'):
         compile_unet(tiny[0], TINY)
+
+
+def test_sdxl_unet_float32_matches_sdjax(ov):
+    """SDXL's text_time conditioning: the time ids' sinusoidal embedding goes to the JAX prefix."""
+    from sdjax.openvino import compile_unet
+    cfg = configs.UNetConfig(norm_num_groups=8, sample_size=8, use_linear_projection=True,
+                             addition_embed_type="text_time", addition_time_embed_dim=8,
+                             block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2),
+                             attention_head_dim=(2, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+                             projection_class_embeddings_input_dim=6 * 8 + 40)
+    params = unet.init_params(cfg, seed=0)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([3.0, 741.0], np.float32)
+    ctx = rng.standard_normal((2, 7, 80)).astype(np.float32)
+    cond = {"text_embeds": rng.standard_normal((2, 40)).astype(np.float32),
+            "time_ids": np.array([[512, 512, 0, 0, 512, 512], [1024, 768, 16, 0, 1024, 1024]], np.float32)}
+    ref = np.asarray(unet.apply(params, cfg, x, t, ctx, added_cond=cond))
+    run = compile_unet(params, cfg, {"sample": x.shape, "encoder_hidden_states": ctx.shape,
+                                     "text_embeds": (2, 40), "time_ids": (2, 6)})
+    assert rel_max(run(x, t, ctx, cond), ref) <= 1e-5
