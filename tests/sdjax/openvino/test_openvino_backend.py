@@ -191,6 +191,7 @@ def test_w8a8_layer_is_sdjax_int8_function_on_int8_kernels(ov, kind):
     assert sum(n for (_, p), n in precisions.items() if p.lower() in ("i8", "u8")) == 1, precisions
 
 
+@pytest.mark.slow  # 3 min on 2 loaded cores (calibration, two sdjax paths, conversion); the layer tests stay in CI
 def test_w8a8_unet_against_sdjax_paths(ov, tiny):
     from sdjax.openvino import compile_unet, w8a8
     params, x, t, ctx = tiny
