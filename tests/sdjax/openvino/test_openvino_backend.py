@@ -242,6 +242,7 @@ def test_missing_openvino_names_the_extra(monkeypatch, tiny):
         compile_unet(tiny[0], TINY)
 
 
+@pytest.mark.slow  # an SDXL variant of the float32 check above (30 s on 2 loaded cores)
 def test_sdxl_unet_float32_matches_sdjax(ov):
     """SDXL's text_time conditioning: the time ids' sinusoidal embedding goes to the JAX prefix."""
     from sdjax.openvino import compile_unet
