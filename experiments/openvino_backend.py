@@ -17,6 +17,25 @@ against xla-f32 (and against xla-w8a8-sim for W8A8 rows), and for OpenVINO rows 
 precisions of the compiled convolutions and matmuls.
 
     python experiments/openvino_backend.py [--rows xla-f32,ov-f32,...] [--out DIR]
+
+Measured 2026-12-07 (jax 0.10.2, OpenVINO 2026.4.1, "Intel(R) Xeon(R) Processor" with avx512_bf16 and
+avx512_vnni, no AMX, 2 cores shared with other jobs: load average 7-13, so the times are noisy and
+rows run minutes apart are not comparable to better than ~2x; ov-bf16's 407 s compile was one such
+stretch). rel. L2 against xla-f32:
+
+    row            prep s   s/eval  peak GiB  rel. L2    vs W8A8 sim  compute layers' runtime precision
+    xla-f32        50.8     54.8    4.35      0          -
+    ov-f32         58.1     32.6    10.53     3.3e-6     -            Conv f32 98, FC f32 184, MatMul f32 64
+    ov-bf16        453.8    37.6    9.05      1.65e-2    -            Conv bf16 98, FC bf16 184, MatMul bf16 64
+    xla-w8a8-sim   22.6     33.7    4.31      7.86e-2    0
+    xla-w8a8       43.1     28.9    4.31      7.86e-2    7.98e-2
+    ov-w8a8        55.1     16.6    5.96      7.84e-2    8.12e-2      Conv u8 98, FC i8 184, MatMul f32 64
+
+(ov-f32's max |diff| against xla-f32: 9.4e-6.) OpenVINO's W8A8 is as far from sdjax's simulated path
+as sdjax's own integer path is (8.1e-2 vs 8.0e-2): with random weights, float rounding that moves an
+activation across a rounding boundary is amplified through 282 quantized layers; one layer alone is
+exact (tests/sdjax/openvino). Attention's two products stay separate MatMuls (no fused SDPA) in
+sdjax's formulation and in a softmax-first one alike.
 """
 from __future__ import annotations
 
