@@ -31,7 +31,11 @@ stretch). rel. L2 against xla-f32:
     xla-w8a8       43.1     28.9    4.31      7.86e-2    7.98e-2
     ov-w8a8        55.1     16.6    5.96      7.84e-2    8.12e-2      Conv u8 98, FC i8 184, MatMul f32 64
 
-(ov-f32's max |diff| against xla-f32: 9.4e-6.) OpenVINO's W8A8 is as far from sdjax's simulated path
+(ov-f32's max |diff| against xla-f32: 9.4e-6.) A second run of the two float32 rows back to back, at
+load average ~4-7: xla-f32 32.1 s/eval (4.28 GiB), ov-f32 17.2 s/eval (10.47 GiB; convert 27.6 s,
+compile 9.7 s), rel. L2 3.3e-6 again. ov-f32's peak is weights held twice (the NumPy constants the
+frontend shares and the plugin's packed copy) plus unchunked attention's 1 GiB score tensors; not
+reduced yet. OpenVINO's W8A8 is as far from sdjax's simulated path
 as sdjax's own integer path is (8.1e-2 vs 8.0e-2): with random weights, float rounding that moves an
 activation across a rounding boundary is amplified through 282 quantized layers; one layer alone is
 exact (tests/sdjax/openvino). Attention's two products stay separate MatMuls (no fused SDPA) in
