@@ -14,6 +14,8 @@ Layouts: linear weights are ``(in, out)``, conv weights ``HWIO``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,7 +252,22 @@ def activation(name):
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
 
 
-def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS):
+_chunking = {"elements": ATTENTION_CHUNK_ELEMENTS}
+
+
+@contextlib.contextmanager
+def attention_chunk_elements(elements):
+    """Within the block, ``attention`` called without ``chunk_elements`` chunks at ``elements``
+    (a very large number: no chunks, as a backend with its own attention kernel wants when tracing)."""
+    before = _chunking["elements"]
+    _chunking["elements"] = int(elements)
+    try:
+        yield
+    finally:
+        _chunking["elements"] = before
+
+
+def attention(q, k, v, heads, mask=None, chunk_elements=None):
     """Multi-head scaled dot-product attention.
 
     q: (B, Lq, D), k/v: (B, Lk, D) -> (B, Lq, D). ``mask`` is additive, broadcastable to
@@ -259,6 +276,8 @@ def attention(q, k, v, heads, mask=None, chunk_elements=ATTENTION_CHUNK_ELEMENTS
     ``query_chunk`` queries at a time, sequentially in a ``lax.fori_loop`` (or, when a head's
     queries fit in one chunk, as many whole heads at a time as fit).
     """
+    if chunk_elements is None:
+        chunk_elements = _chunking["elements"]
     b, lq, d = q.shape
     lk = k.shape[1]
     hd = d // heads

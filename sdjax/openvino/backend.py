@@ -19,7 +19,6 @@ OpenVINO plans its own memory.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import jax
@@ -43,22 +42,11 @@ def require_openvino():
     return openvino
 
 
-@contextlib.contextmanager
-def unchunked_attention():
-    """``nn.attention`` without query chunks while tracing for OpenVINO."""
-    defaults = nn.attention.__defaults__
-    nn.attention.__defaults__ = (None, 1 << 62)
-    try:
-        yield
-    finally:
-        nn.attention.__defaults__ = defaults
-
-
 def trace(fn, example_args, host_argnums=()):
     """``(prefix, main, device_argnums)``: ``fn`` traced at ``example_args`` (arrays or
     ShapeDtypeStructs), flattened by ``rewrite.flatten`` and cut by ``rewrite.split_host``."""
     args = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in example_args]
-    with unchunked_attention():
+    with nn.attention_chunk_elements(1 << 62):   # no query chunks while tracing
         closed = jax.make_jaxpr(fn)(*args)
     flat = rewrite.flatten(closed)
     return rewrite.split_host(flat, tuple(host_argnums))

@@ -27,6 +27,19 @@ def test_chunked_attention_equals_unchunked():
     assert "3x300x77" in hlo or "[3,300,77]" in hlo
 
 
+def test_attention_chunk_elements_sets_the_default_within_its_block():
+    q = jnp.ones((1, 300, 32))
+    kv = jnp.ones((1, 77, 32))
+    prims = lambda: {e.primitive.name for e in jax.make_jaxpr(  # noqa: E731
+        lambda q: nn.attention(q, kv, kv, heads=4))(q).eqns}
+    with nn.attention_chunk_elements(64 * 77):
+        assert "scan" in prims()                   # chunked: a loop over query blocks
+        inner = prims()
+    assert "scan" not in prims() and inner != prims()    # the default (4M elements) is restored
+    with nn.attention_chunk_elements(1 << 62):
+        assert "scan" not in prims()
+
+
 def test_attention_matches_torch_sdpa():
     """Multi-head attention as torch's scaled_dot_product_attention computes it."""
     rng = np.random.default_rng(0)

@@ -96,10 +96,9 @@ def test_while_with_dynamic_trip_count_is_refused():
 
 
 def test_unet_rewrite_and_host_cut_keep_bits(tiny):
-    from sdjax.openvino import backend
     params, x, t, ctx = tiny
     fn = lambda x, t, c: unet.apply(params, TINY, x, t, c)  # noqa: E731
-    with backend.unchunked_attention():
+    with nn.attention_chunk_elements(1 << 62):
         closed = jax.make_jaxpr(fn)(x, t, ctx)
     flat = rewrite.flatten(closed)
     (want,), (got,) = run_jaxpr(closed, x, t, ctx), run_jaxpr(flat, x, t, ctx)
