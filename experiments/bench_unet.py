@@ -304,6 +304,11 @@ def run_point(args, names, h, w, batch, cpu, launch=bc.run_child, log=print):
     for r in range(args.runs):
         run = {}
         for n in runnable:
+            why = bc.memory_problem(n, h, w, 2 * batch, bc.mem_available_bytes())  # others may have grown
+            if why:
+                log(why)
+                run[n] = None
+                continue
             log(f"[{point_tag(h, w, batch)} run {r + 1}/{args.runs}] {n} ...")
             res, err = launch(bc.python_argv(HERE, "--child", n, args.workdir, h, w, batch, "--reps", args.reps),
                               timeout=args.timeout)
@@ -315,7 +320,7 @@ def run_point(args, names, h, w, batch, cpu, launch=bc.run_child, log=print):
     for n in runnable:
         done = [run[n] for run in runs if run.get(n)]
         if not done:
-            rows[n] = {"failed": "see the stderr tail above"}
+            rows[n] = {"failed": "see the stderr tail or the skip line above"}
             continue
         row = {k: statistics.median([d[k] for d in done]) for k in ("s", "first_s", "load_s")}
         row.update(rss_gib=max(d["rss_gib"] for d in done), note=done[-1].get("note", ""),
