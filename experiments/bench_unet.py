@@ -314,6 +314,9 @@ def run_point(args, names, h, w, batch, cpu, launch=bc.run_child, log=print):
                               timeout=args.timeout)
             if res is None:
                 log(f"{n} failed: {err}")
+            else:
+                log(f"{n}: {res['s']:.3f} s/eval (median of {args.reps}), first call {res['first_s']:.1f} s, "
+                    f"peak RSS {res['rss_gib']:.2f} GiB; {res.get('note', '')}")
             run[n] = res
         runs.append(run)
     ref_file = output_path(args.workdir, bc.REFERENCE, h, w, batch)
