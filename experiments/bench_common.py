@@ -33,9 +33,10 @@ VERSION_MODULES = ("jax", "jaxlib", "torch", "openvino", "nncf", "diffusers")
 # (PyTorch bf16: the float32 load, then the cast; OpenVINO: the float32 torch module it converts from
 # plus the converted and compiled model; NNCF: those plus the quantized copy; sdjax W8A8: the float32
 # params it observes plus the int8 ones). Set from peaks seen on the full-size UNet: OpenVINO bf16 5.7 GB
-# and NNCF >= 7.3 GB at 64x64 pixels (where activations are negligible), PyTorch bf16 5.25 GiB at 512 px.
+# at 64x64 pixels (where activations are negligible), NNCF >= 11.5 GB during nncf.quantize at 512 px,
+# PyTorch bf16 5.25 GiB at 512 px.
 WEIGHT_BYTES_PER_PARAM = {
-    "pytorch-fp32": 4.0, "pytorch-bf16": 6.0, "openvino-bf16": 7.0, "openvino-nncf-w8a8": 9.0,
+    "pytorch-fp32": 4.0, "pytorch-bf16": 6.0, "openvino-bf16": 7.0, "openvino-nncf-w8a8": 13.0,
     "sdjax-fp32": 4.0, "sdjax-bf16": 4.0, "sdjax-w8a8": 5.0,
 }
 SD15_UNET_PARAMS = 859_520_964
