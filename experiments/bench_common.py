@@ -25,6 +25,11 @@ CONTENDERS = {
     "sdjax-fp32": ((), "fp32", ()),
     "sdjax-bf16": ((), "bf16", ("amx_bf16", "avx512_bf16")),
     "sdjax-w8a8": ((), "int8", ("amx_int8", "avx512_vnni")),
+    # sdjax's own function (its params, its W8A8 weights and scales) run by OpenVINO's CPU plugin
+    # through its JAX frontend (sdjax.openvino)
+    "sdjax-openvino-fp32": (("openvino",), "fp32", ()),
+    "sdjax-openvino-bf16": (("openvino",), "bf16", ("amx_bf16", "avx512_bf16")),
+    "sdjax-openvino-w8a8": (("openvino",), "int8", ("amx_int8", "avx512_vnni")),
 }
 REFERENCE = "pytorch-fp32"
 FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni")
@@ -38,6 +43,8 @@ VERSION_MODULES = ("jax", "jaxlib", "torch", "openvino", "nncf", "diffusers")
 WEIGHT_BYTES_PER_PARAM = {
     "pytorch-fp32": 4.0, "pytorch-bf16": 6.0, "openvino-bf16": 7.0, "openvino-nncf-w8a8": 13.0,
     "sdjax-fp32": 4.0, "sdjax-bf16": 4.0, "sdjax-w8a8": 5.0,
+    # sdjax.openvino: float32 10.5 GiB, W8A8 6.0 GiB peak at 512 px (experiments/openvino_backend.py)
+    "sdjax-openvino-fp32": 12.0, "sdjax-openvino-bf16": 12.0, "sdjax-openvino-w8a8": 7.0,
 }
 SD15_UNET_PARAMS = 859_520_964
 FEATURE_MAPS_ALIVE = 32   # float32 copies of the largest feature map alive at once (skips, norms, residuals)
