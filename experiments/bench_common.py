@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 # contender -> (modules it needs, precision class, CPU flags that make that precision fast: any one)
 CONTENDERS = {
@@ -102,6 +103,35 @@ def machine_header(cpu, vers):
     fl = ", ".join(f"{f} {'present' if cpu['flags'][f] else 'absent'}" for f in FLAGS)
     vs = ", ".join(f"{k} {v}" for k, v in vers.items())
     return f"CPU: {cpu['model']}, {cpu['cores']} cores; {fl}\nversions: {vs}"
+
+
+def timed_calls(call, reps):
+    """``(last output, first call's seconds, [seconds of each of ``reps`` further calls])``."""
+    t0 = time.perf_counter()
+    out = call()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+    return out, first, times
+
+
+def tensor_output_unet(unet):
+    """diffusers' UNet as a torch module ``(sample, timestep, encoder_hidden_states) -> tensor``, the form
+    ``openvino.convert_model`` traces (torch imported here: a benchmark-only dependency)."""
+    import torch
+
+    class TensorOutputUNet(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    return TensorOutputUNet(unet)
 
 
 # --- which contenders can run -------------------------------------------------------------------

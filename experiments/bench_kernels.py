@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
 XLA_FLAGS = {
     "xla": "",
     "xla-xnn": "--xla_cpu_experimental_xnn_fusion_type=dot",
@@ -223,19 +226,9 @@ def available(route):
 
 
 def cpu_line():
-    flags, model = set(), "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in
-                     ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"))
-    return f"{model}, {os.cpu_count()} cores: {have}"
+    cpu = bc.cpu_info()
+    have = ", ".join(f"{f} {'yes' if ok else 'no'}" for f, ok in cpu["flags"].items())
+    return f"{cpu['model']}, {cpu['cores']} cores: {have}"
 
 
 def main():

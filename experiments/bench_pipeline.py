@@ -142,14 +142,6 @@ def _openvino_parts(unet, vae, x, ctx):
     import openvino as ov
     import torch
 
-    class U(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
     class D(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -161,7 +153,7 @@ def _openvino_parts(unet, vae, x, ctx):
     core, cfg = ov.Core(), {"INFERENCE_PRECISION_HINT": "bf16"}
     with torch.no_grad():
         xu = torch.cat([x, x])
-        cu = core.compile_model(ov.convert_model(U(unet), example_input=(xu, torch.full((len(xu),), 999.0), ctx)),
+        cu = core.compile_model(ov.convert_model(bc.tensor_output_unet(unet), example_input=(xu, torch.full((len(xu),), 999.0), ctx)),
                                 "CPU", cfg)
         cd = core.compile_model(ov.convert_model(D(vae), example_input=(x,)), "CPU", cfg)
     precision = str(cu.get_property("INFERENCE_PRECISION_HINT"))

@@ -137,18 +137,6 @@ def calibration_items(workdir, h, w, batch):
 
 # --- the contenders (children) ----------------------------------------------------------------
 
-def _timed(call, reps):
-    t0 = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
-    return out, first, times
-
-
 def _torch_unet(folder):
     import torch
     from diffusers import UNet2DConditionModel
@@ -166,7 +154,7 @@ def run_torch(name, folder, inp, reps, calib):
     x, t, ctx = (torch.from_numpy(inp[k]) for k in ("x", "t", "ctx"))
     x, ctx = x.to(m.dtype), ctx.to(m.dtype)
     with torch.inference_mode():
-        out, first, times = _timed(lambda: m(x, t, ctx, return_dict=False)[0], reps)
+        out, first, times = bc.timed_calls(lambda: m(x, t, ctx, return_dict=False)[0], reps)
     return out.float().numpy(), dict(load_s=load_s, first_s=first, times=times,
                                      note=f"{torch.get_num_threads()} threads")
 
@@ -176,16 +164,8 @@ def run_openvino(name, folder, inp, reps, calib):
     import openvino as ov
     import torch
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
     t0 = time.perf_counter()
-    module = Wrapped(_torch_unet(folder))
+    module = bc.tensor_output_unet(_torch_unet(folder))
     example = tuple(torch.from_numpy(inp[k]) for k in ("x", "t", "ctx"))
     with torch.no_grad():
         model = ov.convert_model(module, example_input=example)
@@ -212,7 +192,7 @@ def run_openvino(name, folder, inp, reps, calib):
         req.infer(args)
         return req.get_output_tensor(0).data
 
-    out, first, times = _timed(call, reps)
+    out, first, times = bc.timed_calls(call, reps)
     info.update(load_s=convert_s + info.get("quantize_s", 0.0), first_s=compile_s + first, times=times,
                 effective_precision=precision,
                 note=f"plugin precision {precision}" + (f"; nncf.quantize {info['quantize_s']:.0f} s"
@@ -257,7 +237,7 @@ def run_sdjax(name, folder, inp, reps, calib):
         ov_unet = compile_unet(lambda: box.pop(), cfg, {"sample": x.shape, "encoder_hidden_states": ctx.shape},
                                precision=name.rsplit("-", 1)[1].replace("fp32", "f32"))
         compile_s = time.perf_counter() - t0
-        out, first, times = _timed(lambda: ov_unet(x, t, ctx), reps)
+        out, first, times = bc.timed_calls(lambda: ov_unet(x, t, ctx), reps)
         note = f"OpenVINO plugin precision {ov_unet.inference_precision}"
         if "quantize_s" in info:
             note += f"; calibrate+quantize {info['quantize_s']:.0f} s, {len(ov_unet.marks)} FakeQuantize layers"
@@ -268,7 +248,7 @@ def run_sdjax(name, folder, inp, reps, calib):
     compiled = f.lower(params, cfg, x, t, ctx).compile()
     compile_s = time.perf_counter() - t0
     release_freed_memory()
-    out, first, times = _timed(lambda: compiled(params, x, t, ctx).block_until_ready(), reps)
+    out, first, times = bc.timed_calls(lambda: compiled(params, x, t, ctx).block_until_ready(), reps)
     note = f"jax {jax.__version__}"
     if "quantize_s" in info:
         note += f"; calibrate+quantize {info['quantize_s']:.0f} s, int8 integer path"

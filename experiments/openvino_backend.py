@@ -53,6 +53,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
 ROWS = ("xla-f32", "ov-f32", "ov-bf16", "calibrate", "xla-w8a8-sim", "xla-w8a8", "ov-w8a8")
 CALIB_BATCHES = 2
 
@@ -99,14 +102,7 @@ def _calibrate(out_dir):
 
 
 def _time_calls(call, n=3):
-    t0 = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
+    out, first, times = bc.timed_calls(call, n)
     return np.asarray(out, np.float32), first, float(np.median(times)), times
 
 
