@@ -38,7 +38,7 @@ frontend shares and the plugin's packed copy) plus unchunked attention's 1 GiB s
 reduced yet. OpenVINO's W8A8 is as far from sdjax's simulated path
 as sdjax's own integer path is (8.1e-2 vs 8.0e-2): with random weights, float rounding that moves an
 activation across a rounding boundary is amplified through 282 quantized layers; one layer alone is
-exact (tests/sdjax/openvino). Attention's two products stay separate MatMuls (no fused SDPA) in
+exact (tests/sdjax/ov_backend). Attention's two products stay separate MatMuls (no fused SDPA) in
 sdjax's formulation and in a softmax-first one alike.
 """
 from __future__ import annotations

@@ -39,6 +39,10 @@ def require_openvino():
     except ImportError as e:
         raise ImportError(f"sdjax.openvino needs OpenVINO, a benchmark-only extra: {INSTALL_HINT} "
                           f"({e})") from e
+    if not hasattr(openvino, "convert_model"):   # a folder named openvino on sys.path, not the package
+        where = list(getattr(openvino, "__path__", [])) or getattr(openvino, "__file__", "?")
+        raise ImportError(f"sdjax.openvino needs OpenVINO, but 'import openvino' found {where}, which is not "
+                          f"the OpenVINO package: {INSTALL_HINT}")
     return openvino
 
 

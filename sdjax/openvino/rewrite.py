@@ -21,7 +21,7 @@ function that walks the equations) with these rules:
   whose trip count is not static cannot be unrolled: a ValueError says so.
 
 Every rewrite keeps the values bit for bit: the rewritten jaxpr, run by JAX, gives the same bits
-as the original (tests/sdjax/openvino/test_openvino_backend.py checks it).
+as the original (tests/sdjax/ov_backend/test_openvino_backend.py checks it).
 
 ``split_host(closed_jaxpr, host_argnums)`` cuts off the part of a flat jaxpr that depends only on
 the given inputs (the UNet's timestep embedding: ``iota``, ``exp``, ``sin``, ``cos`` of ``t``) into a

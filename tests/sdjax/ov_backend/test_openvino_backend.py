@@ -31,7 +31,11 @@ TINY = configs.UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross
 
 @pytest.fixture(scope="module")
 def ov():
-    return pytest.importorskip("openvino")
+    from sdjax.openvino import backend
+    try:   # not pytest.importorskip: a folder named openvino on sys.path imports as an empty namespace package
+        return backend.require_openvino()
+    except ImportError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +242,20 @@ def test_missing_openvino_names_the_extra(monkeypatch, tiny):
     from sdjax.openvino import compile_unet
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ImportError, match=r'pip install -e "\.\[bench\]"'):
+        compile_unet(tiny[0], TINY)
+
+
+def test_a_folder_named_openvino_is_not_openvino(monkeypatch, tmp_path, tiny):
+    """CI had no OpenVINO, and a test folder named ``openvino`` on sys.path imported as an empty
+    namespace package: the check must say so, not fail later on a missing attribute."""
+    from sdjax.openvino import compile_unet
+    import importlib.machinery
+    import importlib.util
+    (tmp_path / "openvino").mkdir()
+    spec = importlib.machinery.PathFinder.find_spec("openvino", [str(tmp_path)])  # what CI's import found
+    assert spec.origin is None and spec.submodule_search_locations  # a namespace package
+    monkeypatch.setitem(sys.modules, "openvino", importlib.util.module_from_spec(spec))
+    with pytest.raises(ImportError, match=r"not the OpenVINO package.*pip install"):
         compile_unet(tiny[0], TINY)
 
 
