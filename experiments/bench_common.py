@@ -211,6 +211,18 @@ def python_argv(script, *args):
 
 # --- results ----------------------------------------------------------------------------------
 
+def conv3x3_same_f64(x, k):
+    """The 3x3 stride-1 'same' convolution (NHWC x HWIO) in float64 NumPy: the reference of the conv kernels."""
+    import numpy as np
+    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros(x.shape[:3] + (k.shape[-1],))
+    for i in range(3):
+        for j in range(3):
+            out += xp[:, i:i + x.shape[1], j:j + x.shape[2]] @ k[i, j]
+    return out
+
+
 def rel_l2(y, ref):
     """||y - ref|| / ||ref|| in float64."""
     import numpy as np
