@@ -74,17 +74,17 @@ def layer_rows(name, kind, xshape, wshape, reps, rng):
     w32 = (rng.standard_normal(wshape) / np.sqrt(np.prod(wshape[:-1]))).astype(np.float32)
     rows = []
     for v in VARIANTS:
+        dt = jnp.float32 if v == "float32" else jnp.bfloat16   # the activations' dtype
+        x = jnp.asarray(x32, dt)
         if v in ("p6", "p4"):
             w, w64 = palettized(wshape, int(v[1]), rng)
-            x, x64 = jnp.asarray(x32, jnp.bfloat16), np.asarray(jnp.asarray(x32, jnp.bfloat16), np.float64)
         else:
-            dt = jnp.float32 if v == "float32" else jnp.bfloat16
-            w, x = jnp.asarray(w32, dt), jnp.asarray(x32, dt)
-            w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+            w = jnp.asarray(w32, dt)
+            w64 = np.asarray(w, np.float64)
         out, first, times = bc.timed_calls(lambda: f(x, w).block_until_ready(), reps)
-        err = bc.rel_l2(np.asarray(out, np.float64), reference(kind, x64, w64))
+        err = bc.rel_l2(out, reference(kind, np.asarray(x, np.float64), w64))
         rows.append({"layer": name, "variant": v, "s": statistics.median(times), "first_s": first, "rel_l2": err,
-                     "weight_bytes": (w.nbytes if hasattr(w, "nbits") else int(np.prod(wshape)) * w.dtype.itemsize)})
+                     "weight_bytes": w.nbytes})
     return rows
 
 
@@ -93,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", help="also write the rows here (atomically)")
     a = ap.parse_args(argv)
+    if a.reps < 1:
+        ap.error(f"--reps {a.reps}: must be at least 1 (the median of that many timed calls)")
     import jax
     cpu = bc.cpu_info()
     print(bc.machine_header(cpu, bc.versions()))

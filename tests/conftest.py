@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The suite compiles thousands of XLA programs of tiny models, and for them LLVM's optimisation takes longer than
 # the programs run: at -O0 the backend compile time of tests/sdjax/test_generate.py fell from 109 s to 70 s and a
-# mixed subset ran 23% faster (README, "Tests"). The HLO passes are the same; float rounding can differ by FMA
+# mixed subset ran 23% faster (README, under the two commands). The HLO passes are the same; float rounding can differ by FMA
 # contraction (an embedded-model image: 1 of 255 in some pixels), which every tolerance here covers.
 # SDJAX_TEST_XLA_OPT=default compiles as users do. Set before JAX starts; the tests' subprocesses inherit it.
 if os.environ.get("SDJAX_TEST_XLA_OPT") != "default":

@@ -20,3 +20,9 @@ def test_rows_compute_the_float64_product(kind, xshape, wshape):
     for v in ("bfloat16", "p6", "p4"):  # bf16 activations (and output): bf16-sized errors, not wrong products
         assert 1e-5 < by[v]["rel_l2"] < 1e-2, v
     assert by["p4"]["weight_bytes"] < by["p6"]["weight_bytes"] < by["bfloat16"]["weight_bytes"]
+
+
+def test_reps_below_one_is_named(capsys):
+    with pytest.raises(SystemExit):
+        bp.main(["--reps", "0"])
+    assert "--reps 0: must be at least 1" in capsys.readouterr().err
