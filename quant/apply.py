@@ -289,12 +289,17 @@ def quantize_weight(w, method, options, act_scale=None, importance=None, hessian
     raise RecipeError(f"unknown method {method!r}")
 
 
-def cache_key(component, layer, method, options, hessian=None):
+def cache_key(component, layer, method, options, hessian=None, numel=None):
     """The key ``apply_recipe(cache=...)`` stores a quantized weight under: what determines it
     (component, layer, method, options with defaults filled in; not how indivisible groups are
-    reported; for GPTQ, a digest of the layer's ``hessian`` too)."""
+    reported; for GPTQ, a digest of the layer's ``hessian`` too). ``numel``: the weight's size; coremltools'
+    clustering of a tensor of ``palettize.COREMLTOOLS_KMEANS1D_MIN`` weights or more is plain exact k-means
+    (``palettize.coremltools_kmeans``), so it shares that key and Apple's sweep and sdjax's cluster it once."""
     opts = dict(METHODS[method], **options)
     opts.pop("indivisible", None)
+    if (method == "palettize" and opts.get("clustering") == "coremltools" and numel is not None
+            and numel >= palettize.COREMLTOOLS_KMEANS1D_MIN):
+        opts["clustering"] = "exact"
     if method == "palettize" and opts["activations"] == "float":  # activation options do not make the weight
         for k in ("activations", "act_method", "granularity", "percentile"):
             opts.pop(k)
@@ -405,11 +410,12 @@ def apply_recipe(params, recipe, calibration=None, *, importance=None, hessian=N
             # a palettized weight with int8 activations: the weight (cached), then its activation scale
             a8 = a.method == "palettize" and is_act_quantized(a.method, a.options)
             opts = dict(a.options, activations="float") if a8 else a.options
-            ck = cache_key(comp, name, a.method, opts, h) \
+            numel = int(np.prod(flat[key].shape))
+            ck = cache_key(comp, name, a.method, opts, h, numel) \
                 if cache is not None and _cacheable(a.method, opts) else None
             try:
                 f16 = None if ck is None or opts.get("lut_dtype") != "int8" else \
-                    cache_key(comp, name, a.method, dict(opts, lut_dtype="float16"), h)
+                    cache_key(comp, name, a.method, dict(opts, lut_dtype="float16"), h, numel)
                 if ck is not None and ck in cache:
                     w = cache[ck]
                 elif f16 is not None and f16 in cache:  # the same LUTs in float16: their entries to int8

@@ -26,7 +26,7 @@ import samplers
 from . import conditioning, control as control_nets, nn, unet as unet_model, vae as vae_model
 from .configs import SDXL_TIME_IDS
 from .images import load_mask, load_rgb, to_pil
-from .memory import release_freed_memory
+from .memory import release_if_grown
 
 LOOPS = ("host", "scan")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -238,8 +238,8 @@ def denoise(unet_params, config, sampler, plan, state, context, guidance_scale, 
         return denoise_loop(unet_params, config, sampler, plan, state, context, g, seed, extra, controlnets)
     for i in tqdm(range(plan.num_calls), desc=desc, unit="step", disable=not progress):
         state = denoise_step(unet_params, config, sampler, plan, state, context, g, seed, extra, controlnets)
-        if i == 0:
-            release_freed_memory()
+        if i == 0:   # the compiler's freed memory, when the first step compiled
+            release_if_grown()
     return state
 
 

@@ -35,7 +35,9 @@ class AppleSweep(LayerSweep):
         self.reading = ev.apple
 
     def palettized(self, layer, nbits):
-        ck = quant.apply.cache_key("unet", layer, "palettize", {"nbits": nbits, "clustering": "coremltools"})
+        # (the key of plain k-means for the larger tensors, where the two cluster alike: sdjax's sweep reuses them)
+        ck = quant.apply.cache_key("unet", layer, "palettize", {"nbits": nbits, "clustering": "coremltools"},
+                                   numel=int(np.prod(self.flat[layer + ".weight"].shape)))
         pw = self.cache.get(ck)
         if pw is None:
             pw = self.cache[ck] = quant.palettize.coremltools_kmeans(np.asarray(self.flat[layer + ".weight"]), nbits)

@@ -350,3 +350,27 @@ def test_coremltools_clustering_rule_is_apples_fake_palettize():
         quant.parse_recipe({"rules": [dict(rule, clustering="sklearn")]})
     with pytest.raises(quant.RecipeError, match="clustering 'coremltools' is plain per-tensor k-means"):
         quant.parse_recipe({"rules": [dict(rule, group_size=8)]})
+
+
+def test_coremltools_clustering_of_large_tensors_shares_plain_kmeans_cache_entries():
+    """coremltools clusters tensors of COREMLTOOLS_KMEANS1D_MIN weights or more by exact 1-D k-means,
+    which is plain k-means: one cache entry serves both (Apple's sweep and sdjax's cluster such a layer
+    once); smaller tensors (scikit-learn's k-means++) keep their own entries."""
+    pytest.importorskip("sklearn")
+    from quant import palettize
+    rng = np.random.default_rng(2)
+    params = {"small": {"weight": rng.standard_normal((64, 48)).astype(np.float32)},
+              "large": {"weight": rng.standard_normal((3, 3, 32, 40)).astype(np.float32)}}
+    assert params["small"]["weight"].size < palettize.COREMLTOOLS_KMEANS1D_MIN <= params["large"]["weight"].size
+    apple = {"rules": [{"pattern": "*", "method": "palettize", "nbits": 4, "clustering": "coremltools"}]}
+    plain = {"rules": [{"pattern": "*", "method": "palettize", "nbits": 4}]}
+    cache = {}
+    a = quant.apply_recipe(params, apple, component="unet", cache=cache)
+    assert len(cache) == 2
+    p = quant.apply_recipe(params, plain, component="unet", cache=cache)
+    assert len(cache) == 3                       # only the small tensor clustered again
+    assert p["large"]["weight"] is a["large"]["weight"]
+    fresh = quant.apply_recipe(params, plain, component="unet")   # and the shared entry is what k-means gives
+    for n in ("small", "large"):
+        np.testing.assert_array_equal(np.asarray(p[n]["weight"].dequantize(np.float32)),
+                                      np.asarray(fresh[n]["weight"].dequantize(np.float32)))
