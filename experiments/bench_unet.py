@@ -417,13 +417,15 @@ def main(argv=None):
         report_point(rows, ratio, h, w, b, f"median of {args.reps} calls, ratios: median over {args.runs} run(s)")
         results.append({"height": h, "width": w, "batch": b, "rows": rows,
                         "ratios": {n: list(v) for n, v in ratio.items()}, "runs": runs})
-    if args.scaling:
-        bc.write_scaling(results, args.scaling_out, header)
-    if args.json:
-        bc.atomic_write_json(args.json, {"cpu": cpu, "versions": vers, "workdir": args.workdir, "reps": args.reps,
-                                         "runs": args.runs, "calibration": {"prompts": args.calib_prompts,
-                                                                            "steps": args.calib_steps},
-                                         "points": results})
+        # after every point (each file written whole, then renamed): a long scaling run stopped part way
+        # keeps the table and plot of the points it measured
+        if args.scaling:
+            bc.write_scaling(results, args.scaling_out, header)
+        if args.json:
+            bc.atomic_write_json(args.json, {"cpu": cpu, "versions": vers, "workdir": args.workdir, "reps": args.reps,
+                                             "runs": args.runs, "calibration": {"prompts": args.calib_prompts,
+                                                                                "steps": args.calib_steps},
+                                             "points": results, "complete": len(results) == len(points)})
     return results
 
 

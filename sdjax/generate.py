@@ -219,6 +219,13 @@ def denoise_loop(unet_params, config, sampler, plan, state, context, guidance_sc
     return jax.lax.fori_loop(0, plan.num_calls, body, state)
 
 
+def on_device(tree):
+    """``tree`` with its NumPy leaves placed on the default device (its device arrays as they are). A jitted
+    function called with a NumPy leaf where the last call had a device array (a sweep's one replaced layer)
+    misses JAX's C++ dispatch cache and takes the Python path: 8 ms a call, 21 s of an ``sdjax eval``."""
+    return jax.tree.map(lambda a: jax.device_put(a) if isinstance(a, np.ndarray) else a, tree)
+
+
 def denoise(unet_params, config, sampler, plan, state, context, guidance_scale, seed=0, extra=None, *,
             added_cond=None, guidance_rescale=0.0, loop="host", progress=False, desc=None, controlnets=()):
     """Run every model call of ``plan`` from ``state`` (``sampler.init``); returns the final state.
@@ -229,6 +236,7 @@ def denoise(unet_params, config, sampler, plan, state, context, guidance_scale, 
     ``loop="host"`` runs one compiled step per call (with a progress bar when ``progress``);
     ``"scan"`` compiles the whole loop as one program. ``seed`` draws a stochastic sampler's noise.
     ``controlnets``: the ControlNets' configs, their inputs in ``extra["control"]`` (``control.inputs``)."""
+    unet_params = on_device(unet_params)
     g = jnp.asarray(guidance_scale, jnp.float32)
     seed = jnp.asarray(seed, jnp.uint32)
     extra = dict(extra or {}, guidance_rescale=jnp.asarray(guidance_rescale, jnp.float32))

@@ -12,20 +12,30 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # mixed subset ran 23% faster (README, under the two commands). The HLO passes are the same; float rounding can differ by FMA
 # contraction (an embedded-model image: 1 of 255 in some pixels), which every tolerance here covers.
 # SDJAX_TEST_XLA_OPT=default compiles as users do. Set before JAX starts; the tests' subprocesses inherit it.
+
+
+def _add_xla_flag(flag):
+    """Append ``flag`` to XLA_FLAGS once (xdist's workers inherit the controller's environment and load this file too)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+
+
 if os.environ.get("SDJAX_TEST_XLA_OPT") != "default":
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+    _add_xla_flag("--xla_backend_optimization_level=0")
 
 
 def _one_thread_per_worker():
     """Under pytest-xdist with as many workers as cores (CI: -n 2 on 2 cores), each worker computes on one
     thread: XLA's Eigen pool, PyTorch's and OpenBLAS's OpenMP pools would otherwise each start a thread per
     core in every worker, and the workers' threads fight over the cores. On test_generate.py +
-    test_sdxl_generate.py with -n 2 this took the wall time from 226-254 s to 156 s (README). Set before
-    JAX, torch or NumPy's BLAS start; the tests' subprocesses inherit it. A single process keeps every core."""
+    test_sdxl_generate.py alone with -n 2 this took the wall time from 226-254 s to 156 s; over the whole suite
+    about 10% (README). Set before JAX, torch or NumPy's BLAS start; the tests' subprocesses inherit it. A single
+    process keeps every core."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < max(1, os.cpu_count() or 1):
         return
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_cpu_multi_thread_eigen=false"]))
+    _add_xla_flag("--xla_cpu_multi_thread_eigen=false")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     if "torch" in sys.modules:  # imported before this file (a plugin): its pool exists already

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 import samplers
 from quant import metrics
 from sdjax import conditioning
-from sdjax.generate import check_float, decode_images, denoise, initial_noise, unet_output, vae_params
+from sdjax.generate import check_float, decode_images, denoise, initial_noise, on_device, unet_output, vae_params
 
 from .apple import AppleReading, cycled
 
@@ -158,10 +158,12 @@ class Evaluator:
         return jax.make_array_from_callback(x.shape, self._rows, lambda idx: x[idx])
 
     def replicate(self, params):
-        """``params`` on every device; on one device as given (the jitted call places them: a
-        ``device_put`` of every leaf took 13 s of an ``sdjax eval``'s thousands of sweep measurements)."""
+        """``params`` on every device. On one device only the NumPy leaves are placed (a sweep's one
+        replaced layer): a ``device_put`` of every leaf took 13 s of an ``sdjax eval``'s thousands of sweep
+        measurements, and a NumPy leaf at a new place in the tree sends the jitted call down JAX's slow
+        Python path (8 ms a call, 21 s of the same run)."""
         if self.n_dev == 1 and self.mesh.devices.flat[0] == jax.devices()[0]:
-            return params
+            return on_device(params)
         return jax.device_put(params, self._replicated)
 
     def _batches(self, n):

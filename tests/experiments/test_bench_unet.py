@@ -85,6 +85,27 @@ def test_a_failed_child_is_marked_and_the_others_go_on(tmp_path, monkeypatch):
     assert prep[prep.index("--prepare-child") + 5] == "0"
 
 
+def test_a_scaling_run_stopped_part_way_keeps_the_points_it_measured(tmp_path, monkeypatch):
+    """--scaling writes its table, plot and JSON after every point: a long run stopped at the second point
+    still has the first."""
+    def fake_point(args, names, h, w, b, cpu):
+        if h > 64:
+            raise KeyboardInterrupt
+        return {"sdjax-fp32": {"s": 1.5, "first_s": 2.0, "rss_gib": 0.5, "rel_l2": 1e-6}}, {"sdjax-fp32": (1.0, 1.0)}, 1
+    monkeypatch.setattr(bench_unet, "run_point", fake_point)
+    monkeypatch.setattr(bench_unet, "report_point", lambda *a, **k: None)
+    out = tmp_path / "sc"
+    with pytest.raises(KeyboardInterrupt):
+        bench_unet.main(["--scaling", "--sizes", "64,128", "--batches", "1", "--contenders", "sdjax-fp32",
+                         "--workdir", str(tmp_path / "wd"), "--scaling-out", str(out), "--json", str(tmp_path / "r.json")])
+    table = (tmp_path / "sc.md").read_text()
+    assert "| 64x64 | 1 | 1.50 / 0.50 |" in table and "128x128" not in table
+    assert (tmp_path / "sc.png").exists()
+    import json
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [p["height"] for p in saved["points"]] == [64] and saved["complete"] is False
+
+
 @pytest.mark.slow  # full-size SD 1.5 weights in three processes: minutes on 2 cores
 def test_sdjax_matches_diffusers_on_the_same_weights(tmp_path, capsys):
     pytest.importorskip("torch")

@@ -156,3 +156,15 @@ def test_bad_arguments_are_named(pipeline_dirs, kwargs, match):
     pipe = sdjax.load(folder, progress=False)
     with pytest.raises(gen.GenerationError if "init image" not in match else Exception, match=match):
         pipe.generate("a cat", **dict(dict(height=32, width=32, steps=2, progress=False), **kwargs))
+
+
+def test_on_device_places_numpy_leaves_and_keeps_device_arrays():
+    """denoise places a tree's NumPy leaves once (a sweep's replaced layer), so its jitted steps see device
+    arrays wherever the NumPy leaf sits; device arrays pass through as the same objects."""
+    import jax
+    kept = jax.numpy.ones((2, 3))
+    tree = {"a": {"weight": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": {"weight": kept}, "n": None}
+    out = gen.on_device(tree)
+    assert isinstance(out["a"]["weight"], jax.Array) and not isinstance(out["a"]["weight"], np.ndarray)
+    np.testing.assert_array_equal(np.asarray(out["a"]["weight"]), tree["a"]["weight"])
+    assert out["b"]["weight"] is kept and out["n"] is None
