@@ -84,7 +84,7 @@ import numpy as np  # noqa: E402
 import quant  # noqa: E402
 from sdjax import configs, unet  # noqa: E402
 from sdjax.evaluation import qat  # noqa: E402
-from sdjax.memory import release_freed_memory  # noqa: E402
+from sdjax.memory import release_freed_memory, rss_bytes  # noqa: E402
 
 GIB = 2 ** 30
 CONFIGS = {"sd15": {}, "small": dict(block_out_channels=[128, 256, 512, 512], attention_head_dim=8)}
@@ -95,8 +95,7 @@ def peak_rss_gib():
 
 
 def rss_gib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+    return rss_bytes() / GIB
 
 
 def available_gib():

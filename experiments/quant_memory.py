@@ -120,6 +120,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from sdjax.files import atomic_write_json  # noqa: E402
+from sdjax.memory import rss_bytes as current_rss_bytes  # noqa: E402  (coreml_export reads it here too)
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -170,14 +171,6 @@ def inputs(name, cfg):
         added = {"text_embeds": jnp.asarray(rng.standard_normal((2, pooled), np.float32)),
                  "time_ids": jnp.asarray([[side_px, side_px, 0, 0, side_px, side_px]] * 2, jnp.float32)}
     return jnp.asarray(x), jnp.asarray([500.0, 500.0], jnp.float32), jnp.asarray(ctx), added
-
-
-def current_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- prepare: draw, quantize and save tensor by tensor ------------------------------------------
